@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create .venv if missing, install, run the demo on ml-100k
+#   make test   create .venv if missing, install, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.recbole-diff-installed
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install demo test clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, from its pinned CPU wheel, so that nothing later makes pip pull a multi-GB CUDA build.
+$(STAMP): setup.py | $(BIN)/python
+	$(BIN)/python -m pip install "torch==2.13.0"
+	$(BIN)/python -m pip install -e ".[tune,test]"
+	$(BIN)/python -m recbole_diff.cli doctor
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python run_recbole_diff.py
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

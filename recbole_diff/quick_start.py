@@ -1,0 +1,114 @@
+"""``run_recbole_diff`` and friends: RecBole's quick start, with recbole-diff's models, trainers and checks.
+
+Importing this module does not import ray (RecBole's own ``recbole.quick_start`` does).
+"""
+import sys
+from logging import getLogger
+
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_logger, init_seed, set_color
+
+from recbole_diff.config import Config
+from recbole_diff.utils import get_model, get_trainer, load_checkpoint, set_threads
+
+
+def build_config(model=None, dataset=None, config_file_list=None, config_dict=None, backbone=None, cmd_line=True):
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict,
+                    backbone=backbone, cmd_line=cmd_line)
+    set_threads(config["threads"])
+    return config
+
+
+def prepare_data(config, logger=None):
+    """Dataset and RecBole's train/valid/test loaders for ``config``."""
+    logger = logger or getLogger()
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    return dataset, train_data, valid_data, test_data
+
+
+def run_recbole_diff(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True,
+                     backbone=None, cmd_line=True, queue=None):
+    """Train and test one model, like ``recbole.quick_start.run_recbole``.
+
+    Returns RecBole's result dict (``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
+    ``test_result``) plus ``model`` (the model's name) and ``saved_model_file``; a plugin's trainer adds its
+    backbone's results (see its docs).
+    """
+    config = build_config(model, dataset, config_file_list, config_dict, backbone, cmd_line)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(sys.argv)
+    logger.info(config)
+
+    dataset, train_data, valid_data, test_data = prepare_data(config, logger)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    result = {
+        "model": config["model"],
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+        "saved_model_file": trainer.saved_model_file if saved else None,
+    }
+    if hasattr(trainer, "extra_results"):
+        result.update(trainer.extra_results())
+    if queue is not None:
+        queue.put(result)
+    return result
+
+
+def objective_function(config_dict=None, config_file_list=None, saved=True):
+    """For RecBole's ``HyperTuning``: trains one configuration and returns the result dict. Unlike RecBole's
+    version it reports nothing to Ray (use ``recbole-diff tune`` for Ray Tune)."""
+    result = run_recbole_diff(config_dict=config_dict, config_file_list=config_file_list, saved=saved,
+                              cmd_line=False)
+    return result
+
+
+def load_data_and_model(model_file, config_dict=None):
+    """Like RecBole's: rebuild the config, data and model of a checkpoint written by ``run_recbole_diff``.
+
+    ``config_dict`` overrides saved keys that do not change the data (e.g. ``eval_batch_size``, ``device``).
+    Returns ``(config, model, dataset, train_data, valid_data, test_data)``.
+    """
+    checkpoint = load_checkpoint(model_file)
+    config = checkpoint["config"]
+    for key, value in (config_dict or {}).items():
+        config[key] = value
+    set_threads(config["threads"])
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    dataset, train_data, valid_data, test_data = prepare_data(config, logger)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    _check_state_dict(model, checkpoint["state_dict"], model_file)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    return config, model, dataset, train_data, valid_data, test_data
+
+
+def _check_state_dict(model, state_dict, path):
+    own = model.state_dict()
+    bad = [k for k, v in state_dict.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if bad:
+        k = bad[0]
+        raise ValueError(
+            f"Checkpoint '{path}' does not match the dataset it was rebuilt with: '{k}' has shape "
+            f"{tuple(state_dict[k].shape)} in the file but {tuple(own[k].shape)} here (did the data files change?)."
+        )

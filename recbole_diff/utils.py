@@ -1,0 +1,130 @@
+"""Model and trainer lookup (ours first, then RecBole's) and small runtime helpers."""
+import contextlib
+import importlib
+import os
+import sys
+
+import torch
+from recbole.utils import get_model as recbole_get_model
+from recbole.utils import get_trainer as recbole_get_trainer
+
+# Our models: name -> module. Kept explicit so an unknown name can list what exists.
+_OUR_MODELS = {
+    "DiffuRec": "recbole_diff.model.sequential_recommender.diffurec",
+    "DiffuRecSys": "recbole_diff.model.sequential_recommender.diffurec",
+    "GlobalDiff": "recbole_diff.model.plugin.globaldiff",
+    "TIDiffRec": "recbole_diff.model.plugin.tidiffrec",
+    "PDRec": "recbole_diff.model.plugin.pdrec",
+    "DiffuASR": "recbole_diff.model.plugin.diffuasr",
+}
+
+
+def _available_our_models():
+    # Methods land one at a time; a name whose module is not in this install is not offered.
+    found = {}
+    for name, module_path in _OUR_MODELS.items():
+        try:
+            if importlib.util.find_spec(module_path) is not None:
+                found[name] = module_path
+        except ModuleNotFoundError:
+            pass
+    return found
+
+
+def recbole_model_names():
+    """Names of every model RecBole 1.2.1 ships, read from its model packages."""
+    names = []
+    # exlib_recommender is left out: importing it needs xgboost and lightgbm.
+    for sub in ("general_recommender", "sequential_recommender", "context_aware_recommender",
+                "knowledge_aware_recommender"):
+        pkg = importlib.import_module(f"recbole.model.{sub}")
+        for attr in dir(pkg):
+            obj = getattr(pkg, attr)
+            if isinstance(obj, type) and hasattr(obj, "calculate_loss") and obj.__module__.startswith(pkg.__name__):
+                names.append(attr)
+    return sorted(set(names))
+
+
+def our_model_names():
+    return sorted(_available_our_models())
+
+
+def get_model(model_name):
+    """Return the model class named ``model_name``: recbole-diff's first, then RecBole's."""
+    ours = _available_our_models()
+    if model_name in ours:
+        return getattr(importlib.import_module(ours[model_name]), model_name)
+    try:
+        return recbole_get_model(model_name)
+    except (ValueError, AttributeError, ImportError) as e:  # RecBole imports exlib (lightgbm) last
+        raise ValueError(
+            f"Unknown model '{model_name}'. recbole-diff models: {', '.join(our_model_names())}; "
+            f"RecBole models: {', '.join(recbole_model_names())}."
+        ) from e
+
+
+def get_trainer(model_type, model_name):
+    """``<Model>Trainer`` from ``recbole_diff.trainer`` if it exists, else RecBole's trainer made safe for
+    torch >= 2.6 and for parallel runs (see :class:`recbole_diff.trainer.CompatMixin`)."""
+    from recbole_diff import trainer as our_trainers
+
+    ours = getattr(our_trainers, f"{model_name}Trainer", None)
+    if ours is not None:
+        return ours
+    return our_trainers.compat_trainer(recbole_get_trainer(model_type, model_name))
+
+
+@contextlib.contextmanager
+def clean_argv():
+    """Hide ``sys.argv``'s ``--key=value`` words from RecBole's ``Config`` (pytest's ``--tb=short`` or a Ray
+    worker's flags would otherwise become config keys with the highest priority)."""
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def set_threads(n):
+    """One torch thread per process by default: on small shared machines two threads made an epoch ~7x
+    slower, and two single-threaded processes side by side beat one with two threads."""
+    if n is None:
+        return
+    n = int(n)
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def allow_full_unpickling():
+    """Narrow scope for RecBole code paths we do not own that call ``torch.load`` without ``weights_only``
+    (e.g. S3Rec's pre-trained model). Our own loads pass ``weights_only=False`` explicitly."""
+    key = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+    old = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load one of our or RecBole's checkpoints. RecBole pickles its Config object, which the
+    ``weights_only`` unpickler (torch >= 2.6 default) refuses, so we opt out for files we wrote ourselves."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint file '{path}' does not exist.")
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def require_keys(config, keys, model_name):
+    """RecBole's Config returns None for a missing key; fail early and name the key instead."""
+    missing = [k for k in keys if config[k] is None]
+    if missing:
+        raise KeyError(
+            f"{model_name} needs the config key(s) {', '.join(missing)}; set them in a yaml passed with "
+            f"--config_files or on the command line (--{missing[0]}=...)."
+        )

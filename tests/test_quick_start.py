@@ -1,0 +1,105 @@
+"""End to end through the CLI path: train, save, reload, same scores; checkpoints never collide."""
+import os
+
+import pytest
+import torch
+from recbole.utils import ModelType
+
+from recbole_diff.cli import _parse_key_values, main
+from recbole_diff.doctor import check_versions
+from recbole_diff.quick_start import build_config, load_data_and_model, run_recbole_diff
+from recbole_diff.trainer import Trainer
+from recbole_diff.utils import get_model, get_trainer
+
+from conftest import SLICE
+
+
+def test_cli_trains_saves_and_the_reloaded_model_scores_the_same(tiny, capsys):
+    args = [f"--{k}={v}" for k, v in tiny.items()]
+    result = main(["--model=SASRec", f"--dataset={SLICE}", "--epochs=3"] + args)
+    out = capsys.readouterr().out
+    assert "SASRec" in out and "ndcg@10" in out
+    assert result["model"] == "SASRec" and set(result) >= {
+        "best_valid_score", "valid_score_bigger", "best_valid_result", "test_result"}
+    path = result["saved_model_file"]
+    assert os.path.isfile(path) and path.startswith(tiny["checkpoint_dir"])
+
+    config, model, _, _, _, test_data = load_data_and_model(path)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    reloaded = trainer.evaluate(test_data, load_best_model=False)
+    assert dict(reloaded) == pytest.approx(dict(result["test_result"]), abs=1e-4)
+
+
+def test_a_trained_sasrec_beats_random_ranking(tiny):
+    result = run_recbole_diff("SASRec", SLICE, config_dict=dict(tiny, epochs=15, learning_rate=0.005,
+                                                               stopping_step=15), cmd_line=False)
+    n_items = 915
+    # Random ranking hits the target among the top 20 with probability 20 / n_items.
+    assert result["test_result"]["hit@20"] > 3 * 20 / n_items
+
+
+def test_checkpoint_names_never_collide(tiny):
+    config = build_config("SASRec", SLICE, config_dict=tiny, cmd_line=False)
+    from recbole.data import create_dataset, data_preparation
+
+    train, _, _ = data_preparation(config, create_dataset(config))
+    model = get_model("SASRec")(config, train._dataset)
+    names = {Trainer(config, model).saved_model_file for _ in range(20)}
+    assert len(names) == 20
+    assert all(os.path.basename(n).startswith(f"SASRec-{SLICE}-seed2020-") for n in names)
+
+
+def test_resume_and_a_mismatched_checkpoint(tiny, tmp_path):
+    from recbole.data import create_dataset, data_preparation
+
+    config = build_config("SASRec", SLICE, config_dict=dict(tiny, epochs=1), cmd_line=False)
+    train, valid, _ = data_preparation(config, create_dataset(config))
+    model = get_model("SASRec")(config, train._dataset)
+    trainer = get_trainer(ModelType.SEQUENTIAL, "SASRec")(config, model)
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    resumed = get_trainer(ModelType.SEQUENTIAL, "SASRec")(config, get_model("SASRec")(config, train._dataset))
+    resumed.resume_checkpoint(trainer.saved_model_file)
+    assert resumed.start_epoch == 1
+    for a, b in zip(resumed.model.parameters(), trainer.model.parameters()):
+        assert torch.equal(a, b)
+
+    state = torch.load(trainer.saved_model_file, weights_only=False)
+    state["config"]["dataset"] = "other-data"
+    other = tmp_path / "other.pth"
+    torch.save(state, other)
+    with pytest.raises(ValueError, match="dataset 'other-data'.*same dataset"):
+        resumed.load_model_file(str(other))
+
+
+def test_threads_default_to_one_and_are_overridable(tiny):
+    build_config("SASRec", SLICE, config_dict=tiny, cmd_line=False)
+    assert torch.get_num_threads() == 1
+    build_config("SASRec", SLICE, config_dict=dict(tiny, threads=2), cmd_line=False)
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+
+
+def test_cli_words_are_converted_like_recbole_and_bad_words_refused():
+    assert _parse_key_values(["--epochs=3", "--topk=[5,10]", "--show_progress=false", "--data_path=a/b"]) == {
+        "epochs": 3, "topk": [5, 10], "show_progress": False, "data_path": "a/b"}
+    with pytest.raises(SystemExit, match="--key=value"):
+        _parse_key_values(["epochs", "3"])
+
+
+def test_doctor_flags_known_broken_versions():
+    assert check_versions({"recbole": "1.2.1", "numpy": "1.26.4", "pandas": "2.3.3", "pyarrow": "25.0.1",
+                           "setuptools": "80.10.2", "ray": "2.6.3"}) == []
+    bad = check_versions({"numpy": "2.1.0", "pandas": "3.0.1", "pyarrow": "26.0.0", "setuptools": "81.0.0",
+                          "recbole": "1.2.0"})
+    assert {p[0] for p in bad} == {"numpy", "pandas", "pyarrow", "setuptools", "recbole"}
+    assert all(p[3].startswith("pip install") for p in bad)
+
+
+def test_importing_the_package_does_not_import_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, recbole_diff, recbole_diff.quick_start, recbole_diff.cli, recbole_diff.model.backbone, "
+            "recbole_diff.diffusion; print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
