@@ -103,3 +103,10 @@ def test_importing_the_package_does_not_import_ray():
             "recbole_diff.diffusion; print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_recboles_anomaly_detection_is_switched_off(tiny):
+    # RecBole's sine.py turns it on at import; it makes every backward pass much slower.
+    config = build_config("SASRec", SLICE, config_dict=tiny, cmd_line=False)
+    get_model("SINE")
+    assert config["model"] == "SASRec" and not torch.is_anomaly_enabled()

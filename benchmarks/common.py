@@ -1,0 +1,33 @@
+"""Shared helpers for the benchmark scripts: one thread, a quiet config, RecBole data for a dataset."""
+import os
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.abspath(os.path.join(REPO, "..", "shared", "data"))
+sys.path.insert(0, REPO)
+torch.set_num_threads(1)
+
+
+def dataset_kwargs(dataset):
+    """Config keys that locate ``dataset``: RecBole's bundled ml-100k, or the shared folder for the rest."""
+    if dataset == "ml-100k":
+        return {}
+    return {"data_path": SHARED_DATA}
+
+
+def build(model, dataset, **overrides):
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import init_seed
+
+    from recbole_diff.config import Config
+    from recbole_diff.utils import get_model
+
+    config = Config(model=model, dataset=dataset, cmd_line=False,
+                    config_dict=dict(dataset_kwargs(dataset), show_progress=False, state="ERROR", **overrides))
+    init_seed(config["seed"], config["reproducibility"])
+    data = create_dataset(config)
+    train, valid, test = data_preparation(config, data)
+    net = get_model(model)(config, train._dataset).to(config["device"])
+    return config, net, train, valid, test
