@@ -148,3 +148,19 @@ def test_checkpoint_round_trip(tiny):
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     assert dict(trainer.evaluate(test_data, load_best_model=False)) == pytest.approx(
         dict(result["test_result"]), abs=1e-4)
+
+
+def test_length_groups_change_nothing_but_cost():
+    _, model, train, test = build("DiffuRecSys", lambda_mean=0.0, lambda_std=0.0, length_buckets=1)
+    model.eval()
+    batch, inter = first_batch(train), first_batch(test)
+    torch.manual_seed(0)
+    plain_loss = model.calculate_loss(batch)
+    with torch.no_grad():
+        plain_scores = model.full_sort_predict(inter)
+    model.length_buckets = 4
+    assert len(model._groups(batch[model.ITEM_SEQ_LEN])) == 4
+    torch.manual_seed(0)
+    assert model.calculate_loss(batch).item() == pytest.approx(plain_loss.item(), rel=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(model.full_sort_predict(inter), plain_scores, atol=1e-5)

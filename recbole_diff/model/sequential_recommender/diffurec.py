@@ -64,7 +64,8 @@ class DiffuRec(SequentialRecommender):
 
     REQUIRED = ("hidden_size", "n_blocks", "n_heads", "dropout_prob", "emb_dropout_prob", "diffusion_steps",
                 "noise_schedule", "lambda_mean", "lambda_std", "approximator", "offset_noise_mode",
-                "offset_scale", "offset_constant", "inference_samples", "position_embedding", "trim_padding")
+                "offset_scale", "offset_constant", "inference_samples", "position_embedding", "trim_padding",
+                "length_buckets")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -76,6 +77,7 @@ class DiffuRec(SequentialRecommender):
         self.offset_scale, self.offset_constant = float(config["offset_scale"]), float(config["offset_constant"])
         self.inference_samples = int(config["inference_samples"])
         self.trim_padding = bool(config["trim_padding"])
+        self.length_buckets = int(config["length_buckets"])
         self.eval_seed = int(config["seed"])
         steps = int(config["diffusion_steps"])
 
@@ -122,6 +124,14 @@ class DiffuRec(SequentialRecommender):
             return item_seq
         return item_seq[:, : int(item_seq_len.max())]
 
+    def _groups(self, item_seq_len):
+        """Row groups of similar length, each later cut to its own longest sequence: with prefix-augmented
+        training data a batch's longest sequence is nearly always the maximum length, while most rows are
+        short, so cutting the whole batch once saves little."""
+        if not self.trim_padding or self.length_buckets <= 1 or item_seq_len.shape[0] < 2 * self.length_buckets:
+            return [None]
+        return list(torch.argsort(item_seq_len).chunk(self.length_buckets))
+
     def encode_history(self, item_seq):
         """[B, L] item ids -> ([B, L, H] history states, [B, L] padding mask)."""
         h = self.item_embedding(item_seq)
@@ -155,16 +165,20 @@ class DiffuRec(SequentialRecommender):
         return make_noise(shape, device, self.offset_noise_mode, self.offset_scale, self.offset_constant)
 
     def calculate_loss(self, interaction):
-        item_seq_len = interaction[self.ITEM_SEQ_LEN]
-        item_seq = self._trim(interaction[self.ITEM_SEQ], item_seq_len)
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         target = interaction[self.POS_ITEM_ID]
-        history, pad_mask = self.encode_history(item_seq)
+        t = torch.randint(0, self.diffusion.num_steps, (target.shape[0],), device=target.device)
         x0 = self.item_embedding(target)
-        t = torch.randint(0, self.diffusion.num_steps, (x0.shape[0],), device=x0.device)
         x_t = self.diffusion.q_sample(x0, t, self.training_noise(x0.shape, x0.device))
-        x0_hat = self.denoise(history, pad_mask, item_seq_len, x_t, t)
-        logits = x0_hat @ self.item_embedding.weight.t()
-        return self.loss_fct(logits, target)
+        predictions, targets = [], []
+        for rows in self._groups(item_seq_len):
+            pick = (lambda v: v) if rows is None else (lambda v: v[rows])  # noqa: E731
+            lengths = pick(item_seq_len)
+            history, pad_mask = self.encode_history(self._trim(pick(item_seq), lengths))
+            predictions.append(self.denoise(history, pad_mask, lengths, pick(x_t), pick(t)))
+            targets.append(pick(target))
+        logits = torch.cat(predictions) @ self.item_embedding.weight.t()
+        return self.loss_fct(logits, torch.cat(targets))
 
     # ---- inference -----------------------------------------------------------------------------------
     def _generator(self, interaction, device):
@@ -185,18 +199,27 @@ class DiffuRec(SequentialRecommender):
 
         return self.diffusion.sample(model_fn, x_T=x_T, sampler="ancestral", generator=generator)
 
+    def _reverse_grouped(self, item_seq, item_seq_len, generator):
+        groups = self._groups(item_seq_len)
+        if groups == [None]:
+            return self.reverse(self._trim(item_seq, item_seq_len), item_seq_len, generator)
+        x0_hat = torch.empty(item_seq.shape[0], self.hidden_size, device=item_seq.device)
+        for rows in groups:
+            lengths = item_seq_len[rows]
+            x0_hat[rows] = self.reverse(self._trim(item_seq[rows], lengths), lengths, generator)
+        return x0_hat
+
     def item_distribution(self, interaction):
         """Scores over all items [B, n_items]: logits for one reverse run, or with ``inference_samples`` S > 1
         the log of the average of the S runs' softmax distributions (the DiffuRecSys paper's Algorithm 3)."""
-        item_seq_len = interaction[self.ITEM_SEQ_LEN]
-        item_seq = self._trim(interaction[self.ITEM_SEQ], item_seq_len)
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         generator = self._generator(interaction, item_seq.device)
         weight = self.item_embedding.weight
         if self.inference_samples == 1:
-            return self.reverse(item_seq, item_seq_len, generator) @ weight.t()
+            return self._reverse_grouped(item_seq, item_seq_len, generator) @ weight.t()
         probs = 0
         for _ in range(self.inference_samples):
-            probs = probs + F.softmax(self.reverse(item_seq, item_seq_len, generator) @ weight.t(), dim=-1)
+            probs = probs + F.softmax(self._reverse_grouped(item_seq, item_seq_len, generator) @ weight.t(), dim=-1)
         return torch.log(probs / self.inference_samples)
 
     def full_sort_predict(self, interaction):
