@@ -3,6 +3,7 @@
     recbole-diff                                   the demo on ml-100k
     recbole-diff --model=SASRec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
     recbole-diff doctor                            versions that matter, and known-broken combinations
+    recbole-diff bench --config <preset.yaml> [--out DIR] [--jobs N]
 """
 import argparse
 import os
@@ -10,7 +11,7 @@ import sys
 
 from recbole_diff import properties_dir
 
-SUBCOMMANDS = ("run", "doctor", "demo")
+SUBCOMMANDS = ("run", "doctor", "demo", "bench")
 
 
 def _parse_key_values(words):
@@ -82,6 +83,11 @@ def main(argv=None):
         sys.exit(doctor())
     if command == "demo":
         return demo_command(argv)
+    if command == "bench":
+        from recbole_diff.benchmark import bench_command
+
+        return bench_command(argv)
+
     return run_command(argv)
 
 

@@ -1,4 +1,8 @@
-"""The default yamls are found after an editable and after a regular install, from another directory."""
+"""The default yamls are found after an editable and after a regular install, run from another directory.
+
+Each install goes into a virtual environment of its own, so the environment running the tests is untouched
+(pip would otherwise uninstall its recbole-diff first).
+"""
 import os
 import shutil
 import subprocess
@@ -25,18 +29,12 @@ def _source_copy(tmp_path):
     return src
 
 
-def _pip(*args):
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", *args],
-                   check=True, capture_output=True, text=True)
-
-
-def _where(site_dir, cwd):
-    # -S: only the install under test is importable, not the one this test suite runs from.
-    code = (f"import site; site.addsitedir({str(site_dir)!r}); import recbole_diff; "
-            "print(recbole_diff.__file__); print(recbole_diff.properties_dir())")
-    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=cwd, check=True, capture_output=True,
-                         text=True).stdout.split("\n")
-    return out[0], out[1]
+def _fresh_python(tmp_path):
+    # The base interpreter, not this venv's: its ensurepip brings pip and setuptools, nothing else.
+    base = getattr(sys, "_base_executable", sys.executable)
+    env_dir = tmp_path / "venv"
+    subprocess.run([base, "-m", "venv", str(env_dir)], check=True, capture_output=True)
+    return str(env_dir / "bin" / "python")
 
 
 @pytest.mark.parametrize("editable", [False, True])
@@ -44,13 +42,16 @@ def test_properties_are_found_after_install(tmp_path, editable):
     src = _source_copy(tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    python = _fresh_python(tmp_path)
+    target = ["-e", str(src)] if editable else [str(src)]
+    # Build isolation: the fresh venv has no wheel package; pip fetches the build backend from the index.
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", *target],
+                   check=True, capture_output=True, text=True, cwd=elsewhere)
+    code = "import recbole_diff; print(recbole_diff.__file__); print(recbole_diff.properties_dir())"
+    module_file, props = subprocess.run([python, "-c", code], cwd=elsewhere, check=True, capture_output=True,
+                                        text=True).stdout.split("\n")[:2]
     if editable:
-        _pip("--prefix", str(tmp_path / "prefix"), "-e", str(src))
-        site_dir = tmp_path / "prefix" / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+        assert module_file.startswith(str(src)) and props == str(src / "properties")
     else:
-        _pip("--target", str(tmp_path / "target"), str(src))
-        site_dir = tmp_path / "target"
-    module_file, props = _where(site_dir, elsewhere)
-    expected_root = src if editable else site_dir
-    assert module_file.startswith(str(expected_root)) and props.startswith(str(expected_root))
+        assert "site-packages" in module_file and props.startswith(os.path.dirname(module_file))
     assert _yaml_files(props) == _yaml_files(PROPS)

@@ -22,6 +22,7 @@ from recbole.utils import InputType
 from torch import nn
 
 from recbole_diff.diffusion import OFFSET_MODES, GaussianDiffusion, StepEmbedding, make_noise
+from recbole_diff.model.padding import length_groups
 from recbole_diff.utils import require_keys
 
 APPROXIMATORS = ("add", "cross_attention")
@@ -125,12 +126,11 @@ class DiffuRec(SequentialRecommender):
         return item_seq[:, : int(item_seq_len.max())]
 
     def _groups(self, item_seq_len):
-        """Row groups of similar length, each later cut to its own longest sequence: with prefix-augmented
-        training data a batch's longest sequence is nearly always the maximum length, while most rows are
-        short, so cutting the whole batch once saves little."""
+        """Row groups of similar length, each later cut to its own longest sequence (see
+        ``recbole_diff.model.padding``)."""
         if not self.trim_padding or self.length_buckets <= 1 or item_seq_len.shape[0] < 2 * self.length_buckets:
             return [None]
-        return list(torch.argsort(item_seq_len).chunk(self.length_buckets))
+        return length_groups(item_seq_len, self.length_buckets)
 
     def encode_history(self, item_seq):
         """[B, L] item ids -> ([B, L, H] history states, [B, L] padding mask)."""

@@ -1,0 +1,373 @@
+"""Benchmark grids: methods x backbones x datasets x seeds from one yaml, each cell its own process.
+
+    recbole-diff bench --config properties/bench/diffurec_ml-100k.yaml --out runs/diffurec [--jobs 2]
+
+A preset yaml::
+
+    name: diffurec-ml-100k
+    datasets: [ml-100k]                 # names; per-dataset keys under dataset_config
+    seeds: [2020, 2021, 2022]
+    config: {epochs: 20, ...}           # keys for every cell
+    dataset_config: {sports: {data_path: ../shared/data}}   # relative paths are relative to the yaml
+    baseline: SASRec                    # lift and paired t-test of every method against this one
+    metrics: [hit@10, ndcg@10]          # reported columns (default: all test metrics)
+    methods:
+      - {name: SASRec, model: SASRec}
+      - {name: DiffuRecSys-V1, model: DiffuRecSys, config: {offset_noise_mode: none}}
+      - {name: GlobalDiff, model: GlobalDiff, backbones: [SASRec, GRU4Rec]}
+
+A finished cell (its ``result.json`` exists) is skipped when the grid is run again. Each cell keeps its log,
+its config and its result under ``<out>/cells/<dataset>/<method>[@<backbone>]/seed<seed>/``. The summary is
+``results.csv`` (one row per cell), ``results.md`` (mean +- std, lift over the baseline and over a plugin's own
+backbone, paired t-test p-values across seeds) and PNG plots.
+"""
+import argparse
+import csv
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import yaml
+
+PATH_KEYS = ("data_path", "checkpoint_dir", "backbone_checkpoint", "tidiffrec_checkpoint")
+
+
+class BenchmarkError(ValueError):
+    pass
+
+
+# ---- the grid ----------------------------------------------------------------------------------------
+def load_grid(path):
+    if not os.path.isfile(path):
+        raise BenchmarkError(f"Benchmark file '{path}' does not exist.")
+    with open(path, encoding="utf-8") as f:
+        spec = yaml.safe_load(f)
+    if not isinstance(spec, dict):
+        raise BenchmarkError(f"Benchmark file '{path}' must be a mapping with 'datasets', 'seeds', 'methods'.")
+    for key in ("datasets", "seeds", "methods"):
+        if not spec.get(key):
+            raise BenchmarkError(f"Benchmark file '{path}' needs a non-empty '{key}' list.")
+    base = os.path.dirname(os.path.abspath(path))
+    spec["config"] = _resolve_paths(spec.get("config") or {}, base)
+    spec["dataset_config"] = {d: _resolve_paths(c or {}, base) for d, c in (spec.get("dataset_config") or {}).items()}
+    _check_methods(spec["methods"], path)
+    return spec
+
+
+def _resolve_paths(config, base):
+    out = dict(config)
+    for key in PATH_KEYS:
+        if isinstance(out.get(key), str) and not os.path.isabs(out[key]):
+            out[key] = os.path.normpath(os.path.join(base, out[key]))
+    return out
+
+
+def _check_methods(methods, path):
+    from recbole_diff.utils import get_model
+
+    names = set()
+    for m in methods:
+        if not isinstance(m, dict) or "model" not in m:
+            raise BenchmarkError(f"{path}: every method needs 'model' (and optionally name, config, backbones): {m!r}")
+        get_model(m["model"])  # unknown names fail here, with the list of known ones
+        for b in m.get("backbones") or []:
+            get_model(b)
+        name = m.setdefault("name", m["model"])
+        if name in names:
+            raise BenchmarkError(f"{path}: method name '{name}' appears twice; give each a distinct 'name'.")
+        names.add(name)
+
+
+def cells(spec):
+    """Every (dataset, method, backbone, seed) of the grid, with its full config dict."""
+    out = []
+    for dataset, method, seed in itertools.product(spec["datasets"], spec["methods"], spec["seeds"]):
+        for backbone in method.get("backbones") or [None]:
+            config = dict(spec["config"], **spec["dataset_config"].get(dataset, {}), **(method.get("config") or {}))
+            config["seed"] = int(seed)
+            label = method["name"] + (f"@{backbone}" if backbone else "")
+            out.append({"dataset": dataset, "method": method["name"], "model": method["model"], "label": label,
+                        "backbone": backbone, "seed": int(seed), "config": config})
+    return out
+
+
+def cell_dir(out_dir, cell):
+    return os.path.join(out_dir, "cells", cell["dataset"], cell["label"], f"seed{cell['seed']}")
+
+
+# ---- running -----------------------------------------------------------------------------------------
+def run_cell(cell, directory):
+    """Run one cell in this process (called by ``python -m recbole_diff.benchmark --cell ...``)."""
+    from recbole_diff.quick_start import run_recbole_diff
+
+    config = dict(cell["config"], checkpoint_dir=os.path.join(directory, "saved"), show_progress=False)
+    start = time.time()
+    result = run_recbole_diff(model=cell["model"], dataset=cell["dataset"], backbone=cell["backbone"],
+                              config_dict=config, cmd_line=False)
+    keep = {k: v for k, v in result.items() if k.endswith("_result") or k.endswith("_score")}
+    keep = json.loads(json.dumps(keep, default=float))
+    keep.update(cell={k: cell[k] for k in ("dataset", "method", "model", "label", "backbone", "seed")},
+                seconds=time.time() - start)
+    tmp = os.path.join(directory, "result.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(keep, f, indent=1)
+    os.replace(tmp, os.path.join(directory, "result.json"))  # a result file is either whole or absent
+
+
+def _launch(cell, directory, threads):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "cell.json"), "w") as f:
+        json.dump(cell, f, indent=1)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    start = time.time()
+    with open(os.path.join(directory, "log.txt"), "w") as log:
+        code = subprocess.call([sys.executable, "-m", "recbole_diff.benchmark", "--cell", directory],
+                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=directory)
+    return cell, code, time.time() - start
+
+
+def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print):
+    spec = load_grid(spec_path)
+    os.makedirs(out_dir, exist_ok=True)
+    todo, done = [], 0
+    for cell in cells(spec):
+        directory = cell_dir(out_dir, cell)
+        if os.path.isfile(os.path.join(directory, "result.json")):
+            done += 1
+        else:
+            todo.append((cell, directory))
+    log(f"[bench] {spec.get('name', spec_path)}: {len(todo) + done} cells, {done} already finished, "
+        f"{len(todo)} to run with {jobs} job(s)")
+    start, failed = time.time(), []
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(_launch, cell, d, threads) for cell, d in todo]
+        for k, future in enumerate(futures, 1):
+            cell, code, seconds = future.result()
+            status = "ok" if code == 0 else f"FAILED (exit {code}, see {cell_dir(out_dir, cell)}/log.txt)"
+            if code:
+                failed.append(cell)
+            log(f"[bench] {k}/{len(todo)} {cell['dataset']} {cell['label']} seed {cell['seed']}: "
+                f"{status} in {seconds:.0f}s")
+    wall = time.time() - start
+    summary = summarise(spec, out_dir)
+    with open(os.path.join(out_dir, "wall_time.txt"), "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ran {len(todo)} cells with --jobs {jobs}: {wall:.0f}s\n")
+    log(f"[bench] wall time {wall:.0f}s; summary in {out_dir}/results.md")
+    return summary, failed
+
+
+# ---- summarising -------------------------------------------------------------------------------------
+def load_results(spec, out_dir):
+    rows = []
+    for cell in cells(spec):
+        path = os.path.join(cell_dir(out_dir, cell), "result.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                rows.append(json.load(f))
+    return rows
+
+
+def _metric_names(spec, rows):
+    if spec.get("metrics"):
+        return [m.lower() for m in spec["metrics"]]
+    return list(rows[0]["test_result"].keys()) if rows else []
+
+
+def _mean_std(values):
+    import numpy as np
+
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def _paired_p(a, b):
+    """Two-sided paired t-test p-value across seeds (None with fewer than two pairs)."""
+    from scipy import stats
+
+    if len(a) < 2 or len(a) != len(b):
+        return None
+    if all(x == y for x, y in zip(a, b)):
+        return 1.0
+    return float(stats.ttest_rel(a, b).pvalue)
+
+
+def summarise(spec, out_dir):
+    rows = load_results(spec, out_dir)
+    metrics = _metric_names(spec, rows)
+    _write_csv(rows, metrics, os.path.join(out_dir, "results.csv"))
+    table = _aggregate(spec, rows, metrics)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(_markdown(spec, table, metrics))
+    _plots(table, metrics, out_dir)
+    return table
+
+
+def _write_csv(rows, metrics, path):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["dataset", "method", "backbone", "seed", "seconds"] + [f"test_{m}" for m in metrics]
+                        + [f"backbone_test_{m}" for m in metrics])
+        for r in rows:
+            c, backbone = r["cell"], r.get("backbone_test_result") or {}
+            writer.writerow([c["dataset"], c["method"], c["backbone"] or "", c["seed"], f"{r['seconds']:.1f}"]
+                            + [r["test_result"].get(m, "") for m in metrics] + [backbone.get(m, "") for m in metrics])
+
+
+def _aggregate(spec, rows, metrics):
+    """{(dataset, label): {'seeds': [...], metric: [values], 'backbone': {metric: [values]}, 'seconds': [...]}}"""
+    table = {}
+    for r in sorted(rows, key=lambda r: r["cell"]["seed"]):
+        c = r["cell"]
+        entry = table.setdefault((c["dataset"], c["label"]), {"seeds": [], "seconds": [], "backbone": {},
+                                                               "method": c["method"]})
+        entry["seeds"].append(c["seed"])
+        entry["seconds"].append(r["seconds"])
+        for m in metrics:
+            entry.setdefault(m, []).append(float(r["test_result"][m]))
+            if r.get("backbone_test_result"):
+                entry["backbone"].setdefault(m, []).append(float(r["backbone_test_result"][m]))
+    return table
+
+
+def _paired(entry, other, m):
+    """Values of two entries on the seeds they share, in the same order."""
+    shared = [s for s in entry["seeds"] if s in other["seeds"]]
+    a = [entry[m][entry["seeds"].index(s)] for s in shared]
+    b = [other[m][other["seeds"].index(s)] for s in shared]
+    return a, b
+
+
+def _markdown(spec, table, metrics):
+    baseline = spec.get("baseline")
+    lines = [f"# {spec.get('name', 'benchmark')}", ""]
+    for dataset in spec["datasets"]:
+        entries = [(label, e) for (d, label), e in table.items() if d == dataset]
+        if not entries:
+            continue
+        lines += [f"## {dataset}", "", "Test metrics, mean +- std over seeds; lift in % of the mean with the paired "
+                  "t-test p-value across seeds.", ""]
+        header = ["method", "seeds"] + metrics + ["minutes/run"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for label, e in entries:
+            cells_ = [label, str(len(e["seeds"]))]
+            for m in metrics:
+                mean, std = _mean_std(e[m])
+                cells_.append(f"{mean:.4f} +- {std:.4f}")
+            cells_.append(f"{_mean_std(e['seconds'])[0] / 60:.1f}")
+            lines.append("| " + " | ".join(cells_) + " |")
+            if e["backbone"]:
+                own = {"seeds": e["seeds"], **e["backbone"]}
+                row = [f"{label} (its backbone, same run)", str(len(e["seeds"]))]
+                row += [f"{_mean_std(own[m])[0]:.4f} +- {_mean_std(own[m])[1]:.4f}" for m in metrics] + [""]
+                lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        lift_rows = _lifts(table, dataset, baseline, metrics)
+        if lift_rows:
+            lines += ["Lift:", "", "| method | versus | " + " | ".join(metrics) + " |",
+                      "|---|---|" + "---|" * len(metrics)]
+            lines += lift_rows + [""]
+    return "\n".join(lines) + "\n"
+
+
+def _lifts(table, dataset, baseline, metrics):
+    out = []
+    base = table.get((dataset, baseline)) if baseline else None
+    for (d, label), e in table.items():
+        if d != dataset:
+            continue
+        comparisons = []
+        if e["backbone"]:
+            comparisons.append(("its backbone", {"seeds": e["seeds"], **e["backbone"]}))
+        if base is not None and label != baseline:
+            comparisons.append((baseline, base))
+        for name, other in comparisons:
+            parts = []
+            for m in metrics:
+                a, b = _paired(e, other, m)
+                if not a:
+                    parts.append("n/a")
+                    continue
+                mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+                lift = 100.0 * (mean_a - mean_b) / mean_b if mean_b else float("nan")
+                p = _paired_p(a, b)
+                parts.append(f"{lift:+.1f}%" + (f" (p={p:.3f})" if p is not None else ""))
+            out.append(f"| {label} | {name} | " + " | ".join(parts) + " |")
+    return out
+
+
+def _plots(table, metrics, out_dir):
+    if not table:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({d for d, _ in table})
+    for dataset in datasets:
+        entries = [(label, e) for (d, label), e in table.items() if d == dataset]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
+        for ax, m in zip(axes[0], metrics):
+            labels = [label for label, _ in entries]
+            means = [_mean_std(e[m])[0] for _, e in entries]
+            stds = [_mean_std(e[m])[1] for _, e in entries]
+            ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color="tab:blue")
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+            ax.set_title(f"{dataset}: {m}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f"metrics_{dataset}.png"), dpi=110)
+        plt.close(fig)
+    plugin = [(d, label, e) for (d, label), e in table.items() if e["backbone"]]
+    if plugin:
+        m = metrics[0] if "ndcg@10" not in metrics else "ndcg@10"
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = [f"{label}\n{d}" for d, label, _ in plugin]
+        lifts = []
+        for _, _, e in plugin:
+            a, b = e[m], e["backbone"][m]
+            lifts.append(100.0 * (sum(a) / len(a) - sum(b) / len(b)) / (sum(b) / len(b)))
+        ax.bar(range(len(names)), lifts, color=["tab:green" if v >= 0 else "tab:red" for v in lifts])
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, fontsize=7)
+        ax.set_ylabel(f"lift over backbone, {m} (%)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "lift_per_backbone.png"), dpi=110)
+        plt.close(fig)
+
+
+# ---- entry points ------------------------------------------------------------------------------------
+def bench_command(argv):
+    parser = argparse.ArgumentParser(prog="recbole-diff bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="benchmark preset yaml (see properties/bench/)")
+    parser.add_argument("--out", default=None, help="results folder (default: benchmarks/runs/<name>)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run side by side (one process each)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per cell")
+    parser.add_argument("--summarise-only", action="store_true", help="rebuild the tables from finished cells")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_grid(args.config)
+    except BenchmarkError as e:
+        raise SystemExit(f"recbole-diff bench: {e}")
+    out = args.out or os.path.join("benchmarks", "runs", spec.get("name", "bench"))
+    if args.summarise_only:
+        summarise(spec, out)
+        print(open(os.path.join(out, "results.md")).read())
+        return
+    _, failed = run_grid(args.config, out, jobs=args.jobs, threads=args.threads)
+    print(open(os.path.join(out, "results.md")).read())
+    if failed:
+        raise SystemExit(f"{len(failed)} cell(s) failed; their logs are under {out}/cells/.")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--cell":
+        with open(os.path.join(sys.argv[2], "cell.json")) as f:
+            run_cell(json.load(f), sys.argv[2])
+    else:
+        bench_command(sys.argv[1:])

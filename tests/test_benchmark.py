@@ -1,0 +1,58 @@
+"""A 2-cell benchmark on the test slice: tables, plots, resumption, bad input."""
+import csv
+import os
+
+import pytest
+import yaml
+
+from recbole_diff.benchmark import BenchmarkError, load_grid, run_grid
+
+from conftest import DATA_PATH, SLICE, TINY
+
+
+def write_grid(tmp_path, **extra):
+    spec = {
+        "name": "tiny",
+        "datasets": [SLICE],
+        "seeds": [1, 2],
+        "config": dict({k: v for k, v in TINY.items() if k != "data_path"}, epochs=1),
+        "dataset_config": {SLICE: {"data_path": os.path.relpath(DATA_PATH, tmp_path)}},
+        "baseline": "SASRec",
+        "metrics": ["hit@10", "ndcg@10"],
+        "methods": [{"name": "SASRec", "model": "SASRec"}],
+    }
+    spec.update(extra)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_two_cells_give_csv_markdown_plots_and_resume(tmp_path):
+    grid, out = write_grid(tmp_path), str(tmp_path / "out")
+    messages = []
+    table, failed = run_grid(grid, out, jobs=2, log=messages.append)
+    assert not failed and "2 cells, 0 already finished, 2 to run" in messages[0]
+    with open(os.path.join(out, "results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and {r["seed"] for r in rows} == {"1", "2"}
+    assert all(0 <= float(r["test_ndcg@10"]) <= 1 for r in rows)
+    md = open(os.path.join(out, "results.md")).read()
+    assert "| SASRec | 2 |" in md and "+-" in md
+    assert os.path.getsize(os.path.join(out, f"metrics_{SLICE}.png")) > 1000
+    for seed in (1, 2):
+        assert os.path.isfile(os.path.join(out, "cells", SLICE, "SASRec", f"seed{seed}", "log.txt"))
+
+    messages.clear()
+    run_grid(grid, out, jobs=1, log=messages.append)
+    assert "2 cells, 2 already finished, 0 to run" in messages[0]
+
+
+def test_bad_grids_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="Unknown model 'NoSuchRec'"):
+        load_grid(write_grid(tmp_path, methods=[{"model": "NoSuchRec"}]))
+    with pytest.raises(BenchmarkError, match="'seeds'"):
+        load_grid(write_grid(tmp_path, seeds=[]))
+    with pytest.raises(BenchmarkError, match="appears twice"):
+        load_grid(write_grid(tmp_path, methods=[{"model": "SASRec"}, {"model": "SASRec"}]))
+    with pytest.raises(BenchmarkError, match="does not exist"):
+        load_grid(str(tmp_path / "missing.yaml"))
