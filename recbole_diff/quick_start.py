@@ -66,7 +66,7 @@ def run_recbole_diff(model=None, dataset=None, config_file_list=None, config_dic
         "saved_model_file": trainer.saved_model_file if saved else None,
     }
     if hasattr(trainer, "extra_results"):
-        result.update(trainer.extra_results())
+        result.update(trainer.extra_results(valid_data=valid_data, test_data=test_data))
     if queue is not None:
         queue.put(result)
     return result

@@ -197,7 +197,7 @@ class GaussianDiffusion(nn.Module):
 
     def sample(self, model_fn, shape=None, x_T=None, steps=None, sampler="ancestral", eta=0.0, start_step=None,
                model_kwargs=None, denoised_fn=None, guidance=(), generator=None, device=None, progress=False,
-               return_x0=True):
+               return_x0=True, stochastic=True):
         """Run the reverse process and return the final x0 prediction (or the last sample).
 
         Args:
@@ -207,6 +207,7 @@ class GaussianDiffusion(nn.Module):
             sampler: ``'ancestral'`` or ``'ddim'`` (with ``eta``).
             start_step: the step ``x_T`` belongs to (default T - 1).
             generator: a ``torch.Generator`` for reproducible noise.
+            stochastic: ``False`` follows the mean of every step (DiffRec's noise-free inference).
         """
         if sampler not in ("ancestral", "ddim"):
             raise ValueError(f"Unknown sampler '{sampler}'; choose 'ancestral' or 'ddim'.")
@@ -230,7 +231,8 @@ class GaussianDiffusion(nn.Module):
         for step, prev in iterator:
             t = torch.full((batch,), step, device=device, dtype=torch.long)
             t_prev = torch.full((batch,), prev, device=device, dtype=torch.long)
-            noise = torch.randn(x.shape, device=device, generator=generator)
+            noise = (torch.randn(x.shape, device=device, generator=generator) if stochastic
+                     else torch.zeros_like(x))
             if sampler == "ancestral":
                 out = self.p_sample(model_fn, x, t, t_prev, model_kwargs, denoised_fn, guidance, noise)
             else:

@@ -130,6 +130,24 @@ class BackboneAdapter:
             handle.remove()
         return last, self.spec.states_pick(captured["out"], self.model)
 
+    def states(self, item_seq, item_seq_len):
+        """Per-position states of exactly this input (no evaluation-time rewriting: a BERT4Rec input keeps
+        whatever mask tokens the caller put in)."""
+        self.require_position_states(f"{self.name} adapter")
+        if self.spec.mask_token:
+            return self.model.forward(item_seq)
+        return self.forward_with_states(item_seq, item_seq_len)[1]
+
+    @property
+    def mask_token(self):
+        return getattr(self.model, "mask_token", None) if self.spec.mask_token else None
+
+    def eval_input(self, item_seq, item_seq_len):
+        """The input whose state at position len-1 predicts the next item (BERT4Rec: shifted, mask token last)."""
+        if self.spec.mask_token:
+            return self.model.reconstruct_test_data(item_seq, item_seq_len)
+        return item_seq
+
     def position_hidden(self, interaction):
         """[B, L, H'] states; position j of a causal model has seen items 0..j. For BERT4Rec these are the
         states of the evaluation input (history shifted left, mask token at the last position)."""

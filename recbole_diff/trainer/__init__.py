@@ -1,4 +1,5 @@
 """Trainers. ``<Model>Trainer`` classes defined here are picked up by ``recbole_diff.utils.get_trainer``."""
 from recbole_diff.trainer.trainer import CompatMixin, Trainer, compat_trainer, unique_checkpoint_path
+from recbole_diff.trainer.globaldiff import GlobalDiffTrainer
 
-__all__ = ["CompatMixin", "Trainer", "compat_trainer", "unique_checkpoint_path"]
+__all__ = ["CompatMixin", "Trainer", "compat_trainer", "unique_checkpoint_path", "GlobalDiffTrainer"]

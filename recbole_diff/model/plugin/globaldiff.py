@@ -1,0 +1,261 @@
+r"""GlobalDiff (AAAI 2025): a diffusion model over all items, stacked on a frozen sequential backbone.
+
+Training (after the backbone is trained or loaded, then frozen): for a user's training sequence a position i
+is masked; the target is a Bernoulli draw of the masked item's row of the item-item cosine similarity, with
+the other items of the sequence boosted by their distance to i (``zeta``, ``delta``). An approximator
+``f(x_t, t, c)`` learns to restore that x0 (MSE), conditioned on the backbone's states ``c = [h_i, mean h]``.
+
+Inference: the backbone's softmax ``y`` is taken as the diffusion state at step ``start_step``, noised on to
+the last step, denoised to ``x0_hat``, and the two are fused by a Borda count with ``gamma``.
+See ``docs/globaldiff.md`` for every key and for where this differs from the authors' code.
+"""
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+
+from recbole_diff.data.globaldiff import (
+    ItemSimilarity, UserSequenceLoader, bernoulli_targets, reweighted_targets, sample_mask_positions, training_pairs, user_sequences,
+)
+from recbole_diff.diffusion import GaussianDiffusion, make_step_sampler
+from recbole_diff.model.backbone import BackboneAdapter
+from recbole_diff.model.plugin.approximators import GlobalApproximator
+from recbole_diff.utils import get_model, require_keys
+
+GUIDANCE = ("full", "target", "none")
+EVAL_MODES = ("ensemble", "backbone", "diffusion_only")
+
+
+def borda_fuse(y, x0, gamma):
+    """``gamma * r(y) * y + (1 - gamma) * r(x0) * x0`` with r the rank (best item M, next M - 1, ...; ties in
+    index order). Computed in float64 so that gamma = 1 keeps the backbone's order down to the tail."""
+    def ranked(v):
+        v = v.double()
+        order = torch.argsort(v, dim=1, descending=True, stable=True)
+        ranks = torch.empty_like(v)
+        m = v.shape[1]
+        ranks.scatter_(1, order, torch.arange(m, 0, -1, device=v.device, dtype=v.dtype).expand_as(v).contiguous())
+        return ranks * v
+
+    if gamma == 1:
+        return ranked(y)
+    if gamma == 0:
+        return ranked(x0)
+    return gamma * ranked(y) + (1 - gamma) * ranked(x0)
+
+
+class GlobalDiff(SequentialRecommender):
+    """GlobalDiff plugin; ``--backbone`` picks the RecBole sequential model it is stacked on."""
+
+    input_type = InputType.POINTWISE
+    is_plugin = True
+    default_backbone = "SASRec"
+
+    REQUIRED = ("backbone", "diffusion_steps", "noise_schedule", "noise_scale", "noise_min", "noise_max",
+                "step_sampler", "approximator", "step_embedding_size", "guidance", "zeta", "delta",
+                "position_offset", "mask_samples", "similarity", "dense_memory_limit_gb", "diffusion_loss",
+                "diffusion_epochs", "diffusion_learning_rate", "diffusion_batch_size", "diffusion_dropout",
+                "sampling_noise", "y_form", "gamma", "eval_mode", "filter_history")
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        require_keys(config, self.REQUIRED, "GlobalDiff")
+        self._check_choices(config)
+        self.config = config
+        self.backbone_name = config["backbone"]
+        self.backbone = get_model(self.backbone_name)(config, dataset)
+        self.adapter = BackboneAdapter(self.backbone, self.backbone_name)
+        self.adapter.require_position_states("GlobalDiff")
+        state_dim = self._state_dim()
+        self.guidance = config["guidance"]
+        cond_dim = {"full": 2 * state_dim, "target": state_dim, "none": 0}[self.guidance]
+        hidden = config["approx_hidden"] or state_dim
+        self.approximator = GlobalApproximator(self.n_items, hidden, cond_dim, config["step_embedding_size"],
+                                               config["approximator"], config["diffusion_dropout"])
+        steps = int(config["diffusion_steps"])
+        self.diffusion = GaussianDiffusion(config["noise_schedule"], steps, parameterization="x0",
+                                           variance="fixed_small", noise_scale=config["noise_scale"],
+                                           noise_min=config["noise_min"], noise_max=config["noise_max"])
+        self.step_sampler = make_step_sampler(config["step_sampler"], steps)
+        self.start_step = steps - 1 if config["start_step"] is None else int(config["start_step"])
+        if not 0 <= self.start_step < steps:
+            raise ValueError(f"start_step must be in [0, {steps - 1}] (a step index), got {self.start_step}.")
+        self.sample_steps = config["sample_steps"]
+        self.sampling_noise = bool(config["sampling_noise"])
+        self.y_form, self.gamma = config["y_form"], float(config["gamma"])
+        self.eval_mode = config["eval_mode"]
+        self.filter_history = bool(config["filter_history"])
+        self.zeta, self.delta = float(config["zeta"]), float(config["delta"])
+        self.position_offset = float(config["position_offset"])
+        self.diffusion_loss = config["diffusion_loss"]
+        self.eval_seed = int(config["seed"])
+        self.similarity = None
+        self.frozen = False
+
+    @staticmethod
+    def _check_choices(config):
+        checks = {"guidance": GUIDANCE, "eval_mode": EVAL_MODES, "diffusion_loss": ("mse", "ce"),
+                  "y_form": ("softmax", "logits")}
+        for key, allowed in checks.items():
+            if config[key] not in allowed:
+                raise ValueError(f"GlobalDiff: {key} must be one of {allowed}, got '{config[key]}'.")
+        if not 0.0 <= float(config["gamma"]) <= 1.0:
+            raise ValueError(f"GlobalDiff: gamma must be in [0, 1], got {config['gamma']}.")
+
+    @torch.no_grad()
+    def _state_dim(self):
+        seq = torch.ones(1, self.max_seq_length, dtype=torch.long)
+        return self.adapter.states(seq, torch.tensor([self.max_seq_length])).shape[-1]
+
+    # ---- the frozen backbone -------------------------------------------------------------------------
+    def freeze_backbone(self):
+        self.adapter.freeze()
+        self.frozen = True
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()  # RecBole's trainer calls model.train() every epoch; dropout stays off
+        return self
+
+    def diffusion_parameters(self):
+        return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
+
+    @contextmanager
+    def evaluating(self, mode):
+        if mode not in EVAL_MODES:
+            raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got '{mode}'.")
+        saved, self.eval_mode = self.eval_mode, mode
+        try:
+            yield self
+        finally:
+            self.eval_mode = saved
+
+    @torch.no_grad()
+    def condition(self, item_seq, item_seq_len, positions=None):
+        """``[h, mean h]`` (``guidance: full``), ``h`` (``target``) or None (``none``).
+
+        Training (``positions`` given) masks position i: a causal backbone's states after i have seen the
+        masked item, so its condition is the state that predicts i from the prefix before it (h_{i-1}) and
+        the mean over that prefix; a bidirectional backbone with a mask token reads position i with the
+        mask in place and averages over the whole sequence. Inference (no positions) predicts the next item:
+        the state at the last position and the mean over the sequence."""
+        if self.guidance == "none":
+            return None
+        causal = self.adapter.causal
+        arange = torch.arange(item_seq.shape[0], device=item_seq.device)
+        if positions is None:
+            seq = self.adapter.eval_input(item_seq, item_seq_len)
+            pick, count = item_seq_len - 1, item_seq_len
+        elif causal:
+            seq, pick, count = item_seq, positions - 1, positions
+        else:
+            seq = item_seq.clone()
+            seq[arange, positions] = self.adapter.mask_token
+            pick, count = positions, item_seq_len
+        states = self.adapter.states(seq, item_seq_len)
+        h = states[arange, pick]
+        if self.guidance == "target":
+            return h
+        keep = torch.arange(states.shape[1], device=states.device)[None] < count[:, None]
+        mean = (states * keep[..., None]).sum(1) / count[:, None].clamp(min=1)
+        return torch.cat([h, mean], dim=-1)
+
+    # ---- training data -------------------------------------------------------------------------------
+    def build_training_data(self, train_data, logger=None):
+        """Similarity (from training interactions only) and the per-user sequence loader."""
+        dataset = train_data.dataset
+        args = (dataset, self.USER_ID, self.ITEM_ID, self.ITEM_SEQ, self.ITEM_SEQ_LEN)
+        users, items = training_pairs(*args)
+        config = self.config
+        self.similarity = ItemSimilarity(
+            users, items, dataset.user_num, dataset.item_num, kind=config["similarity"],
+            topk=config["similarity_topk"], n_clusters=config["n_clusters"],
+            dense_limit_gb=config["dense_memory_limit_gb"], seed=config["seed"], device=self.device)
+        u, seqs, lens = user_sequences(*args, max_len=self.max_seq_length)
+        keep = lens >= (2 if self.adapter.causal else 1)  # a causal condition needs a prefix
+        if logger is not None:
+            logger.info(f"GlobalDiff: {config['similarity']} similarity of {dataset.item_num} items "
+                        f"({self.similarity.nbytes() / 2 ** 20:.1f} MB); {int(keep.sum())} user sequences")
+        return UserSequenceLoader(dataset, u[keep], seqs[keep], lens[keep], config["diffusion_batch_size"],
+                                  config["mask_samples"], self.USER_ID, self.ITEM_SEQ, self.ITEM_SEQ_LEN)
+
+    def calculate_loss(self, interaction):
+        if self.similarity is None:
+            raise RuntimeError("GlobalDiff.calculate_loss needs build_training_data(train_data) first "
+                               "(GlobalDiffTrainer.fit does it).")
+        seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        positions = sample_mask_positions(lens, self.adapter.causal)
+        arange = torch.arange(seq.shape[0], device=seq.device)
+        masked = seq[arange, positions]
+        q = reweighted_targets(self.similarity.rows(masked), seq, lens, positions, self.zeta, self.delta,
+                               self.position_offset)
+        x0 = bernoulli_targets(q)
+        cond = self.condition(seq, lens, positions)
+        t, weights = self.step_sampler.sample(seq.shape[0], seq.device)
+        out = self.approximator(self.diffusion.q_sample(x0, t), t, cond)
+        if self.diffusion_loss == "mse":
+            per_sample = ((out - x0) ** 2).mean(dim=-1)
+        else:
+            per_sample = F.cross_entropy(out, masked, reduction="none")
+        self.step_sampler.update(t, per_sample)
+        return (per_sample * weights).mean()
+
+    # ---- inference -----------------------------------------------------------------------------------
+    def _history_mask(self, item_seq, n_items):
+        mask = torch.zeros(item_seq.shape[0], n_items, dtype=torch.bool, device=item_seq.device)
+        mask.scatter_(1, item_seq, True)
+        mask[:, 0] = False
+        return mask
+
+    def _generator(self, interaction):
+        first = int(interaction[self.USER_ID][0]) if self.USER_ID in interaction.interaction else 0
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.eval_seed * 1_000_003 + first)
+        return g
+
+    def denoise_scores(self, y, cond, generator=None):
+        """The backbone's y as the state at ``start_step``, noised on to the last step, reversed to x0_hat."""
+        last = self.diffusion.num_steps - 1
+        x = y
+        if self.start_step < last:
+            b = y.shape[0]
+            s = torch.full((b,), self.start_step, device=y.device, dtype=torch.long)
+            t = torch.full((b,), last, device=y.device, dtype=torch.long)
+            x = self.diffusion.q_sample_from(y, s, t, torch.randn(y.shape, device=y.device, generator=generator))
+
+        def model_fn(x_t, t):
+            return self.approximator(x_t, t, cond)
+
+        return self.diffusion.sample(model_fn, x_T=x, steps=self.sample_steps, generator=generator,
+                                     stochastic=self.sampling_noise)
+
+    def full_sort_predict(self, interaction):
+        seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        logits = self.adapter.item_scores(interaction)
+        if self.filter_history:
+            logits = logits.masked_fill(self._history_mask(seq, logits.shape[1]), float("-inf"))
+        if self.eval_mode == "backbone":
+            return logits
+        y = torch.softmax(logits.double(), dim=-1).float()
+        x0_hat = self.denoise_scores(y if self.y_form == "softmax" else logits, self.condition(seq, lens),
+                                     self._generator(interaction))
+        if self.filter_history:
+            x0_hat = x0_hat.masked_fill(self._history_mask(seq, x0_hat.shape[1]), float("-inf"))
+        d = torch.softmax(x0_hat.double(), dim=-1)
+        if self.eval_mode == "diffusion_only":
+            return d
+        return borda_fuse(torch.softmax(logits.double(), dim=-1), d, self.gamma)
+
+    def predict(self, interaction):
+        """Sampled evaluation: the full-sort scores of each row's user, read at the row's item."""
+        seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        key = torch.cat([seq, lens[:, None]], dim=1)
+        unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+        sub = {self.ITEM_SEQ: unique[:, :-1], self.ITEM_SEQ_LEN: unique[:, -1]}
+        if self.USER_ID in interaction.interaction:
+            sub[self.USER_ID] = interaction[self.USER_ID][:1].expand(unique.shape[0])
+        scores = self.full_sort_predict(type(interaction)(sub))[inverse]
+        return scores.gather(1, interaction[self.ITEM_ID][:, None]).squeeze(1)

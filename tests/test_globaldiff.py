@@ -1,0 +1,198 @@
+"""GlobalDiff: sample construction, the frozen backbone, Borda fusion, checkpoints and bad input."""
+import numpy as np
+import pytest
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_seed
+
+from recbole_diff.config import Config
+from recbole_diff.data.globaldiff import (
+    ItemSimilarity, bernoulli_targets, reweighted_targets, sample_mask_positions, training_pairs, user_sequences,
+)
+from recbole_diff.model.plugin.globaldiff import borda_fuse
+from recbole_diff.quick_start import load_data_and_model, run_recbole_diff
+from recbole_diff.trainer import GlobalDiffTrainer
+from recbole_diff.utils import get_model, get_trainer
+
+from conftest import SLICE, TINY
+
+FAST = dict(TINY, epochs=1, diffusion_epochs=2, hidden_size=16, inner_size=32, n_layers=1, n_heads=1,
+            embedding_size=16, approx_hidden=16)
+
+
+def build(backbone="SASRec", **overrides):
+    config = Config(model="GlobalDiff", dataset=SLICE, backbone=backbone, config_dict=dict(FAST, **overrides),
+                    cmd_line=False)
+    init_seed(config["seed"], True)
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    return config, dataset, train, valid, test
+
+
+def random_interactions(seed=0, n_users=30, n_items=12, n=120):
+    rng = np.random.default_rng(seed)
+    users, items = rng.integers(0, n_users, n), rng.integers(1, n_items, n)
+    dense = np.zeros((n_users, n_items))
+    dense[users, items] = 1
+    norms = np.linalg.norm(dense, axis=0)
+    ref = (dense.T @ dense) / np.maximum(np.outer(norms, norms), 1e-12)
+    return users, items, n_users, n_items, ref
+
+
+def test_sparse_and_dense_similarity_match_a_dense_reference():
+    users, items, n_users, n_items, ref = random_interactions()
+    ids = torch.arange(n_items)
+    for kind in ("sparse", "dense"):
+        sim = ItemSimilarity(users, items, n_users, n_items, kind=kind)
+        assert np.allclose(sim.rows(ids).numpy(), ref, atol=1e-6)
+
+
+def test_topk_keeps_each_rows_largest_and_the_diagonal():
+    users, items, n_users, n_items, ref = random_interactions(1)
+    rows = ItemSimilarity(users, items, n_users, n_items, topk=3).rows(torch.arange(1, n_items)).numpy()
+    for r, i in zip(rows, range(1, n_items)):
+        assert (r > 0).sum() <= 3 and r[i] == pytest.approx(1.0)
+        top = np.sort(ref[i])[-3:]
+        assert np.allclose(np.sort(r[r > 0]), top[top > 0], atol=1e-6)
+
+
+def test_cluster_similarity_with_one_cluster_per_item_is_the_cosine():
+    users, items, n_users, n_items, ref = random_interactions(2, n=200)
+    seen = np.unique(items)
+    sim = ItemSimilarity(users, items, n_users, n_items, kind="cluster", n_clusters=n_items)
+    got = sim.rows(torch.as_tensor(seen)).numpy()[:, seen]
+    assert np.allclose(got, ref[np.ix_(seen, seen)], atol=1e-4)
+    assert sim.nbytes() < n_items * n_items * 4 * 2
+
+
+def test_a_dense_similarity_too_large_for_memory_is_refused():
+    with pytest.raises(MemoryError, match="similarity: sparse.*similarity: cluster"):
+        ItemSimilarity(np.array([0]), np.array([1]), 1, 200_000, kind="dense", dense_limit_gb=4.0)
+
+
+def test_position_reweighting_and_clipping_on_a_hand_worked_row():
+    A = torch.zeros(1, 9)
+    A[0, [3, 5, 7, 8]] = torch.tensor([0.2, 1.0, 0.7, 0.3])  # row of item 5
+    seq, lens, pos = torch.tensor([[3, 5, 7, 0]]), torch.tensor([3]), torch.tensor([1])
+    q = reweighted_targets(A, seq, lens, pos, zeta=1.5, delta=1.0, position_offset=1)
+    # |i - j| = 1 -> 1.5 / 2 + 1 = 1.75; the masked item itself: min(2.5 * 1, 1) = 1
+    assert q[0, 3].item() == pytest.approx(0.35)
+    assert q[0, 5].item() == pytest.approx(1.0)
+    assert q[0, 7].item() == pytest.approx(1.0)  # 1.75 * 0.7 = 1.225, clipped
+    assert q[0, 8].item() == pytest.approx(0.3)  # not in the sequence: unchanged
+    assert q[0, 0].item() == 0.0
+
+
+def test_bernoulli_samples_have_the_right_mean():
+    q = torch.tensor([[0.0, 0.1, 0.5, 0.9, 1.0]]).expand(20_000, 5)
+    x0 = bernoulli_targets(q, torch.Generator().manual_seed(0))
+    assert set(x0.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(x0.mean(0), q[0], atol=0.01)
+
+
+def test_mask_positions_leave_a_prefix_for_causal_backbones():
+    lens = torch.tensor([2, 5, 10] * 500)
+    causal = sample_mask_positions(lens, causal=True)
+    assert bool((causal >= 1).all() and (causal < lens).all())
+    bidir = sample_mask_positions(lens, causal=False)
+    assert bidir.min() == 0 and bool((bidir < lens).all())
+
+
+def test_training_data_holds_no_held_out_interaction():
+    config, dataset, train, valid, test = build()
+    args = (train.dataset, "user_id", "item_id", "item_id_list", "item_length")
+    users, items = training_pairs(*args)
+    pairs = set(zip(users.tolist(), items.tolist()))
+    for loader in (valid, test):
+        inter = loader.dataset.inter_feat
+        for u, i in zip(inter["user_id"].tolist(), inter["item_id"].tolist()):
+            assert (u, i) not in pairs
+    u, seqs, lens = user_sequences(*args, max_len=10)
+    valid_inter = valid.dataset.inter_feat
+    # the valid row's history ends with the same items as the user's training sequence
+    by_user = {int(a): (s, n) for a, s, n in zip(u, seqs, lens)}
+    for user, hist, n in zip(valid_inter["user_id"][:20], valid_inter["item_id_list"], valid_inter["item_length"]):
+        s, m = by_user[int(user)]
+        k = min(int(m), int(n))
+        assert torch.equal(s[int(m) - k:int(m)], hist[int(n) - k:int(n)])
+
+
+def _trained_sasrec(tiny):
+    result = run_recbole_diff("SASRec", SLICE, cmd_line=False, config_dict=dict(
+        tiny, epochs=2, hidden_size=16, inner_size=32, n_layers=1, n_heads=1))
+    return result
+
+
+def test_backbone_is_bit_identical_after_globaldiff_training(tiny):
+    base = _trained_sasrec(tiny)
+    before = torch.load(base["saved_model_file"], weights_only=False)["state_dict"]
+    result = run_recbole_diff("GlobalDiff", SLICE, backbone="SASRec", cmd_line=False, config_dict=dict(
+        FAST, checkpoint_dir=tiny["checkpoint_dir"], backbone_checkpoint=base["saved_model_file"]))
+    after = torch.load(result["saved_model_file"], weights_only=False)["state_dict"]
+    for key, value in before.items():
+        assert torch.equal(after["backbone." + key], value), key
+    # the backbone alone reproduces the plain SASRec run's test metrics on the same split
+    assert dict(result["backbone_test_result"]) == pytest.approx(dict(base["test_result"]), abs=1e-4)
+    assert set(result) >= {"backbone_test_result", "backbone_best_valid_result", "test_result"}
+
+
+def test_checkpoint_round_trip_and_consistent_predict(tiny):
+    result = run_recbole_diff("GlobalDiff", SLICE, backbone="GRU4Rec", cmd_line=False,
+                              config_dict=dict(FAST, checkpoint_dir=tiny["checkpoint_dir"]))
+    config, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    assert isinstance(trainer, GlobalDiffTrainer)
+    assert dict(trainer.evaluate(test_data, load_best_model=False)) == pytest.approx(
+        dict(result["test_result"]), abs=1e-4)
+    model.eval()
+    inter = next(iter(test_data))[0]
+    with torch.no_grad():
+        full = model.full_sort_predict(inter)
+        items = torch.randint(1, model.n_items, (inter[model.ITEM_SEQ].shape[0],))
+        inter.update(type(inter)({model.ITEM_ID: items}))
+        assert torch.allclose(model.predict(inter), full.gather(1, items[:, None]).squeeze(1))
+
+
+def test_borda_ranks_with_ties():
+    y = torch.tensor([[0.5, 0.2, 0.2, 0.1]])
+    assert torch.allclose(borda_fuse(y, y, 1.0), torch.tensor([[2.0, 0.6, 0.4, 0.1]], dtype=torch.float64))
+    x = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    fused = borda_fuse(y, x, 0.5)
+    expected = 0.5 * torch.tensor([2.0, 0.6, 0.4, 0.1]) + 0.5 * torch.tensor([0.1, 0.4, 0.9, 1.6])
+    assert torch.allclose(fused[0].float(), expected)
+
+
+def test_gamma_one_reproduces_the_backbones_ranking_exactly():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 500) * 6
+    y = torch.softmax(logits.double(), dim=-1)
+    fused = borda_fuse(y, torch.rand(8, 500), 1.0)
+    assert torch.equal(torch.argsort(fused, dim=1, descending=True), torch.argsort(logits, dim=1, descending=True))
+
+
+def test_condition_never_sees_the_masked_item_with_a_causal_backbone():
+    config, dataset, train, _, _ = build()
+    model = get_model("GlobalDiff")(config, train.dataset).eval()
+    seq = torch.tensor([[4, 8, 15, 16, 23, 0, 0, 0, 0, 0]])
+    lens, pos = torch.tensor([5]), torch.tensor([3])
+    changed = seq.clone()
+    changed[0, 3:5] = torch.tensor([42, 99])
+    assert torch.allclose(model.condition(seq, lens, pos), model.condition(changed, lens, pos))
+
+
+def test_backbones_without_position_states_are_refused():
+    config, dataset, train, _, _ = build("CORE")
+    with pytest.raises(ValueError, match="per-position states.*'CORE'"):
+        get_model("GlobalDiff")(config, train.dataset)
+
+
+def test_bert4rec_backbone_runs_end_to_end(tiny):
+    result = run_recbole_diff("GlobalDiff", SLICE, backbone="BERT4Rec", cmd_line=False,
+                              config_dict=dict(FAST, checkpoint_dir=tiny["checkpoint_dir"], diffusion_epochs=1))
+    assert 0 <= result["test_result"]["ndcg@10"] <= 1 and result["backbone"] == "BERT4Rec"
+
+
+def test_bad_choices_are_refused():
+    with pytest.raises(ValueError, match="guidance"):
+        config, dataset, train, _, _ = build(guidance="half")
+        get_model("GlobalDiff")(config, train.dataset)
