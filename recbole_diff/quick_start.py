@@ -9,6 +9,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_diff.config import Config
+from recbole_diff.evaluation import hold_out_last, long_term_evaluate
 from recbole_diff.utils import get_model, get_trainer, load_checkpoint, set_threads
 
 
@@ -19,10 +20,17 @@ def build_config(model=None, dataset=None, config_file_list=None, config_dict=No
     return config
 
 
-def prepare_data(config, logger=None):
-    """Dataset and RecBole's train/valid/test loaders for ``config``."""
+def prepare_data(config, logger=None, held_out=None):
+    """Dataset and RecBole's train/valid/test loaders for ``config``. With ``long_term_eval`` each user's last
+    ``long_term_horizon - 1`` interactions are held out first and stored in the ``held_out`` dict given."""
     logger = logger or getLogger()
     dataset = create_dataset(config)
+    if config["long_term_eval"]:
+        held = hold_out_last(dataset, int(config["long_term_horizon"]) - 1)
+        if held_out is not None:
+            held_out.update(held)
+        logger.info(f"long-term evaluation: the last {int(config['long_term_horizon']) - 1} interactions of "
+                    f"{len(held)} users are held out as the targets for P >= 2")
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     return dataset, train_data, valid_data, test_data
@@ -43,7 +51,8 @@ def run_recbole_diff(model=None, dataset=None, config_file_list=None, config_dic
     logger.info(sys.argv)
     logger.info(config)
 
-    dataset, train_data, valid_data, test_data = prepare_data(config, logger)
+    held_out = {}
+    dataset, train_data, valid_data, test_data = prepare_data(config, logger, held_out)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
@@ -67,9 +76,21 @@ def run_recbole_diff(model=None, dataset=None, config_file_list=None, config_dic
     }
     if hasattr(trainer, "extra_results"):
         result.update(trainer.extra_results(valid_data=valid_data, test_data=test_data))
+    if config["long_term_eval"]:
+        result.update(long_term_results(model, test_data, held_out))
+        logger.info(set_color("long-term", "yellow") + f": {result['long_term_result']}")
     if queue is not None:
         queue.put(result)
     return result
+
+
+def long_term_results(model, test_data, held_out):
+    """The P-th-next-item metrics of the model, and of its backbone alone for a plugin."""
+    out = {"long_term_result": long_term_evaluate(model, test_data, held_out)}
+    if hasattr(model, "evaluating"):
+        with model.evaluating("backbone"):
+            out["backbone_long_term_result"] = long_term_evaluate(model, test_data, held_out)
+    return out
 
 
 def objective_function(config_dict=None, config_file_list=None, saved=True):

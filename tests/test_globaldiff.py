@@ -196,3 +196,30 @@ def test_bad_choices_are_refused():
     with pytest.raises(ValueError, match="guidance"):
         config, dataset, train, _, _ = build(guidance="half")
         get_model("GlobalDiff")(config, train.dataset)
+
+
+def test_long_term_evaluation_p1_matches_recbole_and_later_targets_are_held_out(tiny):
+    result = run_recbole_diff("SASRec", SLICE, cmd_line=False, config_dict=dict(
+        tiny, epochs=2, hidden_size=16, inner_size=32, n_layers=1, n_heads=1, long_term_eval=True))
+    long_term = result["long_term_result"]
+    assert list(long_term) == ["P1", "P2", "P3", "P4"]
+    assert long_term["P1"]["hit@20"] == pytest.approx(result["test_result"]["hit@20"], abs=1e-4)
+    assert long_term["P1"]["ndcg@20"] == pytest.approx(result["test_result"]["ndcg@20"], abs=1e-4)
+
+
+def test_hold_out_last_removes_each_users_latest_interactions():
+    from recbole_diff.evaluation import hold_out_last
+
+    config = Config(model="SASRec", dataset=SLICE, config_dict=dict(TINY), cmd_line=False)
+    dataset = create_dataset(config)
+    inter = dataset.inter_feat
+    before = {}
+    for u, i, t in zip(inter["user_id"].tolist(), inter["item_id"].tolist(), inter["timestamp"].tolist()):
+        before.setdefault(u, []).append((t, i))
+    n_before = len(inter)
+    held = hold_out_last(dataset, 3)
+    assert len(dataset.inter_feat) == n_before - 3 * len(before)
+    for u, rows in before.items():
+        rows.sort(key=lambda r: r[0])
+        last_times = [t for t, _ in rows[-3:]]
+        assert held[u] == [i for t, i in rows[-3:]] or len(set(last_times)) < 3  # equal timestamps: any order

@@ -1,0 +1,68 @@
+"""Long-term evaluation (GlobalDiff's RQ2): how well a model predicts the P-th next item, P = 1..4.
+
+Each user's last ``horizon - 1`` interactions are held out before RecBole splits the data, so RecBole's
+leave-one-out split trains on everything up to L-5, validates on L-4 and tests on L-3 (P = 1). The held-out
+items are then the targets for P = 2..4, scored from the same input as P = 1.
+"""
+import numpy as np
+import torch
+from recbole.data.dataloader import FullSortEvalDataLoader
+
+
+def hold_out_last(dataset, n):
+    """Drop each user's last ``n`` interactions (in time order) from ``dataset`` before it is split; return
+    {user id: [item at L-n+1, ..., item at L]} for the dropped ones."""
+    inter = dataset.inter_feat  # a pandas frame until RecBole builds the dataset
+    uid, iid, tid = dataset.uid_field, dataset.iid_field, dataset.time_field
+    users = np.asarray(inter[uid])
+    times = np.asarray(inter[tid]) if tid in inter.columns else np.arange(len(users))
+    order = np.lexsort((np.arange(len(users)), times, users))  # by user, then time, stable
+    sorted_users = users[order]
+    # rank from the end within each user: 0 for the last interaction
+    counts = np.bincount(sorted_users)
+    ends = np.cumsum(counts)[sorted_users]
+    from_end = ends - 1 - np.arange(len(order))
+    dropped = order[from_end < n]  # `order` is by user then time, so each user's rows come in time order
+    keep = np.ones(len(users), dtype=bool)
+    keep[dropped] = False
+    held = {}
+    items = np.asarray(inter[iid])
+    for row in dropped:
+        held.setdefault(int(users[row]), []).append(int(items[row]))
+    dataset.inter_feat = inter[keep].reset_index(drop=True)
+    return held
+
+
+@torch.no_grad()
+def long_term_evaluate(model, test_data, held_out, k=20, device=None):
+    """HR@k and NDCG@k for P = 1 (RecBole's test target) and P = 2.. (the held-out items), full ranking."""
+    if not isinstance(test_data, FullSortEvalDataLoader):
+        raise ValueError("long-term evaluation needs full-ranking test data (eval_args mode: full).")
+    model.eval()
+    horizon = 1 + max((len(v) for v in held_out.values()), default=0)
+    hits = np.zeros(horizon)
+    ndcg = np.zeros(horizon)
+    counts = np.zeros(horizon)
+    uid = model.USER_ID
+    for interaction, _, _, positive_i in test_data:
+        interaction = interaction.to(device or model.device)
+        scores = model.full_sort_predict(interaction).view(len(interaction), -1).double()
+        scores[:, 0] = float("-inf")
+        users = interaction[uid].tolist()
+        targets = [[int(t)] + held_out.get(u, []) for u, t in zip(users, interaction[model.ITEM_ID].tolist())]
+        for p in range(horizon):
+            rows = [b for b, tg in enumerate(targets) if len(tg) > p]
+            if not rows:
+                continue
+            rows_t = torch.tensor(rows, device=scores.device)
+            items = torch.tensor([targets[b][p] for b in rows], device=scores.device)
+            target_scores = scores[rows_t, items]
+            # rank = number of items scored strictly higher (ties resolved in the target's favour, as a
+            # stable top-k would not guarantee either way)
+            rank = (scores[rows_t] > target_scores[:, None]).sum(dim=1).cpu().numpy()
+            hit = rank < k
+            hits[p] += hit.sum()
+            ndcg[p] += (hit / np.log2(rank + 2)).sum()
+            counts[p] += len(rows)
+    return {f"P{p + 1}": {f"hit@{k}": float(hits[p] / counts[p]), f"ndcg@{k}": float(ndcg[p] / counts[p])}
+            for p in range(horizon) if counts[p]}
