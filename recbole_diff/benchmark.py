@@ -85,7 +85,8 @@ def _check_methods(methods, path):
 def cells(spec):
     """Every (dataset, method, backbone, seed) of the grid, with its full config dict."""
     out = []
-    for dataset, method, seed in itertools.product(spec["datasets"], spec["methods"], spec["seeds"]):
+    # seed-major, so that an interrupted grid has every method for its first seeds
+    for dataset, seed, method in itertools.product(spec["datasets"], spec["seeds"], spec["methods"]):
         for backbone in method.get("backbones") or [None]:
             config = dict(spec["config"], **spec["dataset_config"].get(dataset, {}), **(method.get("config") or {}))
             config["seed"] = int(seed)
@@ -132,6 +133,7 @@ def _launch(cell, directory, threads):
 
 def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print):
     spec = load_grid(spec_path)
+    out_dir = os.path.abspath(out_dir)  # cells run with their own folder as working directory
     os.makedirs(out_dir, exist_ok=True)
     todo, done = [], 0
     for cell in cells(spec):

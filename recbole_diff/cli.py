@@ -4,6 +4,7 @@
     recbole-diff --model=SASRec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
     recbole-diff doctor                            versions that matter, and known-broken combinations
     recbole-diff bench --config <preset.yaml> [--out DIR] [--jobs N]
+    recbole-diff tune --model M --dataset D --space <space.yaml> --samples N [--address ray://host:port]
 """
 import argparse
 import os
@@ -11,7 +12,7 @@ import sys
 
 from recbole_diff import properties_dir
 
-SUBCOMMANDS = ("run", "doctor", "demo", "bench")
+SUBCOMMANDS = ("run", "doctor", "demo", "bench", "tune")
 
 
 def _parse_key_values(words):
@@ -32,8 +33,8 @@ def _parse_key_values(words):
 
 def run_command(argv):
     parser = argparse.ArgumentParser(prog="recbole-diff run", description="Train and test one model.")
-    parser.add_argument("--model", "-m", default="SASRec")
-    parser.add_argument("--dataset", "-d", default="ml-100k")
+    parser.add_argument("--model", "-m", default=None, help="model name (or `model` in a config file)")
+    parser.add_argument("--dataset", "-d", default=None, help="dataset name (or `dataset` in a config file)")
     parser.add_argument("--backbone", default=None, help="backbone of a plugin model (e.g. SASRec)")
     parser.add_argument("--config_files", default=None, help="space-separated yaml files")
     parser.add_argument("--saved", default="true", help="save and reload the best checkpoint (default true)")
@@ -83,6 +84,10 @@ def main(argv=None):
         sys.exit(doctor())
     if command == "demo":
         return demo_command(argv)
+    if command == "tune":
+        from recbole_diff.tune import tune_command
+
+        return tune_command(argv)
     if command == "bench":
         from recbole_diff.benchmark import bench_command
 

@@ -94,3 +94,14 @@ def test_freeze_stops_gradients():
     adapter = BackboneAdapter(model).freeze()
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert not adapter.last_hidden(inter).requires_grad
+
+
+@pytest.mark.parametrize("name", ["SASRec", "BERT4Rec", "GRU4Rec"])
+@torch.no_grad()
+def test_scores_and_states_come_from_one_consistent_pass(name):
+    model, inter = build(name)
+    adapter = BackboneAdapter(model)
+    scores, states = adapter.scores_and_states(inter)
+    assert torch.allclose(scores, model.full_sort_predict(inter), atol=1e-6)
+    seq, seq_len = inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN]
+    assert torch.allclose(states, adapter.states(adapter.eval_input(seq, seq_len), seq_len), atol=1e-6)

@@ -28,7 +28,7 @@ def write_grid(tmp_path, **extra):
 
 
 def test_two_cells_give_csv_markdown_plots_and_resume(tmp_path):
-    grid, out = write_grid(tmp_path), str(tmp_path / "out")
+    grid, out = write_grid(tmp_path), os.path.relpath(tmp_path / "out")  # a relative --out must work too
     messages = []
     table, failed = run_grid(grid, out, jobs=2, log=messages.append)
     assert not failed and "2 cells, 0 already finished, 2 to run" in messages[0]

@@ -157,6 +157,19 @@ class BackboneAdapter:
     def item_scores(self, interaction):
         return self.model.full_sort_predict(interaction)
 
+    def scores_and_states(self, interaction):
+        """``full_sort_predict`` and the per-position states of the input it read, from one forward pass (for
+        BERT4Rec the states of its evaluation input, history shifted left with the mask token last)."""
+        self.require_position_states(f"{self.name} adapter")
+        captured = {}
+        module = getattr(self.model, self.spec.states_module)
+        handle = module.register_forward_hook(lambda _m, _inp, out: captured.__setitem__("out", out))
+        try:
+            scores = self.model.full_sort_predict(interaction)
+        finally:
+            handle.remove()
+        return scores, self.spec.states_pick(captured["out"], self.model)
+
     def item_embeddings(self):
         weight = self.model.item_embedding.weight
         return weight[: self.n_items]

@@ -144,19 +144,20 @@ class GlobalDiff(SequentialRecommender):
         the state at the last position and the mean over the sequence."""
         if self.guidance == "none":
             return None
-        causal = self.adapter.causal
-        arange = torch.arange(item_seq.shape[0], device=item_seq.device)
         if positions is None:
-            seq = self.adapter.eval_input(item_seq, item_seq_len)
-            pick, count = item_seq_len - 1, item_seq_len
-        elif causal:
+            seq, pick, count = self.adapter.eval_input(item_seq, item_seq_len), item_seq_len - 1, item_seq_len
+        elif self.adapter.causal:
             seq, pick, count = item_seq, positions - 1, positions
         else:
             seq = item_seq.clone()
-            seq[arange, positions] = self.adapter.mask_token
+            seq[torch.arange(seq.shape[0], device=seq.device), positions] = self.adapter.mask_token
             pick, count = positions, item_seq_len
-        states = self.adapter.states(seq, item_seq_len)
-        h = states[arange, pick]
+        return self.condition_from_states(self.adapter.states(seq, item_seq_len), pick, count)
+
+    def condition_from_states(self, states, pick, count):
+        if self.guidance == "none":
+            return None
+        h = states[torch.arange(states.shape[0], device=states.device), pick]
         if self.guidance == "target":
             return h
         keep = torch.arange(states.shape[1], device=states.device)[None] < count[:, None]
@@ -234,14 +235,17 @@ class GlobalDiff(SequentialRecommender):
 
     def full_sort_predict(self, interaction):
         seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
-        logits = self.adapter.item_scores(interaction)
+        if self.eval_mode == "backbone":
+            logits, states = self.adapter.item_scores(interaction), None
+        else:  # one backbone pass gives both the scores and the condition
+            logits, states = self.adapter.scores_and_states(interaction)
         if self.filter_history:
             logits = logits.masked_fill(self._history_mask(seq, logits.shape[1]), float("-inf"))
         if self.eval_mode == "backbone":
             return logits
         y = torch.softmax(logits.double(), dim=-1).float()
-        x0_hat = self.denoise_scores(y if self.y_form == "softmax" else logits, self.condition(seq, lens),
-                                     self._generator(interaction))
+        cond = self.condition_from_states(states, lens - 1, lens)
+        x0_hat = self.denoise_scores(y if self.y_form == "softmax" else logits, cond, self._generator(interaction))
         if self.filter_history:
             x0_hat = x0_hat.masked_fill(self._history_mask(seq, x0_hat.shape[1]), float("-inf"))
         d = torch.softmax(x0_hat.double(), dim=-1)

@@ -1,0 +1,69 @@
+"""Ray Tune search on the test slice (marked `tune`: starts a local Ray; runs in CI)."""
+import pytest
+import yaml
+
+from recbole_diff.config import Config
+from recbole_diff.tune import SearchSpaceError, load_space
+
+from conftest import SLICE, TINY
+
+
+def write(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("learning_rate: {normal: [0, 1]}\n", "unknown distribution 'normal'"),
+    ("learning_rate: [0.1, 0.2]\n", "exactly one distribution"),
+    ("learning_rate: {uniform: [0.2, 0.1]}\n", "low < high"),
+    ("learning_rate: {loguniform: [0, 0.1]}\n", "positive lower bound"),
+    ("- a\n- b\n", "must map config keys"),
+])
+def test_bad_search_spaces_are_refused(tmp_path, text, match):
+    with pytest.raises(SearchSpaceError, match=match):
+        load_space(write(tmp_path, text))
+
+
+def test_missing_space_file(tmp_path):
+    with pytest.raises(SearchSpaceError, match="does not exist"):
+        load_space(str(tmp_path / "nope.yaml"))
+
+
+def test_every_shipped_space_is_valid():
+    import glob
+    import os
+
+    from recbole_diff import properties_dir
+
+    files = glob.glob(os.path.join(properties_dir(), "tune", "*.yaml"))
+    assert files
+    for path in files:
+        assert load_space(path)
+
+
+@pytest.mark.tune
+def test_two_trials_on_local_ray_write_a_loadable_best_config(tmp_path):
+    ray = pytest.importorskip("ray")
+    from recbole_diff.tune import run_tune
+
+    space = write(tmp_path, "learning_rate: {grid: [0.001, 0.01]}\n")
+    try:
+        best, best_yaml, _ = run_tune("SASRec", SLICE, space, samples=1, config_dict=dict(TINY, epochs=2),
+                                      cpus=2, out_dir=str(tmp_path / "runs"), log=lambda *_: None)
+    finally:
+        ray.shutdown()
+    assert best["learning_rate"] in (0.001, 0.01)
+    written = yaml.safe_load(open(best_yaml))
+    assert written["model"] == "SASRec" and written["learning_rate"] == best["learning_rate"]
+    config = Config(config_file_list=[best_yaml], cmd_line=False)
+    assert config["model"] == "SASRec" and config["learning_rate"] == best["learning_rate"]
+
+
+def test_unknown_model_fails_before_any_trial(tmp_path):
+    from recbole_diff.tune import run_tune
+
+    space = write(tmp_path, "learning_rate: {choice: [0.001]}\n")
+    with pytest.raises(ValueError, match="Unknown model 'Nope'"):
+        run_tune("Nope", SLICE, space, samples=1, config_dict=dict(TINY))
