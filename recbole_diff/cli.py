@@ -62,6 +62,8 @@ def print_result_table(result):
     columns = [(result["model"], result["test_result"])]
     if result.get("backbone_test_result") is not None:
         columns.insert(0, (f"{result.get('backbone', 'backbone')} (backbone)", result["backbone_test_result"]))
+    if result.get("diffusion_only_test_result") is not None:
+        columns.append(("diffusion only", result["diffusion_only_test_result"]))
     metrics = list(columns[-1][1].keys())
     width = max(12, *(len(name) for name, _ in columns))
     lines = ["", "test".ljust(10) + "".join(name.rjust(width + 2) for name, _ in columns)]

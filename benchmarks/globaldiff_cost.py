@@ -1,0 +1,104 @@
+"""GlobalDiff's costs, measured in one run: similarity build time and peak memory (sparse vs dense vs
+cluster), ensemble evaluation time relative to backbone-only evaluation (U-Net at all T steps, U-Net with a
+step subset, MLP), and diffusion training samples/s.
+
+    python benchmarks/globaldiff_cost.py --dataset sports [--batches 20]
+"""
+import argparse
+import json
+import time
+import tracemalloc
+
+import torch
+
+from common import build
+from recbole_diff.data.globaldiff import ItemSimilarity, training_pairs
+
+
+def similarity_cost(model, train, kind, **kwargs):
+    ds = train.dataset
+    users, items = training_pairs(ds, model.USER_ID, model.ITEM_ID, model.ITEM_SEQ, model.ITEM_SEQ_LEN)
+    tracemalloc.start()
+    start = time.perf_counter()
+    sim = ItemSimilarity(users, items, ds.user_num, ds.item_num, kind=kind, **kwargs)
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return {"seconds": seconds, "peak_mb": peak / 2 ** 20, "stored_mb": sim.nbytes() / 2 ** 20}
+
+
+@torch.no_grad()
+def eval_seconds(model, loader, batches, mode):
+    model.eval()
+    seconds, users = 0.0, 0
+    with model.evaluating(mode):
+        for i, batch in enumerate(loader):
+            if i >= batches:
+                break
+            start = time.perf_counter()
+            model.full_sort_predict(batch[0])
+            seconds += time.perf_counter() - start
+            users += len(batch[0])
+    return seconds, users
+
+
+def train_rate(model, loader, batches):
+    model.freeze_backbone()
+    model.train()
+    opt = torch.optim.AdamW(model.diffusion_parameters(), lr=1e-3)
+    seconds, samples = 0.0, 0
+    for i, inter in enumerate(loader):
+        if i >= batches + 1:
+            break
+        start = time.perf_counter()
+        opt.zero_grad()
+        model.calculate_loss(inter).backward()
+        opt.step()
+        if i:
+            seconds += time.perf_counter() - start
+            samples += len(inter)
+    return samples / seconds
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", default="sports")
+    parser.add_argument("--batches", type=int, default=10)
+    parser.add_argument("--eval_batch", type=int, default=256)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    out = {"dataset": args.dataset}
+    keys = dict(eval_batch_size=args.eval_batch, hidden_dropout_prob=0.2, attn_dropout_prob=0.2)
+    config, model, train, valid, test = build("GlobalDiff", args.dataset, **keys)
+    out["n_items"] = int(model.n_items)
+    out["similarity"] = {
+        "sparse": similarity_cost(model, train, "sparse"),
+        "sparse_top100": similarity_cost(model, train, "sparse", topk=100),
+        "dense": similarity_cost(model, train, "dense", dense_limit_gb=8.0),
+        "cluster_K256": similarity_cost(model, train, "cluster", n_clusters=256),
+    }
+    print(json.dumps(out["similarity"], indent=1), flush=True)
+
+    loader = model.build_training_data(train)
+    out["diffusion_train_samples_per_s"] = {}
+    out["eval"] = {}
+    base, users = eval_seconds(model, test, args.batches, "backbone")
+    out["eval"]["backbone_users_per_s"] = users / base
+    for label, approximator, steps in [("unet_T20", "unet", None), ("unet_5_steps", "unet", 5),
+                                       ("mlp_T20", "mlp", None), ("mlp_5_steps", "mlp", 5)]:
+        _, model, train, _, test = build("GlobalDiff", args.dataset, approximator=approximator,
+                                         sample_steps=steps, **keys)
+        model.build_training_data(train)
+        ensemble, _ = eval_seconds(model, test, args.batches, "ensemble")
+        out["eval"][label] = {"ensemble_over_backbone": ensemble / base, "users_per_s": users / ensemble}
+        if steps is None:
+            out["diffusion_train_samples_per_s"][approximator] = train_rate(model, loader, args.batches)
+        print(label, json.dumps(out["eval"][label]), flush=True)
+    print(json.dumps(out, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
