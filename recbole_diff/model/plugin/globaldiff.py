@@ -57,7 +57,7 @@ class GlobalDiff(SequentialRecommender):
                 "step_sampler", "approximator", "step_embedding_size", "guidance", "zeta", "delta",
                 "position_offset", "mask_samples", "similarity", "dense_memory_limit_gb", "diffusion_loss",
                 "diffusion_epochs", "diffusion_learning_rate", "diffusion_batch_size", "diffusion_dropout",
-                "sampling_noise", "y_form", "gamma", "eval_mode", "filter_history")
+                "sampling_noise", "y_form", "x0_norm", "gamma", "eval_mode", "filter_history")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -85,6 +85,7 @@ class GlobalDiff(SequentialRecommender):
         self.sample_steps = config["sample_steps"]
         self.sampling_noise = bool(config["sampling_noise"])
         self.y_form, self.gamma = config["y_form"], float(config["gamma"])
+        self.x0_norm = config["x0_norm"]
         self.eval_mode = config["eval_mode"]
         self.filter_history = bool(config["filter_history"])
         self.zeta, self.delta = float(config["zeta"]), float(config["delta"])
@@ -97,7 +98,7 @@ class GlobalDiff(SequentialRecommender):
     @staticmethod
     def _check_choices(config):
         checks = {"guidance": GUIDANCE, "eval_mode": EVAL_MODES, "diffusion_loss": ("mse", "ce"),
-                  "y_form": ("softmax", "logits")}
+                  "y_form": ("softmax", "logits"), "x0_norm": ("softmax", "l1")}
         for key, allowed in checks.items():
             if config[key] not in allowed:
                 raise ValueError(f"GlobalDiff: {key} must be one of {allowed}, got '{config[key]}'.")
@@ -246,12 +247,23 @@ class GlobalDiff(SequentialRecommender):
         y = torch.softmax(logits.double(), dim=-1).float()
         cond = self.condition_from_states(states, lens - 1, lens)
         x0_hat = self.denoise_scores(y if self.y_form == "softmax" else logits, cond, self._generator(interaction))
-        if self.filter_history:
-            x0_hat = x0_hat.masked_fill(self._history_mask(seq, x0_hat.shape[1]), float("-inf"))
-        d = torch.softmax(x0_hat.double(), dim=-1)
+        d = self.normalise(x0_hat.double(), self._history_mask(seq, x0_hat.shape[1]) if self.filter_history else None)
         if self.eval_mode == "diffusion_only":
             return d
         return borda_fuse(torch.softmax(logits.double(), dim=-1), d, self.gamma)
+
+    def normalise(self, x0_hat, exclude=None):
+        """x0_hat as a distribution over items. ``softmax`` suits logits (``diffusion_loss: ce``); an MSE-trained
+        x0_hat lies in about [0, 1], where a softmax is nearly flat and the diffusion side loses its vote in the
+        Borda count, so ``l1`` (clip at 0, divide by the sum) keeps its shape."""
+        if self.x0_norm == "softmax":
+            if exclude is not None:
+                x0_hat = x0_hat.masked_fill(exclude, float("-inf"))
+            return torch.softmax(x0_hat, dim=-1)
+        x = x0_hat.clamp(min=0)
+        if exclude is not None:
+            x = x.masked_fill(exclude, 0.0)
+        return x / x.sum(dim=-1, keepdim=True).clamp(min=1e-12)
 
     def predict(self, interaction):
         """Sampled evaluation: the full-sort scores of each row's user, read at the row's item."""
