@@ -31,7 +31,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import yaml
 
 PATH_KEYS = ("data_path", "checkpoint_dir", "backbone_checkpoint", "tidiffrec_checkpoint")
 
@@ -42,10 +41,9 @@ class BenchmarkError(ValueError):
 
 # ---- the grid ----------------------------------------------------------------------------------------
 def load_grid(path):
-    if not os.path.isfile(path):
-        raise BenchmarkError(f"Benchmark file '{path}' does not exist.")
-    with open(path, encoding="utf-8") as f:
-        spec = yaml.safe_load(f)
+    from recbole_diff.utils import read_yaml
+
+    spec = read_yaml(path, "Benchmark file", BenchmarkError, BenchmarkError)
     if not isinstance(spec, dict):
         raise BenchmarkError(f"Benchmark file '{path}' must be a mapping with 'datasets', 'seeds', 'methods'.")
     for key in ("datasets", "seeds", "methods"):

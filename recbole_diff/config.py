@@ -6,12 +6,11 @@ hook), then ``properties/overall.yaml``, then for a plugin the backbone's RecBol
 """
 import os
 
-import yaml
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
 from recbole_diff import properties_dir
-from recbole_diff.utils import get_model
+from recbole_diff.utils import get_model, read_yaml
 
 RECBOLE_PROPERTIES = os.path.join(os.path.dirname(os.path.realpath(__import__("recbole").__file__)), "properties")
 
@@ -104,13 +103,7 @@ class Config(RecBoleConfig):
     @staticmethod
     def _check_config_files(config_file_list):
         for path in config_file_list or []:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"Config file '{path}' (from --config_files) does not exist.")
-            with open(path, encoding="utf-8") as f:
-                try:
-                    content = yaml.safe_load(f)
-                except yaml.YAMLError as e:
-                    raise ValueError(f"Config file '{path}' is not valid yaml: {e}") from e
+            content = read_yaml(path, "Config file (from --config_files)")
             if content is not None and not isinstance(content, dict):
                 raise ValueError(f"Config file '{path}' must hold a mapping of key: value, not {_type_name(content)}.")
 

@@ -28,13 +28,9 @@ class SearchSpaceError(ValueError):
 
 def load_space(path):
     """Read and check a search-space yaml; returns {key: (distribution, args)}."""
-    if not os.path.isfile(path):
-        raise SearchSpaceError(f"Search space file '{path}' does not exist.")
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise SearchSpaceError(f"Search space file '{path}' is not valid yaml: {e}") from e
+    from recbole_diff.utils import read_yaml
+
+    raw = read_yaml(path, "Search space file", SearchSpaceError, SearchSpaceError)
     if not isinstance(raw, dict) or not raw:
         raise SearchSpaceError(f"Search space file '{path}' must map config keys to distributions, "
                                "e.g. `learning_rate: {loguniform: [1.0e-4, 1.0e-2]}`.")

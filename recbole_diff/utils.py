@@ -126,6 +126,19 @@ def load_checkpoint(path, device="cpu"):
     return torch.load(path, map_location=device, weights_only=False)
 
 
+def read_yaml(path, what, error=ValueError, missing=FileNotFoundError):
+    """The content of a user's yaml file, with errors that name the file and what it was for."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise missing(f"{what} '{path}' does not exist.")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise error(f"{what} '{path}' is not valid yaml: {e}") from e
+
+
 def require_keys(config, keys, model_name):
     """RecBole's Config returns None for a missing key; fail early and name the key instead."""
     missing = [k for k in keys if config[k] is None]

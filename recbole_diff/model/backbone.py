@@ -14,7 +14,6 @@ own ``forward`` runs, so the adapter never re-implements a backbone. Models with
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
 
 
 def _forward_seq_len(model, seq, seq_len):
