@@ -16,7 +16,8 @@ A preset yaml::
       - {name: DiffuRecSys-V1, model: DiffuRecSys, config: {offset_noise_mode: none}}
       - {name: GlobalDiff, model: GlobalDiff, backbones: [SASRec, GRU4Rec]}
 
-A finished cell (its ``result.json`` exists) is skipped when the grid is run again. Each cell keeps its log,
+A finished cell (its ``result.json`` exists) is skipped when the grid is run again, and a cell that another
+live ``bench`` process is running (its ``running.lock``) is left to it, so two invocations can share a grid. Each cell keeps its log,
 its config and its result under ``<out>/cells/<dataset>/<method>[@<backbone>]/seed<seed>/``. The summary is
 ``results.csv`` (one row per cell), ``results.md`` (mean +- std, lift over the baseline and over a plugin's own
 backbone, paired t-test p-values across seeds) and PNG plots.
@@ -117,15 +118,53 @@ def run_cell(cell, directory):
     os.replace(tmp, os.path.join(directory, "result.json"))  # a result file is either whole or absent
 
 
-def _launch(cell, directory, threads):
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim(directory):
+    """Take the cell for this process: a lock file holding our pid, created atomically. A lock left by a dead
+    process (an interrupted run) is taken over; one held by a live process means another `bench` runs it."""
     os.makedirs(directory, exist_ok=True)
+    lock = os.path.join(directory, "running.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    owner = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and _pid_alive(owner):
+                return False
+            os.remove(lock)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _launch(cell, directory, threads):
+    if not _claim(directory):
+        return cell, None, 0.0
     with open(os.path.join(directory, "cell.json"), "w") as f:
         json.dump(cell, f, indent=1)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.time()
-    with open(os.path.join(directory, "log.txt"), "w") as log:
-        code = subprocess.call([sys.executable, "-m", "recbole_diff.benchmark", "--cell", directory],
-                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=directory)
+    try:
+        with open(os.path.join(directory, "log.txt"), "w") as log:
+            code = subprocess.call([sys.executable, "-m", "recbole_diff.benchmark", "--cell", directory],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env, cwd=directory)
+    finally:
+        os.remove(os.path.join(directory, "running.lock"))
     return cell, code, time.time() - start
 
 
@@ -147,6 +186,10 @@ def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print):
         futures = [pool.submit(_launch, cell, d, threads) for cell, d in todo]
         for k, future in enumerate(futures, 1):
             cell, code, seconds = future.result()
+            if code is None:
+                log(f"[bench] {k}/{len(todo)} {cell['dataset']} {cell['label']} seed {cell['seed']}: "
+                    "skipped, another bench process is running it")
+                continue
             status = "ok" if code == 0 else f"FAILED (exit {code}, see {cell_dir(out_dir, cell)}/log.txt)"
             if code:
                 failed.append(cell)

@@ -56,3 +56,13 @@ def test_bad_grids_are_refused(tmp_path):
         load_grid(write_grid(tmp_path, methods=[{"model": "SASRec"}, {"model": "SASRec"}]))
     with pytest.raises(BenchmarkError, match="does not exist"):
         load_grid(str(tmp_path / "missing.yaml"))
+
+
+def test_cells_locked_by_a_live_process_are_left_alone_and_stale_locks_taken_over(tmp_path):
+    from recbole_diff.benchmark import _claim
+
+    cell = tmp_path / "cell"
+    assert _claim(str(cell))
+    assert not _claim(str(cell))  # our own live pid holds it
+    (cell / "running.lock").write_text("999999999")  # no such process
+    assert _claim(str(cell))
