@@ -66,3 +66,15 @@ def test_cells_locked_by_a_live_process_are_left_alone_and_stale_locks_taken_ove
     assert not _claim(str(cell))  # our own live pid holds it
     (cell / "running.lock").write_text("999999999")  # no such process
     assert _claim(str(cell))
+
+
+def test_every_shipped_preset_loads():
+    import glob
+
+    from recbole_diff import properties_dir
+    from recbole_diff.benchmark import cells
+
+    files = glob.glob(os.path.join(properties_dir(), "bench", "*.yaml"))
+    assert len(files) >= 4
+    for path in files:
+        assert cells(load_grid(path))
