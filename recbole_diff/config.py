@@ -79,6 +79,10 @@ class Config(RecBoleConfig):
         super()._load_internal_config_dict(model, model_class, dataset)
         own = properties_dir()
         layers = [os.path.join(own, "overall.yaml")]
+        # A model of ours that subclasses a RecBole model (TIDiffRec < DiffRec) starts from its parent's yaml.
+        for base in reversed(model_class.__mro__[1:]):
+            if base.__module__.startswith("recbole.model."):
+                layers.append(os.path.join(RECBOLE_PROPERTIES, "model", f"{base.__name__}.yaml"))
         if self.backbone is not None:
             layers += [
                 os.path.join(RECBOLE_PROPERTIES, "model", f"{self.backbone}.yaml"),

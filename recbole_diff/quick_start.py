@@ -3,6 +3,7 @@
 Importing this module does not import ray (RecBole's own ``recbole.quick_start`` does).
 """
 import sys
+from contextlib import contextmanager
 from logging import getLogger
 
 from recbole.data import create_dataset, data_preparation
@@ -32,8 +33,25 @@ def prepare_data(config, logger=None, held_out=None):
         logger.info(f"long-term evaluation: the last {int(config['long_term_horizon']) - 1} interactions of "
                     f"{len(held)} users are held out as the targets for P >= 2")
     logger.info(dataset)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
+    with _loader_model_name(config):
+        train_data, valid_data, test_data = data_preparation(config, dataset)
     return dataset, train_data, valid_data, test_data
+
+
+@contextmanager
+def _loader_model_name(config):
+    """RecBole chooses some data loaders by model name (DiffRec gets its user-level loader); a model of ours
+    that needs the same names it with ``dataloader_as`` while the loaders are built."""
+    alias = getattr(get_model(config["model"]), "dataloader_as", None)
+    if alias is None:
+        yield
+        return
+    name = config["model"]
+    config["model"] = alias
+    try:
+        yield
+    finally:
+        config["model"] = name
 
 
 def run_recbole_diff(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True,

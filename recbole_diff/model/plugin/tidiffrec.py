@@ -1,0 +1,69 @@
+r"""TI-DiffRec (PDRec's stage 1): RecBole's DiffRec with time-interval input weights.
+
+A user's input vector holds, for every item of the user's training history,
+``w = w_min + (t_j - t_first) / (t_last - t_first) * (w_max - w_min)`` over that user's training timestamps
+(all timestamps equal: ``w_max``; a repeated item keeps its last occurrence's weight), else 0. With
+``weighting: position`` the weights are spaced by position instead (T-DiffRec, RecBole's ``time-aware``).
+Everything else (network, linear-var schedule, SNR reweighting, loss-aware steps, noise-free inference from
+the un-noised input) is RecBole's DiffRec. Runs on its own (``--model=TIDiffRec``) with RecBole's user-level
+data loader.
+"""
+import numpy as np
+import torch
+from recbole.model.general_recommender.diffrec import DiffRec
+
+WEIGHTINGS = ("interval", "position")
+
+
+def interval_weights(users, items, times, w_min, w_max):
+    """Per-interaction time-interval weights and the (user, item) pairs they belong to, a repeated item kept
+    once with the weight of its last occurrence. Returns (users, items, weights) sorted by user, then time."""
+    order = np.lexsort((np.arange(len(users)), times, users))
+    users, items, times = users[order], items[order], times[order].astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    first = np.minimum.reduceat(times, starts)
+    last = np.maximum.reduceat(times, starts)
+    group = np.cumsum(np.r_[False, users[1:] != users[:-1]])
+    span = (last - first)[group]
+    frac = np.divide(times - first[group], span, out=np.ones_like(times), where=span > 0)
+    weights = w_min + frac * (w_max - w_min)
+    # keep each (user, item)'s last occurrence: scan from the end, take the first sighting
+    key = users.astype(np.int64) * (int(items.max()) + 1) + items
+    _, last_idx = np.unique(key[::-1], return_index=True)
+    keep = np.sort(len(key) - 1 - last_idx)
+    return users[keep], items[keep], weights[keep]
+
+
+class TIDiffRec(DiffRec):
+    r"""DiffRec on time-interval weighted user vectors; see the module docstring."""
+
+    dataloader_as = "DiffRec"  # RecBole picks its user-level loader by model name
+
+    def __init__(self, config, dataset):
+        if config["weighting"] not in WEIGHTINGS:
+            raise ValueError(f"TIDiffRec: weighting must be one of {WEIGHTINGS}, got '{config['weighting']}'.")
+        self.weighting = config["weighting"]
+        if not 0 <= float(config["w_min"]) <= float(config["w_max"]):
+            raise ValueError(f"TIDiffRec needs 0 <= w_min <= w_max, got {config['w_min']}, {config['w_max']}.")
+        super().__init__(config, dataset)
+
+    def build_histroy_items(self, dataset):
+        if self.weighting == "position":
+            self.time_aware = True  # RecBole's T-DiffRec weighting
+            return super().build_histroy_items(dataset)
+        inter = dataset.inter_feat
+        if dataset.time_field is None or dataset.time_field not in inter.columns:
+            raise ValueError("TIDiffRec (weighting: interval) needs the timestamp column: set TIME_FIELD and "
+                             "load_col: {inter: [user_id, item_id, timestamp]}.")
+        users, items, weights = interval_weights(
+            inter[dataset.uid_field].numpy(), inter[dataset.iid_field].numpy(), inter[dataset.time_field].numpy(),
+            float(self.w_min), float(self.w_max))
+        counts = np.bincount(users, minlength=dataset.user_num)
+        width = max(int(counts.max()), 1)
+        slot = np.arange(len(users)) - np.repeat(np.cumsum(counts) - counts, counts)
+        history_id = np.zeros((dataset.user_num, width), dtype=np.int64)
+        history_value = np.zeros((dataset.user_num, width), dtype=np.float32)
+        history_id[users, slot] = items
+        history_value[users, slot] = weights
+        self.history_item_id = torch.from_numpy(history_id).to(self.device)
+        self.history_item_value = torch.from_numpy(history_value).to(self.device)

@@ -1,0 +1,83 @@
+"""TI-DiffRec: time-interval weights, RecBole's user-level loader, DiffRec's defaults."""
+import numpy as np
+import pytest
+import torch
+from recbole.data.dataloader import UserDataLoader
+
+from recbole_diff.model.plugin.tidiffrec import interval_weights
+from recbole_diff.quick_start import build_config, prepare_data
+from recbole_diff.utils import get_model
+
+from conftest import SLICE, TINY
+
+
+def test_interval_weights_are_min_max_scaled_per_user():
+    users = np.array([1, 1, 1, 2, 2])
+    items = np.array([5, 6, 7, 8, 9])
+    times = np.array([30, 10, 20, 7, 7])
+    u, i, w = interval_weights(users, items, times, 0.5, 1.0)
+    got = {(a, b): c for a, b, c in zip(u.tolist(), i.tolist(), w.tolist())}
+    assert got == pytest.approx({(1, 6): 0.5, (1, 7): 0.75, (1, 5): 1.0, (2, 8): 1.0, (2, 9): 1.0})
+
+
+def test_a_repeated_item_keeps_its_last_occurrence():
+    users = np.array([3, 3, 3, 3])
+    items = np.array([4, 5, 4, 6])
+    times = np.array([0, 10, 20, 40])
+    u, i, w = interval_weights(users, items, times, 0.2, 1.0)
+    got = dict(zip(i.tolist(), w.tolist()))
+    assert len(i) == 3 and got[4] == pytest.approx(0.2 + 0.5 * 0.8) and got[6] == pytest.approx(1.0)
+
+
+def build(**overrides):
+    config = build_config("TIDiffRec", SLICE, config_dict=dict(TINY, dims_dnn=[32], **overrides), cmd_line=False)
+    _, train, valid, test = prepare_data(config)
+    return config, get_model("TIDiffRec")(config, train._dataset), train, valid, test
+
+
+def test_gets_recboles_user_loader_and_diffrec_defaults():
+    config, model, train, _, _ = build()
+    assert isinstance(train, UserDataLoader)
+    assert config["model"] == "TIDiffRec"
+    assert config["history_num_per_term"] == 10 and config["mlp_act_func"] == "tanh"  # DiffRec.yaml
+    assert config["steps"] == 10 and config["w_min"] == 0.5  # ours on top
+
+
+def test_user_vectors_hold_training_items_with_their_weights_only():
+    config, model, train, valid, test = build()
+    ds = train._dataset
+    inter = ds.inter_feat
+    user = int(inter["user_id"][0])
+    rows = inter["user_id"] == user
+    times = inter["timestamp"][rows].numpy()
+    items = inter["item_id"][rows].numpy()
+    vector = model.get_rating_matrix(torch.tensor([user]))[0]
+    assert set(torch.nonzero(vector).flatten().tolist()) == set(items.tolist())
+    latest = items[times.argmax()]
+    assert vector[latest].item() == pytest.approx(1.0)
+    assert vector[vector > 0].min().item() == pytest.approx(0.5)
+    for loader in (valid, test):
+        held = loader._dataset.inter_feat
+        for u, i in zip(held["user_id"].tolist(), held["item_id"].tolist()):
+            if u == user:
+                assert vector[i].item() == 0 or i in items
+
+
+def test_trains_and_ranks_all_items():
+    _, model, train, _, test = build()
+    batch = next(iter(train))
+    loss = model.calculate_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    inter = next(iter(test))[0]
+    with torch.no_grad():
+        assert model.full_sort_predict(inter).shape == (len(inter), model.n_items)
+
+
+def test_position_weighting_and_bad_choices():
+    _, model, _, _, _ = build(weighting="position")
+    assert model.time_aware
+    with pytest.raises(ValueError, match="weighting"):
+        build(weighting="hourly")
+    with pytest.raises(ValueError, match="w_min <= w_max"):
+        build(w_min=0.9, w_max=0.2)
