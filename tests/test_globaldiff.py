@@ -223,3 +223,14 @@ def test_hold_out_last_removes_each_users_latest_interactions():
         rows.sort(key=lambda r: r[0])
         last_times = [t for t, _ in rows[-3:]]
         assert held[u] == [i for t, i in rows[-3:]] or len(set(last_times)) < 3  # equal timestamps: any order
+
+
+def test_diffusion_input_forms():
+    config, dataset, train, _, _ = build(y_form="topk", y_topk=3)
+    model = get_model("GlobalDiff")(config, train.dataset)
+    logits = torch.tensor([[0.1, 5.0, -1.0, 3.0, 2.0, float("-inf")]])
+    assert torch.equal(model.diffusion_input(logits), torch.tensor([[0.0, 1.0, 0.0, 1.0, 1.0, 0.0]]))
+    model.y_form = "softmax"
+    assert model.diffusion_input(logits).sum().item() == pytest.approx(1.0)
+    model.y_form = "logits"
+    assert torch.equal(model.diffusion_input(logits), logits)

@@ -86,6 +86,7 @@ class GlobalDiff(SequentialRecommender):
         self.sampling_noise = bool(config["sampling_noise"])
         self.y_form, self.gamma = config["y_form"], float(config["gamma"])
         self.x0_norm = config["x0_norm"]
+        self.y_topk = int(config["y_topk"] or 50)
         self.eval_mode = config["eval_mode"]
         self.filter_history = bool(config["filter_history"])
         self.zeta, self.delta = float(config["zeta"]), float(config["delta"])
@@ -98,7 +99,7 @@ class GlobalDiff(SequentialRecommender):
     @staticmethod
     def _check_choices(config):
         checks = {"guidance": GUIDANCE, "eval_mode": EVAL_MODES, "diffusion_loss": ("mse", "ce"),
-                  "y_form": ("softmax", "logits"), "x0_norm": ("softmax", "l1")}
+                  "y_form": ("softmax", "logits", "topk"), "x0_norm": ("softmax", "l1")}
         for key, allowed in checks.items():
             if config[key] not in allowed:
                 raise ValueError(f"GlobalDiff: {key} must be one of {allowed}, got '{config[key]}'.")
@@ -218,6 +219,17 @@ class GlobalDiff(SequentialRecommender):
         g.manual_seed(self.eval_seed * 1_000_003 + first)
         return g
 
+    def diffusion_input(self, logits):
+        """The backbone's prediction in the form the diffusion model starts from: its softmax (the paper), its
+        raw logits (the authors' code), or a binary vector of its ``y_topk`` best items, the form of the
+        Bernoulli x0 the model is trained on."""
+        if self.y_form == "softmax":
+            return torch.softmax(logits.double(), dim=-1).float()
+        if self.y_form == "logits":
+            return logits
+        top = torch.topk(logits, min(self.y_topk, logits.shape[1]), dim=1).indices
+        return torch.zeros_like(logits).scatter_(1, top, 1.0)
+
     def denoise_scores(self, y, cond, generator=None):
         """The backbone's y as the state at ``start_step``, noised on to the last step, reversed to x0_hat."""
         last = self.diffusion.num_steps - 1
@@ -244,9 +256,8 @@ class GlobalDiff(SequentialRecommender):
             logits = logits.masked_fill(self._history_mask(seq, logits.shape[1]), float("-inf"))
         if self.eval_mode == "backbone":
             return logits
-        y = torch.softmax(logits.double(), dim=-1).float()
         cond = self.condition_from_states(states, lens - 1, lens)
-        x0_hat = self.denoise_scores(y if self.y_form == "softmax" else logits, cond, self._generator(interaction))
+        x0_hat = self.denoise_scores(self.diffusion_input(logits), cond, self._generator(interaction))
         d = self.normalise(x0_hat.double(), self._history_mask(seq, x0_hat.shape[1]) if self.filter_history else None)
         if self.eval_mode == "diffusion_only":
             return d
