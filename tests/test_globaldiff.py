@@ -234,3 +234,24 @@ def test_diffusion_input_forms():
     assert model.diffusion_input(logits).sum().item() == pytest.approx(1.0)
     model.y_form = "logits"
     assert torch.equal(model.diffusion_input(logits), logits)
+
+
+@pytest.mark.parametrize("hide", [False, True])
+def test_hide_target_removes_the_answer_from_the_diffusion_input(monkeypatch, hide):
+    import recbole_diff.model.plugin.globaldiff as gd
+
+    config, dataset, train, _, _ = build(hide_target=hide)
+    model = get_model("GlobalDiff")(config, train.dataset)
+    model.freeze_backbone()
+    loader = model.build_training_data(train)
+    batch = next(iter(loader))
+    monkeypatch.setattr(gd, "sample_mask_positions", lambda lens, causal: torch.ones_like(lens))
+    seen = {}
+    model.approximator.register_forward_pre_hook(lambda m, args: seen.__setitem__("x_t", args[0]))
+    model.calculate_loss(batch)
+    masked = batch[model.ITEM_SEQ][:, 1]
+    at_target = seen["x_t"][torch.arange(len(masked)), masked]
+    if hide:
+        assert at_target.abs().max().item() < 0.5
+    else:
+        assert at_target.min().item() > 0.5

@@ -87,6 +87,7 @@ class GlobalDiff(SequentialRecommender):
         self.y_form, self.gamma = config["y_form"], float(config["gamma"])
         self.x0_norm = config["x0_norm"]
         self.y_topk = int(config["y_topk"] or 50)
+        self.hide_target = bool(config["hide_target"])
         self.eval_mode = config["eval_mode"]
         self.filter_history = bool(config["filter_history"])
         self.zeta, self.delta = float(config["zeta"]), float(config["delta"])
@@ -198,7 +199,13 @@ class GlobalDiff(SequentialRecommender):
         x0 = bernoulli_targets(q)
         cond = self.condition(seq, lens, positions)
         t, weights = self.step_sampler.sample(seq.shape[0], seq.device)
-        out = self.approximator(self.diffusion.q_sample(x0, t), t, cond)
+        x_in = x0
+        if self.hide_target:
+            # The schedule barely noises x0, and x0 always holds the masked item: without this the network
+            # can copy the answer from its input, which it never has at inference.
+            x_in = x0.clone()
+            x_in[arange, masked] = 0.0
+        out = self.approximator(self.diffusion.q_sample(x_in, t), t, cond)
         if self.diffusion_loss == "mse":
             per_sample = ((out - x0) ** 2).mean(dim=-1)
         else:
