@@ -139,6 +139,27 @@ def read_yaml(path, what, error=ValueError, missing=FileNotFoundError):
             raise error(f"{what} '{path}' is not valid yaml: {e}") from e
 
 
+def eval_generator(seed, interaction, user_field, device):
+    """Noise for inference, seeded by the run's seed and the batch's first user: evaluation is reproducible
+    run to run and does not depend on how much random state training consumed."""
+    first = int(interaction[user_field][0]) if user_field in interaction.interaction else 0
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed) * 1_000_003 + first)
+    return generator
+
+
+def predict_from_full_sort(model, interaction, full_sort):
+    """``predict`` for sampled evaluation from a full-sort scorer: RecBole repeats each user once per candidate
+    item, so the scorer runs once per distinct (sequence, length) and each row reads its item's score."""
+    seq, lens = interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN]
+    unique, inverse = torch.unique(torch.cat([seq, lens[:, None]], dim=1), dim=0, return_inverse=True)
+    sub = {model.ITEM_SEQ: unique[:, :-1], model.ITEM_SEQ_LEN: unique[:, -1]}
+    if model.USER_ID in interaction.interaction:
+        sub[model.USER_ID] = interaction[model.USER_ID][:1].expand(unique.shape[0])
+    scores = full_sort(type(interaction)(sub))[inverse]
+    return scores.gather(1, interaction[model.ITEM_ID][:, None]).squeeze(1)
+
+
 def require_keys(config, keys, model_name):
     """RecBole's Config returns None for a missing key; fail early and name the key instead."""
     missing = [k for k in keys if config[k] is None]

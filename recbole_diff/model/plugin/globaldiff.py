@@ -22,7 +22,7 @@ from recbole_diff.data.globaldiff import (
 from recbole_diff.diffusion import GaussianDiffusion, make_step_sampler
 from recbole_diff.model.backbone import BackboneAdapter
 from recbole_diff.model.plugin.approximators import GlobalApproximator
-from recbole_diff.utils import get_model, require_keys
+from recbole_diff.utils import eval_generator, predict_from_full_sort, get_model, require_keys
 
 GUIDANCE = ("full", "target", "none")
 EVAL_MODES = ("ensemble", "backbone", "diffusion_only")
@@ -220,18 +220,12 @@ class GlobalDiff(SequentialRecommender):
         mask[:, 0] = False
         return mask
 
-    def _generator(self, interaction):
-        first = int(interaction[self.USER_ID][0]) if self.USER_ID in interaction.interaction else 0
-        g = torch.Generator(device=self.device)
-        g.manual_seed(self.eval_seed * 1_000_003 + first)
-        return g
-
-    def diffusion_input(self, logits):
+    def diffusion_input(self, logits, y=None):
         """The backbone's prediction in the form the diffusion model starts from: its softmax (the paper), its
         raw logits (the authors' code), or a binary vector of its ``y_topk`` best items, the form of the
         Bernoulli x0 the model is trained on."""
         if self.y_form == "softmax":
-            return torch.softmax(logits.double(), dim=-1).float()
+            return (torch.softmax(logits.double(), dim=-1) if y is None else y).float()
         if self.y_form == "logits":
             return logits
         top = torch.topk(logits, min(self.y_topk, logits.shape[1]), dim=1).indices
@@ -264,11 +258,13 @@ class GlobalDiff(SequentialRecommender):
         if self.eval_mode == "backbone":
             return logits
         cond = self.condition_from_states(states, lens - 1, lens)
-        x0_hat = self.denoise_scores(self.diffusion_input(logits), cond, self._generator(interaction))
+        y = torch.softmax(logits.double(), dim=-1)  # once: the diffusion input and the Borda count share it
+        generator = eval_generator(self.eval_seed, interaction, self.USER_ID, self.device)
+        x0_hat = self.denoise_scores(self.diffusion_input(logits, y), cond, generator)
         d = self.normalise(x0_hat.double(), self._history_mask(seq, x0_hat.shape[1]) if self.filter_history else None)
         if self.eval_mode == "diffusion_only":
             return d
-        return borda_fuse(torch.softmax(logits.double(), dim=-1), d, self.gamma)
+        return borda_fuse(y, d, self.gamma)
 
     def normalise(self, x0_hat, exclude=None):
         """x0_hat as a distribution over items. ``softmax`` suits logits (``diffusion_loss: ce``); an MSE-trained
@@ -285,11 +281,4 @@ class GlobalDiff(SequentialRecommender):
 
     def predict(self, interaction):
         """Sampled evaluation: the full-sort scores of each row's user, read at the row's item."""
-        seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
-        key = torch.cat([seq, lens[:, None]], dim=1)
-        unique, inverse = torch.unique(key, dim=0, return_inverse=True)
-        sub = {self.ITEM_SEQ: unique[:, :-1], self.ITEM_SEQ_LEN: unique[:, -1]}
-        if self.USER_ID in interaction.interaction:
-            sub[self.USER_ID] = interaction[self.USER_ID][:1].expand(unique.shape[0])
-        scores = self.full_sort_predict(type(interaction)(sub))[inverse]
-        return scores.gather(1, interaction[self.ITEM_ID][:, None]).squeeze(1)
+        return predict_from_full_sort(self, interaction, self.full_sort_predict)

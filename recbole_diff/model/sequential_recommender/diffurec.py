@@ -23,7 +23,7 @@ from torch import nn
 
 from recbole_diff.diffusion import OFFSET_MODES, GaussianDiffusion, StepEmbedding, make_noise
 from recbole_diff.model.padding import length_groups
-from recbole_diff.utils import require_keys
+from recbole_diff.utils import eval_generator, predict_from_full_sort, require_keys
 
 APPROXIMATORS = ("add", "cross_attention")
 
@@ -181,14 +181,6 @@ class DiffuRec(SequentialRecommender):
         return self.loss_fct(logits, torch.cat(targets))
 
     # ---- inference -----------------------------------------------------------------------------------
-    def _generator(self, interaction, device):
-        # Seeded from the run's seed and the batch's first user: evaluation is reproducible run to run and
-        # does not depend on how much random state training consumed.
-        first = int(interaction[self.USER_ID][0]) if self.USER_ID in interaction.interaction else 0
-        g = torch.Generator(device=device)
-        g.manual_seed(self.eval_seed * 1_000_003 + first)
-        return g
-
     def reverse(self, item_seq, item_seq_len, generator):
         """One full reverse run (T steps) -> x0_hat [B, H]."""
         history, pad_mask = self.encode_history(item_seq)
@@ -213,7 +205,7 @@ class DiffuRec(SequentialRecommender):
         """Scores over all items [B, n_items]: logits for one reverse run, or with ``inference_samples`` S > 1
         the log of the average of the S runs' softmax distributions (the DiffuRecSys paper's Algorithm 3)."""
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
-        generator = self._generator(interaction, item_seq.device)
+        generator = eval_generator(self.eval_seed, interaction, self.USER_ID, item_seq.device)
         weight = self.item_embedding.weight
         if self.inference_samples == 1:
             return self._reverse_grouped(item_seq, item_seq_len, generator) @ weight.t()
@@ -226,16 +218,8 @@ class DiffuRec(SequentialRecommender):
         return self.item_distribution(interaction)
 
     def predict(self, interaction):
-        """Sampled evaluation: rows of one user share a single reverse run (RecBole repeats the user per
-        candidate item)."""
-        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
-        key = torch.cat([item_seq, item_seq_len[:, None]], dim=1)
-        unique, inverse = torch.unique(key, dim=0, return_inverse=True)
-        sub = type(interaction)({self.ITEM_SEQ: unique[:, :-1], self.ITEM_SEQ_LEN: unique[:, -1]})
-        if self.USER_ID in interaction.interaction:
-            sub.update(type(interaction)({self.USER_ID: interaction[self.USER_ID][:1].expand(unique.shape[0])}))
-        scores = self.item_distribution(sub)[inverse]
-        return scores.gather(1, interaction[self.ITEM_ID][:, None]).squeeze(1)
+        """Sampled evaluation: one reverse run per distinct user history."""
+        return predict_from_full_sort(self, interaction, self.item_distribution)
 
 
 class DiffuRecSys(DiffuRec):
