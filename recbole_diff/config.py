@@ -4,6 +4,7 @@ Layering, lowest priority first: RecBole's overall, model, dataset and model-typ
 hook), then ``properties/overall.yaml``, then for a plugin the backbone's RecBole yaml and ours, then
 ``properties/model/<Model>.yaml``, then the user's files, dict and command line.
 """
+import copy
 import os
 
 from recbole.config import Config as RecBoleConfig
@@ -26,6 +27,35 @@ _FLEXIBLE_KEYS = {
 
 def _type_name(value):
     return type(value).__name__
+
+
+def model_yamls(model_name, model_class):
+    """(yamls of the RecBole models ``model_class`` subclasses, base first; ``properties/model/<name>.yaml``).
+    A model of ours that subclasses a RecBole model (TIDiffRec < DiffRec) starts from its parent's yaml."""
+    parents = [os.path.join(RECBOLE_PROPERTIES, "model", f"{base.__name__}.yaml")
+               for base in reversed(model_class.__mro__[1:]) if base.__module__.startswith("recbole.model.")]
+    return parents, os.path.join(properties_dir(), "model", f"{model_name}.yaml")
+
+
+def stage_config(config, model_name, overrides=None):
+    """A config for a model that a plugin trains as one of its stages (PDRec's TI-DiffRec): a copy of
+    ``config`` (data, split, evaluation, seed, device, checkpoints stay), then the stage model's own yamls,
+    then ``overrides`` (the user's per-stage keys). The plugin's config is not changed."""
+    import yaml
+
+    model_class = get_model(model_name)
+    sub = copy.deepcopy(config)
+    parents, own_yaml = model_yamls(model_name, model_class)
+    for path in parents + [own_yaml]:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                for key, value in (yaml.load(f.read(), Loader=config.yaml_loader) or {}).items():
+                    sub[key] = value
+    for key, value in (overrides or {}).items():
+        sub[key] = value
+    sub["model"] = model_name
+    sub["MODEL_TYPE"] = model_class.type
+    return sub
 
 
 class Config(RecBoleConfig):
@@ -79,16 +109,14 @@ class Config(RecBoleConfig):
         super()._load_internal_config_dict(model, model_class, dataset)
         own = properties_dir()
         layers = [os.path.join(own, "overall.yaml")]
-        # A model of ours that subclasses a RecBole model (TIDiffRec < DiffRec) starts from its parent's yaml.
-        for base in reversed(model_class.__mro__[1:]):
-            if base.__module__.startswith("recbole.model."):
-                layers.append(os.path.join(RECBOLE_PROPERTIES, "model", f"{base.__name__}.yaml"))
+        parents, own_yaml = model_yamls(model, model_class)
+        layers += parents
         if self.backbone is not None:
             layers += [
                 os.path.join(RECBOLE_PROPERTIES, "model", f"{self.backbone}.yaml"),
                 os.path.join(own, "model", f"{self.backbone}.yaml"),
             ]
-        layers.append(os.path.join(own, "model", f"{model}.yaml"))
+        layers.append(own_yaml)
         for path in layers:
             if os.path.isfile(path):
                 self._update_internal_config_dict(path)

@@ -5,20 +5,20 @@ import scipy.sparse as sp
 import torch
 from recbole.data.interaction import Interaction
 
+from recbole_diff.data.interactions import training_interactions
+
 SIMILARITIES = ("sparse", "dense", "cluster")
 
 
 # ---- what the training split holds --------------------------------------------------------------------
 def training_pairs(train_dataset, user_field, item_field, seq_field, len_field):
-    """(users, items) of every training interaction. RecBole's sequential training rows are (history, target)
-    pairs over each user's training part, so the targets plus each user's first item (the history of the
-    length-1 rows) are exactly that part: validation and test items never appear."""
-    inter = train_dataset.inter_feat
-    users, targets = inter[user_field].numpy(), inter[item_field].numpy()
-    first = inter[len_field].numpy() == 1
-    users = np.concatenate([users, users[first]])
-    items = np.concatenate([targets, inter[seq_field][:, 0].numpy()[first]])
-    return users, items
+    """(users, items) of every training interaction (see :func:`training_interactions`); validation and test
+    items never appear. The field names are the model's and must be the dataset's."""
+    ds = train_dataset
+    if (user_field, item_field) != (ds.uid_field, ds.iid_field):
+        raise ValueError(f"training_pairs: fields {user_field}/{item_field} are not the dataset's "
+                         f"{ds.uid_field}/{ds.iid_field}.")
+    return training_interactions(ds)
 
 
 def user_sequences(train_dataset, user_field, item_field, seq_field, len_field, max_len):

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from recbole.model.general_recommender.diffrec import DiffRec
 
+from recbole_diff.data.interactions import training_interactions
+
 WEIGHTINGS = ("interval", "position")
 
 
@@ -34,6 +36,18 @@ def interval_weights(users, items, times, w_min, w_max):
     return users[keep], items[keep], weights[keep]
 
 
+def within_user_positions(users, times=None):
+    """0, 1, 2, ... over each user's interactions in time order (row order where there is no time)."""
+    key = times if times is not None else np.zeros(len(users))
+    order = np.lexsort((np.arange(len(users)), key, users))
+    positions = np.empty(len(users), dtype=np.float64)
+    sorted_users = users[order]
+    starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+    counts = np.diff(np.r_[starts, len(users)])
+    positions[order] = np.arange(len(users)) - np.repeat(starts, counts)
+    return positions
+
+
 class TIDiffRec(DiffRec):
     r"""DiffRec on time-interval weighted user vectors; see the module docstring."""
 
@@ -45,19 +59,22 @@ class TIDiffRec(DiffRec):
         self.weighting = config["weighting"]
         if not 0 <= float(config["w_min"]) <= float(config["w_max"]):
             raise ValueError(f"TIDiffRec needs 0 <= w_min <= w_max, got {config['w_min']}, {config['w_max']}.")
+        # Inside PDRec, TI-DiffRec is validated on a sequential split, whose evaluator does not remove the
+        # history the way RecBole's general evaluation does; DiffRec's output is mostly that history.
+        self.mask_history = bool(config["mask_history"])
         super().__init__(config, dataset)
 
     def build_histroy_items(self, dataset):
+        # Built from the training split's interactions (also a sequential split's, inside PDRec), not
+        # RecBole's history matrix, which misses a sequential split's first items.
+        users, items, times = training_interactions(dataset, with_time=True)
         if self.weighting == "position":
-            self.time_aware = True  # RecBole's T-DiffRec weighting
-            return super().build_histroy_items(dataset)
-        inter = dataset.inter_feat
-        if dataset.time_field is None or dataset.time_field not in inter.columns:
+            self.time_aware = True  # T-DiffRec: weights evenly spaced over each user's items in time order
+            times = within_user_positions(users, times)
+        elif times is None:
             raise ValueError("TIDiffRec (weighting: interval) needs the timestamp column: set TIME_FIELD and "
                              "load_col: {inter: [user_id, item_id, timestamp]}.")
-        users, items, weights = interval_weights(
-            inter[dataset.uid_field].numpy(), inter[dataset.iid_field].numpy(), inter[dataset.time_field].numpy(),
-            float(self.w_min), float(self.w_max))
+        users, items, weights = interval_weights(users, items, times, float(self.w_min), float(self.w_max))
         counts = np.bincount(users, minlength=dataset.user_num)
         width = max(int(counts.max()), 1)
         slot = np.arange(len(users)) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -67,3 +84,24 @@ class TIDiffRec(DiffRec):
         history_value[users, slot] = weights
         self.history_item_id = torch.from_numpy(history_id).to(self.device)
         self.history_item_value = torch.from_numpy(history_value).to(self.device)
+
+    def preferences(self, user):
+        """x0_hat' [B, n_items]: the noise-free reverse run from each user's weighted training vector."""
+        return self.p_sample(self.get_rating_matrix(user))
+
+    def history_mask(self, user):
+        mask = torch.zeros(len(user), self.n_items, dtype=torch.bool, device=self.device)
+        rows = self.history_item_id[user]
+        mask.scatter_(1, rows, self.history_item_value[user] > 0)
+        return mask
+
+    def full_sort_predict(self, interaction):
+        user = interaction[self.USER_ID]
+        scores = self.preferences(user)
+        if self.mask_history:
+            scores = scores.masked_fill(self.history_mask(user), float("-inf"))
+        return scores
+
+    def predict(self, interaction):
+        item = interaction[self.ITEM_ID]
+        return self.full_sort_predict(interaction).gather(1, item[:, None]).squeeze(1)

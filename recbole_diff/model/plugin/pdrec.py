@@ -1,0 +1,131 @@
+r"""PDRec (AAAI 2024): TI-DiffRec's preferences over all items steer a sequential backbone's BCE training.
+
+Stage 1 trains :class:`~recbole_diff.model.plugin.tidiffrec.TIDiffRec` on the training split (or loads
+``tidiffrec_checkpoint``); stage 2 keeps a compact preference store (:mod:`recbole_diff.data.pdrec`); stage 3
+trains the backbone with, per training row (user u, target i, state h):
+
+``w * BCE(s(h, i), 1) + 1/2 BCE(s(h, j_uniform), 0) + 1/2 BCE(s(h, j_nns), 0) + omega_d * mean_n BCE(s(h, k), 1)``
+
+* HBR: ``w`` from the preferences of u's training items (``omega_r``, ``c_w``, ``omega_f``);
+* NNS: ``j_nns`` from u's low-preference band of non-interacted items (``omega_m``);
+* DPA: k runs over the ``dpa_n`` items of u's top-``dpa_m`` non-interacted ones that the current backbone
+  scores highest.
+
+With ``use_hbr``, ``use_nns`` and ``use_dpa`` all off this is the backbone trained with BCE and one uniform
+negative (``pos_weight`` scales the positive), and stages 1 and 2 are skipped. The stages run in
+:class:`~recbole_diff.trainer.PDRecTrainer`; see ``docs/pdrec.md``.
+"""
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+
+from recbole_diff.data.pdrec import hbr_weights
+from recbole_diff.model.backbone import BackboneAdapter
+from recbole_diff.utils import get_model, require_keys
+
+SCORES = ("dot", "cosine")
+# Next-item models whose own score is the dot product of forward()'s state with item_embedding.
+BACKBONES = ("SASRec", "GRU4Rec", "NARM", "NextItNet", "LightSANs", "STAMP", "SRGNN", "GCSAN")
+
+
+class PDRec(SequentialRecommender):
+    """PDRec plugin; ``--backbone`` picks the RecBole sequential model it trains."""
+
+    input_type = InputType.PAIRWISE  # RecBole's loader samples the uniform negative (NEG_ITEM_ID)
+    is_plugin = True
+    default_backbone = "SASRec"
+
+    REQUIRED = ("backbone", "use_hbr", "use_dpa", "use_nns", "omega_r", "c_w", "omega_f", "omega_m", "dpa_m",
+                "dpa_n", "omega_d", "nns_pool_size", "pos_weight", "pos_weight_from_hbr", "score", "temperature",
+                "tidiffrec_epochs", "preference_batch_size")
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        require_keys(config, self.REQUIRED, "PDRec")
+        self.backbone_name = config["backbone"]
+        if self.backbone_name not in BACKBONES:
+            raise ValueError(f"PDRec trains a next-item backbone scored by dot product; '{self.backbone_name}' is "
+                             f"not one. Use one of: {', '.join(BACKBONES)}.")
+        if config["score"] not in SCORES:
+            raise ValueError(f"PDRec: score must be one of {SCORES}, got '{config['score']}'.")
+        if not 0 <= float(config["omega_m"]) < 0.99:
+            raise ValueError(f"PDRec: omega_m must be in [0, 0.99), got {config['omega_m']}.")
+        if not 0 < int(config["dpa_n"]) <= int(config["dpa_m"]):
+            raise ValueError(f"PDRec needs 0 < dpa_n <= dpa_m, got dpa_n={config['dpa_n']}, dpa_m={config['dpa_m']}.")
+        self.backbone = get_model(self.backbone_name)(config, dataset)
+        self.adapter = BackboneAdapter(self.backbone, self.backbone_name)
+        self.use_hbr, self.use_dpa, self.use_nns = (bool(config[k]) for k in ("use_hbr", "use_dpa", "use_nns"))
+        self.omega_r, self.c_w, self.omega_f = float(config["omega_r"]), float(config["c_w"]), float(config["omega_f"])
+        self.omega_d, self.dpa_n = float(config["omega_d"]), int(config["dpa_n"])
+        self.pos_weight = float(config["pos_weight"])
+        self.pos_weight_from_hbr = bool(config["pos_weight_from_hbr"])
+        self.score_kind, self.temperature = config["score"], float(config["temperature"])
+        self.store, self.hbr = None, None
+
+    @property
+    def needs_preferences(self):
+        return self.use_hbr or self.use_dpa or self.use_nns or self.pos_weight_from_hbr
+
+    def set_store(self, store):
+        """Stage 2's store; HBR's weights follow from it and the config's omega_r, c_w, omega_f."""
+        self.store = store.to(self.device)
+        self.hbr = hbr_weights(store, self.omega_r, self.c_w, self.omega_f).to(self.device)
+
+    # ---- scores ----------------------------------------------------------------------------------------
+    def score(self, h, items):
+        """s(h, j) for items [B] or [B, k]."""
+        e = self.backbone.item_embedding(items)
+        if self.score_kind == "cosine":
+            h, e = F.normalize(h, dim=-1), F.normalize(e, dim=-1)
+        h = h if items.dim() == 1 else h[:, None]
+        s = (h * e).sum(-1)
+        return s * self.temperature if self.score_kind == "cosine" else s
+
+    def full_sort_predict(self, interaction):
+        h = self.adapter.last_hidden(interaction)
+        e = self.adapter.item_embeddings()
+        if self.score_kind == "cosine":
+            return self.temperature * F.normalize(h, dim=-1) @ F.normalize(e, dim=-1).T
+        return h @ e.T
+
+    def predict(self, interaction):
+        return self.score(self.adapter.last_hidden(interaction), interaction[self.ITEM_ID])
+
+    # ---- training --------------------------------------------------------------------------------------
+    def positive_weights(self, users, items):
+        if not self.use_hbr:
+            return torch.full(items.shape, self.pos_weight, device=items.device)
+        return self.hbr[self.store.lookup(users, items)]
+
+    def soft_positives(self, h, users):
+        """DPA: of each user's top-m non-interacted items by preference, the ``dpa_n`` the current backbone
+        scores highest: (items [B, n], their scores [B, n])."""
+        candidates = self.store.topm[users]
+        s_cand = self.score(h, candidates)
+        best = torch.topk(s_cand.detach(), self.dpa_n, dim=1).indices
+        return candidates.gather(1, best), s_cand.gather(1, best)
+
+    def _require_store(self):
+        if self.needs_preferences and self.store is None:
+            raise RuntimeError("PDRec with use_hbr/use_nns/use_dpa needs its preference store: train it with "
+                               "PDRecTrainer (run_recbole_diff does), which runs stages 1 and 2 first.")
+
+    def calculate_loss(self, interaction):
+        self._require_store()
+        users, pos = interaction[self.USER_ID], interaction[self.ITEM_ID]
+        h = self.adapter.last_hidden(interaction)
+        bce = F.binary_cross_entropy_with_logits
+        s_pos, s_neg = self.score(h, pos), self.score(h, interaction[self.NEG_ITEM_ID])
+        loss = self.positive_weights(users, pos) * bce(s_pos, torch.ones_like(s_pos), reduction="none")
+        neg_loss = bce(s_neg, torch.zeros_like(s_neg), reduction="none")
+        if self.use_nns:
+            pool = self.store.pool[users]
+            pick = torch.randint(pool.shape[1], (len(users), 1), device=pool.device)
+            s_nns = self.score(h, pool.gather(1, pick).squeeze(1))
+            neg_loss = 0.5 * neg_loss + 0.5 * bce(s_nns, torch.zeros_like(s_nns), reduction="none")
+        loss = loss + neg_loss
+        if self.use_dpa:
+            _, s_soft = self.soft_positives(h, users)
+            loss = loss + self.omega_d * bce(s_soft, torch.ones_like(s_soft), reduction="none").mean(1)
+        return loss.mean()

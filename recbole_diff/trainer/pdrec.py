@@ -1,0 +1,127 @@
+"""PDRecTrainer: TI-DiffRec (stage 1), the preference store (stage 2), then the backbone's BCE training with
+HBR/NNS/DPA through RecBole's ``Trainer.fit`` (stage 3). Nothing here reads validation or test items except
+stage 1's validation-based early stopping."""
+import os
+
+import torch
+from recbole.data.dataloader import UserDataLoader
+from recbole.utils import ModelType, set_color
+
+from recbole_diff.config import stage_config
+from recbole_diff.data.interactions import training_interactions
+from recbole_diff.data.pdrec import (
+    PreferenceStore, TrainingItems, compute_preference_store, store_meta, store_path, timed,
+)
+from recbole_diff.trainer.trainer import Trainer
+from recbole_diff.utils import get_model, get_trainer, load_checkpoint
+
+
+class PDRecTrainer(Trainer):
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.tidiffrec_checkpoint = config["tidiffrec_checkpoint"]
+        self.tidiffrec, self.stage1 = None, None
+        self.info = {}
+
+    # ---- stage 1 -----------------------------------------------------------------------------------------
+    def tidiffrec_config(self):
+        overrides = dict(self.config["tidiffrec"] or {})
+        overrides.setdefault("epochs", self.config["tidiffrec_epochs"])
+        overrides["mask_history"] = True  # validated on the sequential split, which keeps the history
+        return stage_config(self.config, "TIDiffRec", overrides)
+
+    def prepare_tidiffrec(self, train_data, valid_data, verbose=True, saved=True, show_progress=False):
+        config = self.tidiffrec_config()
+        dataset = train_data.dataset
+        model = get_model("TIDiffRec")(config, dataset).to(self.device)
+        self.stage1 = get_trainer(ModelType.GENERAL, "TIDiffRec")(config, model)
+        if self.tidiffrec_checkpoint:
+            self.logger.info(set_color(f"PDRec: loading TI-DiffRec from {self.tidiffrec_checkpoint}", "green"))
+            self.load_tidiffrec(model, self.tidiffrec_checkpoint)
+        else:
+            self.logger.info(set_color("PDRec stage 1: training TI-DiffRec on the training split", "green"))
+            loader = UserDataLoader(config, dataset, None, shuffle=True)
+            self.stage1.fit(loader, valid_data, verbose=verbose, saved=saved, show_progress=show_progress)
+            if saved:
+                self.stage1.load_model_file()
+                self.tidiffrec_checkpoint = self.stage1.saved_model_file
+        model.eval()
+        self.tidiffrec = model
+        return model
+
+    def load_tidiffrec(self, model, path):
+        checkpoint = load_checkpoint(path, self.device)
+        saved = checkpoint["config"]
+        if saved["model"] != "TIDiffRec" or str(saved["dataset"]) != str(self.config["dataset"]):
+            raise ValueError(f"tidiffrec_checkpoint '{path}' holds a {saved['model']} trained on '{saved['dataset']}'"
+                             f", but this run needs a TIDiffRec on '{self.config['dataset']}'.")
+        own = model.state_dict()
+        bad = [k for k in own if k not in checkpoint["state_dict"] or checkpoint["state_dict"][k].shape != own[k].shape]
+        if bad:
+            raise ValueError(f"tidiffrec_checkpoint '{path}' does not match this dataset/config: '{bad[0]}' differs "
+                             "(item count or dims_dnn changed?).")
+        model.load_state_dict(checkpoint["state_dict"])
+
+    # ---- stage 2 -----------------------------------------------------------------------------------------
+    def prepare_store(self, tidiffrec, train_dataset, saved=True):
+        users, items = training_interactions(train_dataset)
+        training = TrainingItems.from_pairs(users, items, train_dataset.user_num, train_dataset.item_num)
+        c = self.config
+        meta = store_meta(c["dataset"], training, c["dpa_m"], c["nns_pool_size"], c["omega_m"], c["seed"],
+                          self.tidiffrec_checkpoint)
+        path = store_path(self.tidiffrec_checkpoint, meta) if self.tidiffrec_checkpoint else None
+        if path and os.path.isfile(path):
+            store = PreferenceStore.load(path)
+            if store.meta == meta:
+                self.logger.info(set_color(f"PDRec stage 2: reusing the preference store {path}", "green"))
+                self.info.update(preference_store=path, preference_store_reused=True)
+                return store
+            raise ValueError(f"Preference store '{path}' was written for other data or settings; it is not "
+                             "overwritten. Move it away to recompute it.")
+        self.logger.info(set_color(f"PDRec stage 2: preferences of {training.n_users} users over "
+                                   f"{training.n_items} items", "green"))
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(int(c["seed"]))
+        store, seconds = timed(compute_preference_store, tidiffrec.preferences, training, int(c["dpa_m"]),
+                               int(c["nns_pool_size"]), float(c["omega_m"]), int(c["preference_batch_size"]),
+                               self.device, generator, bool(c["show_progress"]), meta)
+        self.logger.info(f"PDRec stage 2: {training.n_users / seconds:.0f} users/s, store "
+                         f"{store.nbytes() / 2 ** 20:.1f} MB (a dense users x items matrix: "
+                         f"{training.n_users * training.n_items * 4 / 2 ** 20:.1f} MB)")
+        self.info.update(preference_seconds=seconds, preference_store_mb=store.nbytes() / 2 ** 20,
+                         preference_store_reused=False)
+        if saved and path:
+            store.save(path)
+            self.info["preference_store"] = path
+        return store
+
+    # ---- stage 3 -----------------------------------------------------------------------------------------
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        if self.model.needs_preferences:
+            tidiffrec = self.prepare_tidiffrec(train_data, valid_data, verbose, saved, show_progress)
+            self.model.set_store(self.prepare_store(tidiffrec, train_data.dataset, saved))
+            self._report_hbr(train_data.dataset)
+        parts = [name for name, on in (("HBR", self.model.use_hbr), ("NNS", self.model.use_nns),
+                                       ("DPA", self.model.use_dpa)) if on]
+        self.logger.info(set_color(f"PDRec stage 3: training {self.model.backbone_name} with BCE"
+                                   f"{' + ' + ' + '.join(parts) if parts else ''}", "green"))
+        return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
+                           callback_fn=callback_fn)
+
+    def _report_hbr(self, train_dataset):
+        """HBR's mean weight over the training rows: also the constant positive weight of the
+        ``pos_weight_from_hbr`` baseline, which separates reweighting from a larger positive weight."""
+        inter = train_dataset.inter_feat
+        users, items = inter[train_dataset.uid_field].to(self.device), inter[train_dataset.iid_field].to(self.device)
+        mean = float(self.model.hbr[self.model.store.lookup(users, items)].mean())
+        self.info["hbr_mean_weight"] = mean
+        if self.model.pos_weight_from_hbr and not self.model.use_hbr:
+            self.model.pos_weight = mean
+            self.logger.info(f"PDRec: constant positive weight {mean:.4f} (HBR's mean)")
+
+    def extra_results(self, valid_data=None, test_data=None):
+        out = {"backbone": self.model.backbone_name, "tidiffrec_checkpoint": self.tidiffrec_checkpoint,
+               "positive_weight": None if self.model.use_hbr else self.model.pos_weight, **self.info}
+        if self.stage1 is not None and test_data is not None:
+            out["tidiffrec_test_result"] = self.stage1.evaluate(test_data, load_best_model=False)
+        return out

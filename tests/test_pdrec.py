@@ -1,0 +1,291 @@
+"""PDRec: the preference store (stage 2), HBR/NNS/DPA (stage 3), the all-off equivalence and the pipeline."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recbole_diff.data.interactions import training_interactions
+from recbole_diff.data.pdrec import (
+    PreferenceStore, TrainingItems, ascending_ranks, compute_preference_store, hbr_weights, nns_band,
+)
+from recbole_diff.quick_start import build_config, load_data_and_model, prepare_data, run_recbole_diff
+from recbole_diff.utils import get_model, get_trainer
+
+from conftest import SLICE, TINY
+
+PD = dict(TINY, tidiffrec_epochs=1, tidiffrec={"dims_dnn": [32]}, dpa_m=20, dpa_n=3, nns_pool_size=16,
+          learning_rate=0.005)
+
+
+def build(tmp_path, **overrides):
+    config = build_config("PDRec", SLICE, config_dict=dict(PD, checkpoint_dir=str(tmp_path), **overrides),
+                          cmd_line=False)
+    _, train, valid, test = prepare_data(config)
+    torch.manual_seed(0)
+    model = get_model("PDRec")(config, train.dataset)
+    return config, model, train, valid, test
+
+
+def fake_preferences(n_users, n_items, seed=0):
+    table = torch.rand(n_users, n_items, generator=torch.Generator().manual_seed(seed))
+    return table, (lambda users: table[users])
+
+
+# ---- stage 2 ---------------------------------------------------------------------------------------------
+def small_training():
+    # user 1: items 2, 5, 7; user 2: item 3 (twice: one entry); user 0 is RecBole's padding user
+    return TrainingItems.from_pairs([1, 1, 1, 2, 2], [5, 2, 7, 3, 3], n_users=3, n_items=12)
+
+
+def test_training_items_are_distinct_and_sorted():
+    t = small_training()
+    assert t.counts.tolist() == [0, 3, 1]
+    assert t.items.tolist() == [2, 5, 7, 3]
+    assert t.keys().tolist() == [14, 17, 19, 27]
+
+
+def test_ascending_ranks_within_rows():
+    rows = torch.tensor([0, 0, 0, 1, 1])
+    values = torch.tensor([0.5, 0.1, 0.9, 3.0, -1.0])
+    assert ascending_ranks(rows, values).tolist() == [2, 1, 3, 2, 1]
+
+
+def test_store_keeps_preferences_ranks_top_m_and_a_band_pool():
+    t = small_training()
+    table, prefs = fake_preferences(3, 12)
+    store = compute_preference_store(prefs, t, m=4, pool_size=50, omega_m=0.5, batch_size=2,
+                                     generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(store.train_pref, table[[1, 1, 1, 2], [2, 5, 7, 3]])
+    ranks_u1 = torch.argsort(torch.argsort(table[1, [2, 5, 7]])) + 1
+    assert torch.allclose(store.train_rank[:3], ranks_u1.float() / 3)
+    assert store.train_rank[3] == 1.0
+    for user, own in ((1, {2, 5, 7}), (2, {3})):
+        free = [i for i in range(1, 12) if i not in own]
+        by_pref = sorted(free, key=lambda i: -table[user, i].item())
+        assert store.topm[user].tolist() == by_pref[:4]  # DPA candidates: best non-interacted items, in order
+        n = len(free)
+        band = set(by_pref[int(np.floor(0.5 * n)):int(np.ceil(0.99 * n))])
+        assert set(store.pool[user].tolist()) <= band  # NNS: only the low-preference band
+        assert not set(store.pool[user].tolist()) & (own | {0})
+
+
+def test_batched_and_one_user_at_a_time_give_the_same_store():
+    t = small_training()
+    _, prefs = fake_preferences(3, 12)
+    a = compute_preference_store(prefs, t, 4, 8, 0.5, batch_size=256)
+    b = compute_preference_store(prefs, t, 4, 8, 0.5, batch_size=1)
+    for name in ("train_key", "train_pref", "train_rank", "topm"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+
+
+def test_band_is_never_empty():
+    lo, hi = nns_band(torch.tensor([1, 2, 10, 1000]), 0.5)
+    assert lo.tolist() == [0, 1, 5, 500] and hi.tolist() == [1, 2, 10, 990]
+
+
+def test_store_memory_is_per_user_not_dense():
+    t = TrainingItems.from_pairs(np.repeat(np.arange(1, 201), 3), np.arange(600) % 5000 + 1, 201, 5001)
+    _, prefs = fake_preferences(201, 5001)
+    store = compute_preference_store(prefs, t, m=10, pool_size=20, omega_m=0.5)
+    assert store.nbytes() == 600 * (8 + 4 + 4) + 201 * (10 + 20) * 8
+    assert store.nbytes() < 201 * 5001 * 4 / 20
+
+
+def test_too_many_candidates_is_a_clear_error():
+    with pytest.raises(ValueError, match="dpa_m"):
+        compute_preference_store(fake_preferences(3, 12)[1], small_training(), m=9, pool_size=2, omega_m=0.5)
+
+
+# ---- HBR ---------------------------------------------------------------------------------------------------
+def test_hbr_on_a_hand_worked_row():
+    t = TrainingItems.from_pairs([1, 1, 1, 1], [1, 2, 3, 4], 2, 6)
+    table = torch.zeros(2, 6)
+    table[1, 1:5] = torch.tensor([0.2, 0.6, 1.0, 0.4])
+    store = compute_preference_store(lambda u: table[u], t, m=1, pool_size=1, omega_m=0.5)
+    # min-max: [0, .5, 1, .25], mean .4375 -> [0, 8/7, 16/7, 4/7]; ranks / P: [.25, .75, 1, .5]
+    # mix with omega_r .1, clamp at c_w 2, times omega_f 3
+    s = torch.tensor([0, 8 / 7, 16 / 7, 4 / 7])
+    r = torch.tensor([0.25, 0.75, 1.0, 0.5])
+    expected = (0.9 * s + 0.1 * r).clamp(0, 2) * 3
+    assert torch.allclose(hbr_weights(store, omega_r=0.1, c_w=2.0, omega_f=3.0), expected, atol=1e-6)
+    assert hbr_weights(store, 0.1, 2.0, 3.0)[2] == pytest.approx(6.0)  # the clamp bites
+
+
+def test_hbr_with_equal_preferences_uses_the_rank_only():
+    t = TrainingItems.from_pairs([1, 1], [1, 2], 2, 5)
+    store = compute_preference_store(lambda u: torch.ones(len(u), 5), t, m=1, pool_size=1, omega_m=0.5)
+    w = hbr_weights(store, omega_r=0.5, c_w=10.0, omega_f=1.0)
+    assert torch.allclose(w, torch.tensor([0.5 + 0.25, 0.5 + 0.5]))
+
+
+# ---- the model ---------------------------------------------------------------------------------------------
+def test_dot_scores_are_the_backbones_own(tmp_path):
+    _, model, _, _, test = build(tmp_path)
+    model.eval()
+    inter = next(iter(test))[0]
+    with torch.no_grad():
+        assert torch.allclose(model.full_sort_predict(inter), model.backbone.full_sort_predict(inter))
+        inter.interaction["item_id"] = inter["item_id"]
+        full = model.full_sort_predict(inter)
+        assert torch.allclose(model.predict(inter), full.gather(1, inter["item_id"][:, None]).squeeze(1), atol=1e-5)
+
+
+def test_cosine_scores_are_tempered_cosines(tmp_path):
+    _, model, _, _, test = build(tmp_path, score="cosine", temperature=7.0)
+    model.eval()
+    inter = next(iter(test))[0]
+    with torch.no_grad():
+        full = model.full_sort_predict(inter)
+        assert full.abs().max() <= 7.0 + 1e-5
+        assert torch.allclose(model.predict(inter), full.gather(1, inter["item_id"][:, None]).squeeze(1), atol=1e-5)
+
+
+def bce_reference(model, batch, pos_weight=1.0):
+    """The backbone trained with BCE and one uniform negative, written out independently."""
+    h = model.backbone.forward(batch["item_id_list"], batch["item_length"])
+    e = model.backbone.item_embedding
+    s_pos = (h * e(batch["item_id"])).sum(-1)
+    s_neg = (h * e(batch["neg_item_id"])).sum(-1)
+    return (-pos_weight * F.logsigmoid(s_pos) - F.logsigmoid(-s_neg)).mean()
+
+
+def test_all_off_is_the_backbone_with_bce_and_one_uniform_negative(tmp_path):
+    _, model, train, _, _ = build(tmp_path, use_hbr=False, use_nns=False, use_dpa=False, pos_weight=1.5)
+    assert not model.needs_preferences
+    batch = next(iter(train))
+    assert "neg_item_id" in batch.interaction  # RecBole sampled the uniform negative
+    model.train()
+    torch.manual_seed(3)
+    loss = model.calculate_loss(batch)
+    torch.manual_seed(3)
+    assert torch.allclose(loss, bce_reference(model, batch, pos_weight=1.5), atol=1e-6)
+
+
+def test_all_off_skips_stages_1_and_2(tmp_path):
+    config, model, train, valid, _ = build(tmp_path, use_hbr=False, use_nns=False, use_dpa=False, epochs=1)
+    trainer = get_trainer(config["MODEL_TYPE"], "PDRec")(config, model)
+    trainer.fit(train, valid, saved=False)
+    assert trainer.tidiffrec is None and model.store is None
+
+
+def with_store(model, train, seed=0):
+    users, items = training_interactions(train.dataset)
+    t = TrainingItems.from_pairs(users, items, train.dataset.user_num, train.dataset.item_num)
+    _, prefs = fake_preferences(t.n_users, t.n_items, seed)
+    model.set_store(compute_preference_store(prefs, t, 20, 16, 0.5))
+    return t
+
+
+def test_hbr_weights_every_positive_of_a_training_batch(tmp_path):
+    _, model, train, _, _ = build(tmp_path, use_nns=False, use_dpa=False)
+    with_store(model, train)
+    batch = next(iter(train))
+    w = model.positive_weights(batch["user_id"], batch["item_id"])
+    assert w.shape == batch["item_id"].shape and (w >= 0).all() and (w <= model.c_w * model.omega_f + 1e-6).all()
+    assert w.std() > 0
+
+
+def test_dpa_soft_positives_are_re_ranked_by_the_current_backbone(tmp_path):
+    _, model, train, _, _ = build(tmp_path, use_hbr=False, use_nns=False)
+    t = with_store(model, train)
+    batch = next(iter(train))
+    model.eval()
+    with torch.no_grad():
+        h = model.adapter.last_hidden(batch)
+        items, scores = model.soft_positives(h, batch["user_id"])
+        full = model.full_sort_predict(batch)
+    for row in range(0, len(batch), 37):
+        user = int(batch["user_id"][row])
+        cand = model.store.topm[user]
+        expected = cand[torch.topk(full[row, cand], model.dpa_n).indices]
+        assert set(items[row].tolist()) == set(expected.tolist())
+        own = set(t.items[t.offsets[user]:t.offsets[user + 1]].tolist())
+        assert not set(cand.tolist()) & own  # unobserved items only
+    assert torch.allclose(scores, full.gather(1, items), atol=1e-5)
+
+
+def test_nns_negatives_never_hit_training_items(tmp_path):
+    _, model, train, _, _ = build(tmp_path)
+    t = with_store(model, train)
+    for user in range(1, t.n_users):
+        own = set(t.items[t.offsets[user]:t.offsets[user + 1]].tolist())
+        assert not set(model.store.pool[user].tolist()) & own
+
+
+def test_full_loss_trains(tmp_path):
+    _, model, train, _, _ = build(tmp_path)
+    with_store(model, train)
+    batch = next(iter(train))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    model.train()
+    for _ in range(15):
+        torch.manual_seed(0)
+        loss = model.calculate_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_missing_store_is_a_clear_error(tmp_path):
+    _, model, train, _, _ = build(tmp_path)
+    with pytest.raises(RuntimeError, match="PDRecTrainer"):
+        model.calculate_loss(next(iter(train)))
+
+
+def test_bad_choices(tmp_path):
+    with pytest.raises(ValueError, match="BERT4Rec"):
+        build(tmp_path, backbone="BERT4Rec")
+    with pytest.raises(ValueError, match="dpa_n"):
+        build(tmp_path, dpa_n=30)
+    with pytest.raises(ValueError, match="score"):
+        build(tmp_path, score="euclid")
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------------
+def test_pipeline_uses_training_items_only_reuses_its_store_and_reloads(tmp_path):
+    cfg = dict(PD, checkpoint_dir=str(tmp_path), epochs=2)
+    first = run_recbole_diff("PDRec", SLICE, config_dict=cfg, cmd_line=False)
+    assert first["preference_store_reused"] is False and os.path.isfile(first["preference_store"])
+    assert first["tidiffrec_test_result"] is not None and first["hbr_mean_weight"] > 0
+
+    # what stage 2 saw: every interaction but each user's last two (validation and test)
+    config = build_config("PDRec", SLICE, config_dict=cfg, cmd_line=False)
+    dataset, train, valid, test = prepare_data(config)
+    users, items = training_interactions(train.dataset)
+    store = PreferenceStore.load(first["preference_store"])
+    held = set()
+    for loader in (valid, test):
+        d = loader.dataset.inter_feat
+        held |= set(zip(d["user_id"].tolist(), d["item_id"].tolist()))
+    train_pairs = set(zip(users.tolist(), items.tolist()))
+    stored = {(k // store.n_items, k % store.n_items) for k in store.train_key.tolist()}
+    assert stored == train_pairs
+    with open(os.path.join(config["data_path"], f"{SLICE}.inter")) as f:
+        raw_rows = sum(1 for _ in f) - 1
+    assert len(users) == raw_rows - len(valid.dataset.inter_feat) - len(test.dataset.inter_feat)
+    assert not (held - train_pairs) & stored
+
+    stamp = os.path.getmtime(first["preference_store"])
+    second = run_recbole_diff("PDRec", SLICE, cmd_line=False,
+                              config_dict=dict(cfg, tidiffrec_checkpoint=first["tidiffrec_checkpoint"]))
+    assert second["preference_store_reused"] is True
+    assert second["preference_store"] == first["preference_store"]
+    assert os.path.getmtime(first["preference_store"]) == stamp
+
+    saved_config, model, _, _, _, test_data = load_data_and_model(first["saved_model_file"])
+    trainer = get_trainer(saved_config["MODEL_TYPE"], "PDRec")(saved_config, model)
+    assert trainer.evaluate(test_data, load_best_model=False) == first["test_result"]
+
+
+def test_wrong_tidiffrec_checkpoint_is_refused(tmp_path):
+    sasrec = run_recbole_diff("SASRec", SLICE, config_dict=dict(TINY, checkpoint_dir=str(tmp_path), epochs=1),
+                              cmd_line=False)
+    with pytest.raises(ValueError, match="TIDiffRec"):
+        run_recbole_diff("PDRec", SLICE, cmd_line=False,
+                         config_dict=dict(PD, checkpoint_dir=str(tmp_path), epochs=1,
+                                          tidiffrec_checkpoint=sasrec["saved_model_file"]))
