@@ -108,7 +108,9 @@ def run_cell(cell, directory):
     start = time.time()
     result = run_recbole_diff(model=cell["model"], dataset=cell["dataset"], backbone=cell["backbone"],
                               config_dict=config, cmd_line=False)
-    keep = {k: v for k, v in result.items() if k.endswith("_result") or k.endswith("_score")}
+    # results, scores and a plugin's scalar facts (stage timings, store sizes); not the model objects
+    keep = {k: v for k, v in result.items()
+            if "_result" in k or k.endswith("_score") or isinstance(v, (int, float, bool, str, type(None)))}
     keep = json.loads(json.dumps(keep, default=float))
     keep.update(cell={k: cell[k] for k in ("dataset", "method", "model", "label", "backbone", "seed")},
                 seconds=time.time() - start)
@@ -220,6 +222,16 @@ def _metric_names(spec, rows):
     return list(rows[0]["test_result"].keys()) if rows else []
 
 
+def metric_value(result, metric, key="test_result"):
+    """A metric of a cell's result: ``ndcg@10`` from ``test_result``, ``full:ndcg@10`` from the extra test of
+    another evaluation mode (``test_result_full``, see ``extra_test_modes``). None if the result lacks it."""
+    if ":" in metric:
+        mode, metric = metric.split(":", 1)
+        key = f"{key}_{mode}"
+    value = (result.get(key) or {}).get(metric)
+    return None if value is None else float(value)
+
+
 def _mean_std(values):
     import numpy as np
 
@@ -255,9 +267,14 @@ def _write_csv(rows, metrics, path):
         writer.writerow(["dataset", "method", "backbone", "seed", "seconds"] + [f"test_{m}" for m in metrics]
                         + [f"backbone_test_{m}" for m in metrics])
         for r in rows:
-            c, backbone = r["cell"], r.get("backbone_test_result") or {}
+            c = r["cell"]
             writer.writerow([c["dataset"], c["method"], c["backbone"] or "", c["seed"], f"{r['seconds']:.1f}"]
-                            + [r["test_result"].get(m, "") for m in metrics] + [backbone.get(m, "") for m in metrics])
+                            + [_blank(metric_value(r, m)) for m in metrics]
+                            + [_blank(metric_value(r, m, "backbone_test_result")) for m in metrics])
+
+
+def _blank(value):
+    return "" if value is None else value
 
 
 def _aggregate(spec, rows, metrics):
@@ -270,9 +287,14 @@ def _aggregate(spec, rows, metrics):
         entry["seeds"].append(c["seed"])
         entry["seconds"].append(r["seconds"])
         for m in metrics:
-            entry.setdefault(m, []).append(float(r["test_result"][m]))
-            if r.get("backbone_test_result"):
-                entry["backbone"].setdefault(m, []).append(float(r["backbone_test_result"][m]))
+            value = metric_value(r, m)
+            if value is None:
+                raise BenchmarkError(f"Cell {c['label']} seed {c['seed']} has no '{m}' in its result; list metrics "
+                                     "the runs compute (and the extra_test_modes they name).")
+            entry.setdefault(m, []).append(value)
+            backbone = metric_value(r, m, "backbone_test_result")
+            if backbone is not None:
+                entry["backbone"].setdefault(m, []).append(backbone)
     return table
 
 

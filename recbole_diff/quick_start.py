@@ -2,6 +2,7 @@
 
 Importing this module does not import ray (RecBole's own ``recbole.quick_start`` does).
 """
+import copy
 import sys
 from contextlib import contextmanager
 from logging import getLogger
@@ -92,6 +93,7 @@ def run_recbole_diff(model=None, dataset=None, config_file_list=None, config_dic
         "test_result": test_result,
         "saved_model_file": trainer.saved_model_file if saved else None,
     }
+    result.update(extra_mode_results(config, trainer, config["show_progress"]))
     if hasattr(trainer, "extra_results"):
         result.update(trainer.extra_results(valid_data=valid_data, test_data=test_data))
     if config["long_term_eval"]:
@@ -100,6 +102,27 @@ def run_recbole_diff(model=None, dataset=None, config_file_list=None, config_dic
     if queue is not None:
         queue.put(result)
     return result
+
+
+def mode_config(config, mode):
+    """A copy of ``config`` that evaluates valid and test with ``mode`` (``full``, ``uni100``, ``pop50``...)."""
+    sub = copy.deepcopy(config)
+    sub["eval_args"] = dict(sub["eval_args"], mode={"valid": mode, "test": mode})
+    sub._set_eval_neg_sample_args("valid")
+    sub._set_eval_neg_sample_args("test")
+    return sub
+
+
+def extra_mode_results(config, trainer, show_progress=False):
+    """The trained model on the same test users under each of ``extra_test_modes`` (e.g. full ranking beside the
+    paper's ``uni100``), as ``test_result_<mode>``: one training run reports both protocols."""
+    out = {}
+    for mode in config["extra_test_modes"] or []:
+        sub = mode_config(config, mode)
+        init_seed(config["seed"], config["reproducibility"])  # the same sampled candidates run to run
+        test_data = prepare_data(sub)[3]  # RecBole cannot split a built dataset twice; building again is cheap
+        out[f"test_result_{mode}"] = trainer.evaluate(test_data, load_best_model=False, show_progress=show_progress)
+    return out
 
 
 def long_term_results(model, test_data, held_out):

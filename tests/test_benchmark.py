@@ -15,10 +15,10 @@ def write_grid(tmp_path, **extra):
         "name": "tiny",
         "datasets": [SLICE],
         "seeds": [1, 2],
-        "config": dict({k: v for k, v in TINY.items() if k != "data_path"}, epochs=1),
+        "config": dict({k: v for k, v in TINY.items() if k != "data_path"}, epochs=1, extra_test_modes=["uni100"]),
         "dataset_config": {SLICE: {"data_path": os.path.relpath(DATA_PATH, tmp_path)}},
         "baseline": "SASRec",
-        "metrics": ["hit@10", "ndcg@10"],
+        "metrics": ["hit@10", "ndcg@10", "uni100:hit@10"],
         "methods": [{"name": "SASRec", "model": "SASRec"}],
     }
     spec.update(extra)
@@ -36,6 +36,8 @@ def test_two_cells_give_csv_markdown_plots_and_resume(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and {r["seed"] for r in rows} == {"1", "2"}
     assert all(0 <= float(r["test_ndcg@10"]) <= 1 for r in rows)
+    # the same model ranked against 100 sampled items instead of all 915 hits more often
+    assert all(float(r["test_uni100:hit@10"]) > float(r["test_hit@10"]) for r in rows)
     md = open(os.path.join(out, "results.md")).read()
     assert "| SASRec | 2 |" in md and "+-" in md
     assert os.path.getsize(os.path.join(out, f"metrics_{SLICE}.png")) > 1000

@@ -110,3 +110,12 @@ def test_recboles_anomaly_detection_is_switched_off(tiny):
     config = build_config("SASRec", SLICE, config_dict=tiny, cmd_line=False)
     get_model("SINE")
     assert config["model"] == "SASRec" and not torch.is_anomaly_enabled()
+
+
+def test_extra_test_modes_report_another_protocol_from_the_same_model(tiny):
+    result = run_recbole_diff("SASRec", SLICE, cmd_line=False,
+                              config_dict=dict(tiny, epochs=1, metrics=["Hit", "NDCG", "GAUC"],
+                                               extra_test_modes=["full", "uni100"]))
+    assert result["test_result_full"] == result["test_result"]  # the run's own mode, evaluated again
+    uni = result["test_result_uni100"]
+    assert uni["hit@10"] > result["test_result"]["hit@10"] and 0 < uni["gauc"] < 1
