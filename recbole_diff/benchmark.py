@@ -54,6 +54,9 @@ def load_grid(path):
     spec["config"] = _resolve_paths(spec.get("config") or {}, base)
     spec["dataset_config"] = {d: _resolve_paths(c or {}, base) for d, c in (spec.get("dataset_config") or {}).items()}
     _check_methods(spec["methods"], path)
+    names = [m["name"] for m in spec["methods"]]
+    if spec.get("baseline") and spec["baseline"] not in names:
+        raise BenchmarkError(f"{path}: baseline '{spec['baseline']}' is not one of the methods ({', '.join(names)}).")
     return spec
 
 
@@ -339,16 +342,22 @@ def _markdown(spec, table, metrics):
 
 
 def _lifts(table, dataset, baseline, metrics):
+    """Each method against its own backbone (a plugin's same-run result) and against the baseline method: the
+    baseline on the same backbone (``<baseline>@<backbone>``) when the grid has it, else ``<baseline>``."""
     out = []
-    base = table.get((dataset, baseline)) if baseline else None
     for (d, label), e in table.items():
         if d != dataset:
             continue
         comparisons = []
         if e["backbone"]:
             comparisons.append(("its backbone", {"seeds": e["seeds"], **e["backbone"]}))
-        if base is not None and label != baseline:
-            comparisons.append((baseline, base))
+        if baseline:
+            base_label = baseline
+            if "@" in label and (dataset, f"{baseline}@{label.split('@', 1)[1]}") in table:
+                base_label = f"{baseline}@{label.split('@', 1)[1]}"
+            base = table.get((dataset, base_label))
+            if base is not None and label != base_label:
+                comparisons.append((base_label, base))
         for name, other in comparisons:
             parts = []
             for m in metrics:
