@@ -1,4 +1,5 @@
-"""Long-term evaluation (GlobalDiff's RQ2): how well a model predicts the P-th next item, P = 1..4.
+"""Evaluation beyond RecBole's: per-user-group metrics (DiffuASR's long-tail report, :func:`group_metrics`) and
+long-term evaluation (GlobalDiff's RQ2): how well a model predicts the P-th next item, P = 1..4.
 
 Each user's last ``horizon - 1`` interactions are held out before RecBole splits the data, so RecBole's
 leave-one-out split trains on everything up to L-5, validates on L-4 and tests on L-3 (P = 1). The held-out
@@ -66,3 +67,43 @@ def long_term_evaluate(model, test_data, held_out, k=20, device=None):
             counts[p] += len(rows)
     return {f"P{p + 1}": {f"hit@{k}": float(hits[p] / counts[p]), f"ndcg@{k}": float(ndcg[p] / counts[p])}
             for p in range(horizon) if counts[p]}
+
+
+@torch.no_grad()
+def group_metrics(trainer, eval_data, user_lengths, bounds=(5, 20), k=10):
+    """HR@k and NDCG@k per user group by sequence length (the long-tail report): groups ``[3, b1]``,
+    ``[b1 + 1, b2]``, ..., ``> b_last`` of ``user_lengths[user]``. Scores come from the trainer's own batch
+    evaluation, so sampled (uni100) and full ranking both work; ties count against the target."""
+    model = trainer.model
+    model.eval()
+    full = isinstance(eval_data, FullSortEvalDataLoader)
+    trainer.tot_item_num = eval_data._dataset.item_num
+    if full and trainer.item_tensor is None:
+        trainer.item_tensor = eval_data._dataset.get_item_feature().to(trainer.device)
+    batch_eval = trainer._full_sort_batch_eval if full else trainer._neg_sample_batch_eval
+    uid = eval_data._dataset.uid_field
+    users, hits, gains = [], [], []
+    for batched in eval_data:
+        interaction, scores, positive_u, positive_i = batch_eval(batched)
+        if full:
+            row_users = interaction[uid]
+        else:  # one score row per user of the batch; row_idx maps interaction rows to those rows
+            row_users = torch.zeros(int(positive_u[-1]) + 1, dtype=torch.long)
+            row_users[batched[1].cpu()] = interaction[uid].cpu()
+        target = scores[positive_u, positive_i]
+        rank = (scores[positive_u] > target[:, None]).sum(1).cpu()
+        users.append(row_users[positive_u.cpu()].cpu())
+        hits.append((rank < k).float())
+        gains.append(torch.where(rank < k, 1.0 / torch.log2(rank.float() + 2), torch.zeros_like(rank, dtype=torch.float)))
+    users, hits, gains = torch.cat(users), torch.cat(hits), torch.cat(gains)
+    lengths = torch.as_tensor(user_lengths)[users]
+    edges = [3] + [b + 1 for b in bounds]
+    out = {}
+    for i, low in enumerate(edges):
+        high = edges[i + 1] - 1 if i + 1 < len(edges) else None
+        name = f"{low}-{high}" if high is not None else f">{low - 1}"
+        keep = (lengths >= low) & (lengths <= high if high is not None else torch.ones_like(lengths, dtype=torch.bool))
+        n = int(keep.sum())
+        out[name] = {"users": n, f"hit@{k}": round(float(hits[keep].mean()), 4) if n else None,
+                     f"ndcg@{k}": round(float(gains[keep].mean()), 4) if n else None}
+    return out

@@ -2,5 +2,6 @@
 from recbole_diff.trainer.trainer import CompatMixin, Trainer, compat_trainer, unique_checkpoint_path
 from recbole_diff.trainer.globaldiff import GlobalDiffTrainer
 from recbole_diff.trainer.pdrec import PDRecTrainer
+from recbole_diff.trainer.diffuasr import DiffuASRTrainer
 
-__all__ = ["CompatMixin", "Trainer", "compat_trainer", "unique_checkpoint_path", "GlobalDiffTrainer", "PDRecTrainer"]
+__all__ = ["CompatMixin", "Trainer", "compat_trainer", "unique_checkpoint_path", "GlobalDiffTrainer", "PDRecTrainer", "DiffuASRTrainer"]

@@ -1,0 +1,222 @@
+r"""DiffuASR (CIKM 2023): a diffusion model generates M pseudo items placed before each user's first item; the
+backbone is trained on the augmented dataset and evaluated on the original targets.
+
+The augmenter: item embeddings (d, a perfect square; from the trained backbone by default), x0 = the stacked
+embeddings of the first M training items S_aug, condition c = mean (or sum) of the remaining ones S_raw, DDPM
+with eps loss (T = 1000, linear), SU-Net noise predictor. Sampling: ancestral over all T steps (the paper) or
+DDIM over ``sample_steps``; classifier guidance by the trained backbone's BCE score of the user's real first
+item (``guide: cg``) or classifier-free guidance with condition dropout (``guide: cf``); cosine rounding.
+
+This module holds the three networks (the backbone trained on the original data, the augmenter, the backbone
+trained on the augmented data) and scores the original loaders' users by prepending their generated items, so
+every variant (none, random, random_seq, CG, CF) is evaluated on the same users, targets and sampled candidates.
+The pipeline is :class:`~recbole_diff.trainer.DiffuASRTrainer`; see ``docs/diffuasr.md``.
+"""
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from recbole.data.interaction import Interaction
+from recbole.model.abstract_recommender import SequentialRecommender
+
+from recbole_diff.data.augment import round_to_items
+from recbole_diff.diffusion import ClassifierGuidance, GaussianDiffusion, classifier_free
+from recbole_diff.model.backbone import BackboneAdapter
+from recbole_diff.model.plugin.sunet import SUNet, square_side
+from recbole_diff.utils import get_model, require_keys
+
+AUGMENTERS = ("diffusion", "random", "random_seq")
+GUIDES = ("cg", "cf", "none")
+EVAL_MODES = ("augmented", "backbone")
+
+
+class Augmenter(nn.Module):
+    """Item table + SU-Net + DDPM (eps) over [M, d] prefixes, conditioned on a pooled sequence embedding."""
+
+    def __init__(self, n_items, m, d, config):
+        super().__init__()
+        self.m, self.d = m, d
+        self.embedding = nn.Embedding(n_items, d, padding_idx=0)
+        nn.init.normal_(self.embedding.weight, std=0.1)
+        self.sunet = SUNet(m, d, tuple(config["unet_channels"]), int(config["unet_res_blocks"]),
+                           dropout=float(config["unet_dropout"]))
+        self.null = nn.Parameter(torch.zeros(d))  # classifier-free guidance's "no condition"
+        self.diffusion = GaussianDiffusion(config["noise_schedule"], int(config["diffusion_steps"]),
+                                           parameterization="eps", variance="fixed_small")
+        self.pool = config["condition"]
+        self.p_uncond = float(config["p_uncond"])
+        self.guide = config["guide"]
+
+    def condition(self, flat_items, offsets):
+        return F.embedding_bag(flat_items, self.embedding.weight, offsets, mode=self.pool)
+
+    def loss(self, s_aug, flat_raw, raw_offsets):
+        x0 = self.embedding(s_aug)
+        c = self.condition(flat_raw, raw_offsets)
+        if self.guide == "cf" and self.p_uncond > 0:
+            drop = torch.rand(len(c), device=c.device) < self.p_uncond
+            c = torch.where(drop[:, None], self.null.expand_as(c), c)
+        t = torch.randint(self.diffusion.num_steps, (len(x0),), device=x0.device)
+        noise = torch.randn_like(x0)
+        return F.mse_loss(self.sunet(self.diffusion.q_sample(x0, t, noise), t, c), noise)
+
+    def sample(self, c, gamma=0.0, sampler="ancestral", steps=None, eta=0.0, log_prob_fn=None, generator=None):
+        """x0 [B, M, d] from noise, guided as configured: ``cf`` combines the conditional and null branches,
+        ``cg`` shifts the noise by ``log_prob_fn(x_t, t)``'s gradient."""
+        model_fn, guidance = self.sunet, ()
+        if self.guide == "cf":
+            model_fn = classifier_free(self.sunet, gamma, {"c": self.null[None]})
+        elif self.guide == "cg" and gamma != 0:
+            if log_prob_fn is None:
+                raise ValueError("guide: cg needs a classifier (the trained backbone).")
+            guidance = (ClassifierGuidance(log_prob_fn, gamma),)
+
+        def fn(x, t, c):
+            return model_fn(x, t, c=c) if self.guide == "cf" else self.sunet(x, t, c)
+
+        return self.diffusion.sample(fn, shape=(len(c), self.m, self.d), steps=steps, sampler=sampler, eta=eta,
+                                     model_kwargs={"c": c}, guidance=guidance, generator=generator,
+                                     device=c.device)
+
+
+class DiffuASR(SequentialRecommender):
+    """DiffuASR plugin; ``--backbone`` picks the RecBole sequential model trained on the augmented data."""
+
+    # No input_type: RecBole then derives it from loss_type, as for the backbone the loaders are built for.
+    is_plugin = True
+    default_backbone = "SASRec"
+
+    REQUIRED = ("backbone", "augmenter", "M", "guide", "gamma", "p_uncond", "diffusion_steps", "noise_schedule",
+                "sampler", "eta", "condition", "embedding_init", "freeze_embedding", "diffusion_embedding_size",
+                "unet_channels", "unet_res_blocks", "unet_dropout", "augmenter_epochs", "augmenter_learning_rate",
+                "augmenter_batch_size", "augmenter_min_raw", "exclude_history", "generation_batch_size",
+                "eval_mode", "long_tail_bounds")
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        require_keys(config, self.REQUIRED, "DiffuASR")
+        self._check_choices(config)
+        self.config = config
+        self.backbone_name = config["backbone"]
+        self.backbone = get_model(self.backbone_name)(config, dataset)
+        self.adapter = BackboneAdapter(self.backbone, self.backbone_name)
+        self.final = get_model(self.backbone_name)(config, dataset)  # trained on the augmented dataset
+        self.m = int(config["M"])
+        self.d = int(config["diffusion_embedding_size"])
+        square_side(self.d)
+        self.augmenter_kind = config["augmenter"]
+        self.augmenter = Augmenter(self.n_items, self.m, self.d, config) if self.augmenter_kind == "diffusion" else None
+        if self.augmenter is not None and config["embedding_init"] == "backbone":
+            own = self.adapter.item_embeddings().shape[1]
+            if own != self.d:
+                raise ValueError(f"DiffuASR embedding_init: backbone needs diffusion_embedding_size = the backbone's "
+                                 f"item embedding size ({own}), got {self.d}; or use embedding_init: random.")
+        if self.augmenter is not None and config["guide"] == "cg" and config["embedding_init"] != "backbone":
+            raise ValueError("DiffuASR guide: cg reads the generated prefix with the trained backbone, so the "
+                             "augmenter must live in its item space: set embedding_init: backbone.")
+        if self.m > self.max_seq_length:
+            raise ValueError(f"DiffuASR: M = {self.m} exceeds MAX_ITEM_LIST_LENGTH = {self.max_seq_length}.")
+        self.register_buffer("prefix", torch.zeros(dataset.user_num, self.m, dtype=torch.long))
+        self.register_buffer("item_to_final", torch.arange(self.n_items))
+        self.eval_mode = config["eval_mode"]
+        self.frozen = False
+
+    @staticmethod
+    def _check_choices(config):
+        for key, allowed in (("augmenter", AUGMENTERS), ("guide", GUIDES), ("eval_mode", EVAL_MODES),
+                             ("sampler", ("ancestral", "ddim")), ("condition", ("mean", "sum")),
+                             ("embedding_init", ("backbone", "random"))):
+            if config[key] not in allowed:
+                raise ValueError(f"DiffuASR: {key} must be one of {allowed}, got '{config[key]}'.")
+        if int(config["M"]) < 1:
+            raise ValueError(f"DiffuASR: M (generated items per user) must be >= 1, got {config['M']}.")
+
+    # ---- the backbone on the original data ---------------------------------------------------------------
+    def freeze_backbone(self):
+        self.adapter.freeze()
+        self.frozen = True
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def init_embedding_from_backbone(self):
+        with torch.no_grad():
+            self.augmenter.embedding.weight.copy_(self.adapter.item_embeddings())
+        self.augmenter.embedding.weight.requires_grad_(not bool(self.config["freeze_embedding"]))
+
+    def first_item_log_prob(self, first_items):
+        """log sigmoid of the backbone's score of each user's real first item after a prefix given as item
+        embeddings [B, M, d] (the classifier of ``guide: cg``). The embeddings enter through a forward hook on
+        the backbone's item table, so any adapted backbone reads them without being rewritten."""
+        m = self.m
+
+        def log_prob(x, t):
+            seq = torch.ones(len(x), self.max_seq_length, dtype=torch.long, device=x.device)
+            lens = torch.full((len(x),), m, dtype=torch.long, device=x.device)
+            seq[:, m:] = 0
+
+            def replace(_module, _inp, out):
+                out = out.clone()
+                out[:, :m] = x
+                return out
+
+            handle = self.backbone.item_embedding.register_forward_hook(replace)
+            try:
+                scores = self.backbone.full_sort_predict(Interaction({self.ITEM_SEQ: seq, self.ITEM_SEQ_LEN: lens}))
+            finally:
+                handle.remove()
+            return F.logsigmoid(scores.gather(1, first_items[:, None]).squeeze(1))
+
+        return log_prob
+
+    # ---- generation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def round(self, x0, exclude=None):
+        return round_to_items(x0, self.augmenter.embedding.weight, exclude)
+
+    # ---- scoring the original loaders --------------------------------------------------------------------
+    @contextmanager
+    def evaluating(self, mode):
+        if mode not in EVAL_MODES:
+            raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got '{mode}'.")
+        saved, self.eval_mode = self.eval_mode, mode
+        try:
+            yield self
+        finally:
+            self.eval_mode = saved
+
+    def augmented_input(self, interaction):
+        """The user's generated items, then the history; the last ``MAX_ITEM_LIST_LENGTH`` kept (what the
+        augmented dataset's loader gives for the same target), in the final backbone's item ids."""
+        seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        prefix = self.prefix[interaction[self.USER_ID]]
+        full = torch.cat([prefix, seq], dim=1)
+        total = self.m + lens
+        start = (total - self.max_seq_length).clamp(min=0)
+        idx = start[:, None] + torch.arange(self.max_seq_length, device=seq.device)[None]
+        out = full.gather(1, idx.clamp(max=full.shape[1] - 1))
+        new_len = total - start
+        out = out.masked_fill(torch.arange(self.max_seq_length, device=seq.device)[None] >= new_len[:, None], 0)
+        fields = {self.ITEM_SEQ: self.item_to_final[out], self.ITEM_SEQ_LEN: new_len}
+        if self.ITEM_ID in interaction.interaction:
+            fields[self.ITEM_ID] = self.item_to_final[interaction[self.ITEM_ID]]
+        return Interaction(fields)
+
+    def full_sort_predict(self, interaction):
+        if self.eval_mode == "backbone":
+            return self.backbone.full_sort_predict(interaction)
+        scores = self.final.full_sort_predict(self.augmented_input(interaction))
+        return scores[:, self.item_to_final]  # back to this dataset's item order
+
+    def predict(self, interaction):
+        if self.eval_mode == "backbone":
+            return self.backbone.predict(interaction)
+        return self.final.predict(self.augmented_input(interaction))
+
+    def calculate_loss(self, interaction):
+        raise RuntimeError("DiffuASR is trained by DiffuASRTrainer (run_recbole_diff uses it): backbone, augmenter, "
+                           "generation, augmented dataset, backbone on it.")

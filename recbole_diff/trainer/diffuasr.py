@@ -1,0 +1,192 @@
+"""DiffuASRTrainer: the whole augmentation pipeline in ``fit``.
+
+1. the backbone on the original data (RecBole's recipe, or ``backbone_checkpoint``): the baseline, the
+   classifier of ``guide: cg`` and the item space of ``embedding_init: backbone``;
+2. the augmenter on (S_aug, S_raw) pairs of training sequences (``augmenter: diffusion``);
+3. M items for every user, conditioned on the training part only;
+4. a new atomic dataset with those items before each user's first interaction (never overwriting one);
+5. a fresh backbone trained on it with RecBole's recipe, early-stopped on its validation split (the same
+   targets as the original's).
+
+Evaluation scores the original loaders' users with their generated items prepended (see
+:class:`~recbole_diff.model.plugin.diffuasr.DiffuASR`).
+"""
+import copy
+import math
+import os
+import time
+
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import ModelType, set_color
+from tqdm import tqdm
+
+from recbole_diff.data.augment import (
+    augmented_name, augmenter_users, history_mask, random_prefix, random_seq_prefix, training_sequences,
+    write_augmented_dataset,
+)
+from recbole_diff.evaluation import group_metrics
+from recbole_diff.trainer.backbone import BackboneStageMixin
+from recbole_diff.trainer.trainer import Trainer, unique_checkpoint_path
+from recbole_diff.utils import get_model, get_trainer
+
+
+class DiffuASRTrainer(BackboneStageMixin, Trainer):
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.backbone_checkpoint = config["backbone_checkpoint"]
+        self.backbone_valid_result = None
+        self.sequences = None
+        self.info = {}
+
+    # ---- stage 2: the augmenter --------------------------------------------------------------------------
+    def train_augmenter(self, sequences, show_progress=False):
+        model, c = self.model, self.config
+        aug = model.augmenter
+        if c["embedding_init"] == "backbone":
+            model.init_embedding_from_backbone()
+        users = augmenter_users(sequences, model.m, int(c["augmenter_min_raw"]))
+        if len(users) == 0:
+            raise ValueError(f"DiffuASR: no user has M + augmenter_min_raw = {model.m + int(c['augmenter_min_raw'])} "
+                             "training items to learn from; lower M or augmenter_min_raw.")
+        self.logger.info(set_color(f"DiffuASR: training the augmenter on {len(users)} sequences "
+                                   f"(first {model.m} items generated from the rest)", "green"))
+        opt = torch.optim.Adam([p for p in aug.parameters() if p.requires_grad], lr=float(c["augmenter_learning_rate"]))
+        batch, epochs = int(c["augmenter_batch_size"]), int(c["augmenter_epochs"])
+        aug.train()
+        start = time.perf_counter()
+        bar = tqdm(range(epochs), ncols=100, desc=set_color("DiffuASR augmenter", "pink")) if show_progress else range(epochs)
+        for epoch in bar:
+            total, order = 0.0, users[torch.randperm(len(users))]
+            for lo in range(0, len(order), batch):
+                b = order[lo:lo + batch]
+                flat, offsets = sequences.bags(b, start=model.m)
+                loss = aug.loss(sequences.heads(b, model.m).to(self.device), flat.to(self.device), offsets.to(self.device))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(b)
+            if epoch % max(1, epochs // 10) == 0 or epoch == epochs - 1:
+                self.logger.info(f"DiffuASR augmenter epoch {epoch}: eps loss {total / len(users):.4f}")
+        aug.eval()
+        self.info["augmenter_seconds"] = time.perf_counter() - start
+        self.info["augmenter_final_loss"] = total / len(users)
+
+    # ---- stage 3: generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, sequences, users=None, show_progress=False):
+        """[len(users), M] generated items (this dataset's ids) for the given users (default: every user with
+        training items); also writes them into ``model.prefix``."""
+        model, c = self.model, self.config
+        if users is None:
+            users = torch.nonzero(sequences.lengths > 0).flatten()
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(int(c["seed"]))
+        cpu_gen = torch.Generator().manual_seed(int(c["seed"]))
+        batch = int(c["generation_batch_size"])
+        chunks = range(0, len(users), batch)
+        if show_progress:
+            chunks = tqdm(chunks, total=math.ceil(len(users) / batch), ncols=100,
+                          desc=set_color("DiffuASR generation", "pink"))
+        out = []
+        start = time.perf_counter()
+        for lo in chunks:
+            b = users[lo:lo + batch]
+            exclude = history_mask(sequences, b, model.n_items) if c["exclude_history"] else None
+            if model.augmenter_kind == "random":
+                items = random_prefix(b, model.m, model.n_items, cpu_gen, exclude)
+            elif model.augmenter_kind == "random_seq":
+                items = random_seq_prefix(sequences, b, model.m, cpu_gen)
+            else:
+                items = self._diffusion_prefix(sequences, b, exclude, generator)
+            out.append(items.cpu())
+        prefix = torch.cat(out) if out else torch.empty(0, model.m, dtype=torch.long)
+        seconds = time.perf_counter() - start
+        self.info.update(generation_seconds=seconds, generation_users_per_s=len(users) / max(seconds, 1e-9))
+        model.prefix[users.to(model.prefix.device)] = prefix.to(model.prefix.device)
+        return prefix
+
+    def _diffusion_prefix(self, sequences, users, exclude, generator):
+        model, c = self.model, self.config
+        aug = model.augmenter
+        flat, offsets = sequences.bags(users)
+        cond = aug.condition(flat.to(self.device), offsets.to(self.device))
+        log_prob = None
+        if c["guide"] == "cg":
+            log_prob = model.first_item_log_prob(sequences.heads(users, 1)[:, 0].to(self.device))
+        x0 = aug.sample(cond, float(c["gamma"]), c["sampler"], c["sample_steps"], float(c["eta"]), log_prob, generator)
+        return model.round(x0, None if exclude is None else exclude.to(self.device))
+
+    # ---- stages 4 and 5: the augmented dataset and the backbone on it -----------------------------------
+    def augmented_config(self, name, root):
+        sub = copy.deepcopy(self.config)
+        backbone = get_model(self.model.backbone_name)
+        sub["dataset"], sub["data_path"] = name, os.path.join(root, name)
+        sub["model"], sub["MODEL_TYPE"] = self.model.backbone_name, ModelType.SEQUENTIAL
+        sub["MODEL_INPUT_TYPE"] = getattr(backbone, "input_type", self.config["MODEL_INPUT_TYPE"])
+        return sub
+
+    def write_dataset(self, train_dataset, prefix, users):
+        c = self.config
+        name = augmented_name(c["dataset"], c["augmenter"], self.model.m, c["guide"], float(c["gamma"]),
+                              c["sample_steps"], c["sampler"], c["seed"])
+        root = c["augmented_data_path"] or os.path.join(c["checkpoint_dir"], "augmented")
+        uid, iid = train_dataset.uid_field, train_dataset.iid_field
+        user_tokens = train_dataset.field2id_token[uid][users.numpy()]
+        item_tokens = train_dataset.field2id_token[iid][prefix.numpy()]
+        path = write_augmented_dataset(c["data_path"], c["dataset"], root, name, list(user_tokens),
+                                       [list(row) for row in item_tokens], uid, iid, train_dataset.time_field)
+        self.logger.info(set_color(f"DiffuASR: wrote the augmented dataset {path}", "green"))
+        self.info["augmented_dataset"] = path
+        return name, root
+
+    def train_on_augmented(self, name, root, train_dataset, verbose=True, saved=True, show_progress=False):
+        config = self.augmented_config(name, root)
+        dataset = create_dataset(config)
+        train, valid, _ = data_preparation(config, dataset)
+        iid = train_dataset.iid_field
+        if dataset.item_num != train_dataset.item_num:
+            raise ValueError(f"The augmented dataset has {dataset.item_num} items, the original "
+                             f"{train_dataset.item_num}; a filter in the config removed items. Drop it for DiffuASR.")
+        tokens = train_dataset.field2id_token[iid]
+        mapping = torch.as_tensor([0] + [dataset.field2token_id[iid][t] for t in tokens[1:]], dtype=torch.long)
+        self.model.item_to_final.copy_(mapping.to(self.model.item_to_final.device))
+        self.logger.info(set_color(f"DiffuASR: training {self.model.backbone_name} on the augmented dataset", "green"))
+        trainer = get_trainer(ModelType.SEQUENTIAL, self.model.backbone_name)(config, self.model.final)
+        trainer.saved_model_file = unique_checkpoint_path(self.config, tag=f"{self.model.backbone_name}-augmented")
+        score, result = trainer.fit(train, valid, verbose=verbose, saved=saved, show_progress=show_progress)
+        if saved:
+            trainer.load_model_file()
+            self.info["augmented_backbone_checkpoint"] = trainer.saved_model_file
+        return score, result
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self.prepare_backbone(train_data, valid_data, verbose, saved, show_progress)
+        self.sequences = training_sequences(train_data.dataset)
+        if self.model.augmenter is not None:
+            self.train_augmenter(self.sequences, show_progress)
+        users = torch.nonzero(self.sequences.lengths > 0).flatten()
+        self.logger.info(set_color(f"DiffuASR: generating {self.model.m} items for {len(users)} users "
+                                   f"({self.config['augmenter']})", "green"))
+        prefix = self.generate(self.sequences, users, show_progress)
+        self.logger.info(f"DiffuASR: {self.info['generation_users_per_s']:.1f} users/s")
+        name, root = self.write_dataset(train_data.dataset, prefix, users)
+        score, result = self.train_on_augmented(name, root, train_data.dataset, verbose, saved, show_progress)
+        self.best_valid_score, self.best_valid_result = score, result
+        if saved:
+            self._save_checkpoint(0, verbose=verbose)
+        return score, result
+
+    def extra_results(self, valid_data=None, test_data=None):
+        out = {"backbone": self.model.backbone_name, "backbone_checkpoint": self.backbone_checkpoint,
+               "backbone_best_valid_result": self.backbone_valid_result, **self.info}
+        if test_data is not None:
+            with self.model.evaluating("backbone"):
+                out["backbone_test_result"] = super().evaluate(test_data, load_best_model=False)
+            if self.sequences is not None:
+                lengths = self.sequences.lengths + 2  # the user's whole original sequence (valid and test too)
+                bounds = tuple(self.config["long_tail_bounds"])
+                out["long_tail_result"] = group_metrics(self, test_data, lengths, bounds)
+                with self.model.evaluating("backbone"):
+                    out["backbone_long_tail_result"] = group_metrics(self, test_data, lengths, bounds)
+        return out
