@@ -129,8 +129,8 @@ def read_atomic(path):
 def write_augmented_dataset(source_dir, source_name, target_root, target_name, user_tokens, prefix_tokens,
                             uid_field, iid_field, time_field):
     """A new atomic dataset ``<target_root>/<target_name>/``: the source ``.inter`` rows unchanged, then for each
-    user the M generated items with timestamps before the user's first real interaction (first_time - M, ...,
-    first_time - 1), so a time-ordered split picks the same validation and test items. Other atomic files
+    user the M generated items with timestamps before the user's first real interaction (``first - M * gap``,
+    ..., ``first - gap``), so a time-ordered split picks the same validation and test items. Other atomic files
     (``.item``, ``.user``) are copied. An existing target directory is never touched."""
     target = os.path.join(target_root, target_name)
     if os.path.exists(target):
@@ -157,10 +157,13 @@ def write_augmented_dataset(source_dir, source_name, target_root, target_name, u
         for user, items in zip(user_tokens, prefix_tokens):
             if user not in first:
                 continue
+            # RecBole sorts by float32 time (epoch seconds resolve to ~1 minute): space the pseudo items by two
+            # float32 steps so they stay distinct and before the first real interaction after that rounding.
+            gap = max(1.0, 2.0 * float(np.spacing(np.float32(abs(first[user]) + 1.0))))
             for k, item in enumerate(items):
                 row = [""] * len(header)
                 row[iu], row[ii] = user, item
-                t = first[user] - (m - k)
+                t = first[user] - (m - k) * gap
                 row[it] = str(int(t)) if float(t).is_integer() else repr(t)
                 writer.writerow(row)
     for suffix in ("item", "user"):

@@ -18,15 +18,17 @@ def training_interactions(train_dataset, with_time=False):
     seq_field = ds.iid_field + ds.config["LIST_SUFFIX"]
     len_field = ds.config["ITEM_LIST_LENGTH_FIELD"]
     if seq_field in inter.columns and len_field in inter.columns:
+        # First items go first: RecBole keeps times as float32 (epoch seconds lose ~1 minute), so a stable sort
+        # by time must fall back to this order, which is each user's true order.
         first = inter[len_field].numpy() == 1
-        users = np.concatenate([users, users[first]])
-        items = np.concatenate([items, inter[seq_field][:, 0].numpy()[first]])
+        users = np.concatenate([users[first], users])
+        items = np.concatenate([inter[seq_field][:, 0].numpy()[first], items])
         if times is not None:
             time_list = time_field + ds.config["LIST_SUFFIX"]
             if time_list not in inter.columns:
                 times = None
             else:
-                times = np.concatenate([times, inter[time_list][:, 0].numpy()[first]])
+                times = np.concatenate([inter[time_list][:, 0].numpy()[first], times])
     if with_time:
         return users, items, times
     return users, items

@@ -1,0 +1,243 @@
+"""DiffuASR: SU-Net, the augmenter's loss and guidance, rounding, the baselines, the dataset writer and the
+pipeline (evaluation with prepended items equals the augmented dataset's own evaluation)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from recbole.data import create_dataset, data_preparation
+
+from recbole_diff.data.augment import (
+    Sequences, augmenter_users, history_mask, random_prefix, random_seq_prefix, read_atomic, round_to_items,
+    training_sequences, write_augmented_dataset,
+)
+from recbole_diff.model.plugin.sunet import SUNet
+from recbole_diff.quick_start import build_config, load_data_and_model, prepare_data, run_recbole_diff
+from recbole_diff.utils import get_model, get_trainer
+
+from conftest import DATA_PATH, SLICE, TINY
+
+ASR = dict(TINY, hidden_size=16, diffusion_embedding_size=16, unet_channels=[8, 16, 16], M=3, augmenter_epochs=2,
+           sampler="ddim", sample_steps=5, epochs=2)
+
+
+def build(tmp_path, **overrides):
+    config = build_config("DiffuASR", SLICE, config_dict=dict(ASR, checkpoint_dir=str(tmp_path), **overrides),
+                          cmd_line=False)
+    _, train, valid, test = prepare_data(config)
+    torch.manual_seed(0)
+    return config, get_model("DiffuASR")(config, train.dataset), train, valid, test
+
+
+# ---- SU-Net ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m,d,channels", [(1, 16, (8, 16, 16)), (4, 64, (8, 16, 16, 16)), (10, 64, (8, 16, 16, 16)),
+                                          (7, 256, (8, 16, 16, 16))])
+def test_sunet_output_has_the_input_shape(m, d, channels):
+    net = SUNet(m, d, channels)
+    x = torch.randn(3, m, d)
+    out = net(x, torch.tensor([0, 10, 999]), torch.randn(3, d))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_sunet_refuses_non_square_d_and_too_many_levels():
+    with pytest.raises(ValueError, match="perfect square"):
+        SUNet(4, 48)
+    with pytest.raises(ValueError, match="levels"):
+        SUNet(4, 16, channels=(8, 16, 16, 16))  # 4 x 4 cannot be halved three times
+
+
+def test_sunet_reads_the_step_and_the_condition():
+    torch.manual_seed(0)
+    net = SUNet(3, 16, (8, 16, 16), dropout=0.0).eval()
+    x, c = torch.randn(2, 3, 16), torch.randn(2, 16)
+    base = net(x, torch.tensor([5, 5]), c)
+    assert not torch.allclose(base, net(x, torch.tensor([500, 500]), c))
+    assert not torch.allclose(base, net(x, torch.tensor([5, 5]), c + 1))
+
+
+# ---- the augmenter -----------------------------------------------------------------------------------------
+def test_eps_loss_decreases(tmp_path):
+    config, model, train, _, _ = build(tmp_path, guide="cf")
+    seqs = training_sequences(train.dataset)
+    users = augmenter_users(seqs, model.m, 5)
+    aug = model.augmenter
+    opt = torch.optim.Adam(aug.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    flat, offsets = seqs.bags(users, start=model.m)
+    heads = seqs.heads(users, model.m)
+    losses = []
+    for _ in range(60):
+        loss = aug.loss(heads, flat, offsets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+
+
+def test_classifier_free_with_gamma_zero_is_unguided(tmp_path):
+    _, model, _, _, _ = build(tmp_path, guide="cf")
+    aug = model.augmenter.eval()
+    c = torch.randn(4, 16)
+    guided = aug.sample(c, gamma=0.0, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(1))
+    aug.guide = "none"
+    plain = aug.sample(c, gamma=0.0, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(guided, plain)
+    aug.guide = "cf"
+    other = aug.sample(c, gamma=3.0, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(other, plain)
+
+
+def test_classifier_guidance_raises_the_first_items_probability(tmp_path):
+    _, model, train, _, _ = build(tmp_path, guide="cg")
+    model.eval()
+    batch = next(iter(train))
+    first = batch["item_id"][:8]
+    log_prob = model.first_item_log_prob(first)
+    x = torch.randn(8, model.m, model.d)
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_(True)
+        grad = torch.autograd.grad(log_prob(xg, None).sum(), xg)[0]
+    assert grad.abs().sum() > 0  # the hook lets the gradient reach the prefix embeddings
+    # the guided noise estimate's x0 moves along +grad: log p rises for a small step
+    diffusion = model.augmenter.diffusion
+    t = torch.full((8,), 500)
+    eps = torch.randn_like(x)
+    from recbole_diff.diffusion import ClassifierGuidance
+
+    pred = diffusion.model_predictions(lambda x_t, t: eps, x, t)
+    guided = ClassifierGuidance(log_prob, 0.05)(diffusion, x, t, dict(pred))
+    with torch.no_grad():
+        assert (log_prob(guided["pred_x0"], t) > log_prob(pred["pred_x0"], t)).float().mean() > 0.9
+
+
+# ---- rounding and baselines --------------------------------------------------------------------------------
+def test_rounding_is_the_cosine_argmax_and_exclusion_avoids_history_and_repeats():
+    torch.manual_seed(0)
+    table = torch.randn(30, 8)
+    x0 = torch.randn(5, 4, 8)
+    got = round_to_items(x0, table)
+    cos = torch.nn.functional.cosine_similarity(x0[:, :, None], table[None, None], dim=-1)
+    cos[..., 0] = -2
+    assert torch.equal(got, cos.argmax(-1))
+    x0[:, 1] = x0[:, 0]  # two positions that want the same item
+    exclude = torch.zeros(5, 30, dtype=torch.bool)
+    exclude[:, 0] = True
+    exclude[:, got[:, 2].unique()] = True
+    out = round_to_items(x0, table, exclude)
+    for row in range(5):
+        assert len(set(out[row].tolist())) == 4 and not exclude[row, out[row]].any()
+
+
+def test_random_baselines():
+    seqs = Sequences(torch.tensor([0, 0, 3, 8]), torch.tensor([4, 5, 6, 1, 2, 3, 9, 9]))
+    users = torch.tensor([1, 2])
+    own = random_seq_prefix(seqs, users, 6, torch.Generator().manual_seed(0))
+    assert set(own[0].tolist()) <= {4, 5, 6} and set(own[1].tolist()) <= {1, 2, 3, 9}
+    exclude = history_mask(seqs, users, 12)
+    uni = random_prefix(users, 6, 12, torch.Generator().manual_seed(0), exclude)
+    assert not exclude.gather(1, uni).any() and (uni > 0).all()
+
+
+def test_augmenter_sees_training_items_only(tmp_path):
+    _, _, train, valid, test = build(tmp_path)
+    seqs = training_sequences(train.dataset)
+    for loader in (valid, test):
+        d = loader.dataset.inter_feat
+        for u, i in zip(d["user_id"].tolist()[:40], d["item_id"].tolist()[:40]):
+            assert seqs.lengths[u] > 0
+            # the held-out item is each user's latest; the training sequence ends before it
+    with open(os.path.join(DATA_PATH, SLICE, f"{SLICE}.inter")) as f:
+        raw = sum(1 for _ in f) - 1
+    assert int(seqs.lengths.sum()) == raw - len(valid.dataset.inter_feat) - len(test.dataset.inter_feat)
+    inter = train.dataset.inter_feat
+    last = {}
+    for u, i in zip(inter["user_id"].tolist(), inter["item_id"].tolist()):
+        last[u] = i  # rows are in time order: the last training target
+    assert all(int(seqs.of(u)[-1]) == i for u, i in last.items())
+
+
+# ---- the writer ----------------------------------------------------------------------------------------------
+def test_writer_keeps_every_interaction_and_the_held_out_targets(tmp_path):
+    config, _, train, valid, test = build(tmp_path)
+    ds = train.dataset
+    users = torch.arange(1, ds.user_num)
+    prefix = torch.randint(1, ds.item_num, (len(users), 3), generator=torch.Generator().manual_seed(0))
+    uid, iid = ds.uid_field, ds.iid_field
+    path = write_augmented_dataset(config["data_path"], SLICE, str(tmp_path / "aug"), "aug-slice",
+                                   list(ds.field2id_token[uid][users.numpy()]),
+                                   [list(r) for r in ds.field2id_token[iid][prefix.numpy()]], uid, iid, ds.time_field)
+    header, rows = read_atomic(os.path.join(path, "aug-slice.inter"))
+    _, original = read_atomic(os.path.join(config["data_path"], f"{SLICE}.inter"))
+    assert rows[:len(original)] == original and len(rows) == len(original) + 3 * len(users)
+
+    aug_config = build_config("SASRec", "aug-slice", cmd_line=False,
+                              config_dict=dict(TINY, data_path=str(tmp_path / "aug")))
+    aug_train, aug_valid, aug_test = data_preparation(aug_config, create_dataset(aug_config))
+
+    def held(loader):
+        d, f = loader.dataset.inter_feat, loader.dataset.field2id_token
+        return {(f[uid][u], f[iid][i]) for u, i in zip(d[uid].tolist(), d[iid].tolist())}
+
+    assert held(aug_valid) == held(valid) and held(aug_test) == held(test)
+    # each user's training part now starts with the generated items, in order
+    aug_seqs = training_sequences(aug_train.dataset)
+    tok = aug_train.dataset.field2token_id
+    for row, u in enumerate(users.tolist()[:20]):
+        au = tok[uid][ds.field2id_token[uid][u]]
+        want = [tok[iid][ds.field2id_token[iid][i]] for i in prefix[row].tolist()]
+        assert aug_seqs.of(au)[:3].tolist() == want
+
+    with pytest.raises(FileExistsError, match="not overwritten"):
+        write_augmented_dataset(config["data_path"], SLICE, str(tmp_path / "aug"), "aug-slice", [], [], uid, iid,
+                                ds.time_field)
+    assert read_atomic(os.path.join(path, "aug-slice.inter"))[1] == rows
+
+
+# ---- the pipeline ------------------------------------------------------------------------------------------
+def test_pipeline_scores_equal_the_augmented_datasets_own_and_reload(tmp_path):
+    cfg = dict(ASR, checkpoint_dir=str(tmp_path), guide="cf", gamma=1.0)
+    result = run_recbole_diff("DiffuASR", SLICE, config_dict=cfg, cmd_line=False)
+    assert os.path.isdir(result["augmented_dataset"]) and result["generation_users_per_s"] > 0
+    assert result["backbone_test_result"] is not None
+    groups = result["long_tail_result"]
+    total = sum(g["users"] for g in groups.values())
+    hit = sum(g["users"] * g["hit@10"] for g in groups.values() if g["users"])
+    assert hit / total == pytest.approx(result["test_result"]["hit@10"], abs=1e-3)
+
+    # the augmented backbone on the written dataset's own loaders gives the same test metrics
+    name = os.path.basename(result["augmented_dataset"])
+    aug_config = build_config("SASRec", name, cmd_line=False, config_dict=dict(
+        ASR, data_path=os.path.dirname(result["augmented_dataset"]), checkpoint_dir=str(tmp_path)))
+    _, _, aug_test = data_preparation(aug_config, create_dataset(aug_config))
+    final = get_model("SASRec")(aug_config, aug_test.dataset)
+    trainer = get_trainer(aug_config["MODEL_TYPE"], "SASRec")(aug_config, final)
+    own = trainer.evaluate(aug_test, load_best_model=True, model_file=result["augmented_backbone_checkpoint"])
+    assert dict(own) == pytest.approx(dict(result["test_result"]), abs=1e-4)
+
+    config, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
+    again = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model).evaluate(test_data, load_best_model=False)
+    assert dict(again) == pytest.approx(dict(result["test_result"]), abs=1e-4)
+
+    with pytest.raises(FileExistsError, match="not overwritten"):  # the same run again would overwrite
+        run_recbole_diff("DiffuASR", SLICE, config_dict=cfg, cmd_line=False)
+
+
+@pytest.mark.parametrize("augmenter", ["random", "random_seq"])
+def test_random_baselines_run_through_the_same_writer(tmp_path, augmenter):
+    result = run_recbole_diff("DiffuASR", SLICE, cmd_line=False,
+                              config_dict=dict(ASR, checkpoint_dir=str(tmp_path), augmenter=augmenter, epochs=1))
+    assert f"-{augmenter}-M3-" in result["augmented_dataset"] and "augmenter_seconds" not in result
+
+
+def test_bad_choices(tmp_path):
+    with pytest.raises(ValueError, match="embedding_init"):
+        build(tmp_path, guide="cg", embedding_init="random")
+    with pytest.raises(ValueError, match="diffusion_embedding_size"):
+        build(tmp_path, diffusion_embedding_size=64)
+    with pytest.raises(ValueError, match="perfect square"):
+        build(tmp_path, diffusion_embedding_size=15, embedding_init="random", guide="cf")
+    with pytest.raises(ValueError, match="augmenter"):
+        build(tmp_path, augmenter="gan")
+    with pytest.raises(ValueError, match="MAX_ITEM_LIST_LENGTH"):
+        build(tmp_path, M=11)
