@@ -74,6 +74,21 @@ def test_trains_and_ranks_all_items():
         assert model.full_sort_predict(inter).shape == (len(inter), model.n_items)
 
 
+def test_sampled_predict_reads_one_reverse_run_per_user():
+    from recbole.data.interaction import Interaction
+
+    _, model, _, _, _ = build(mask_history=True)
+    model.eval()
+    users = torch.tensor([3, 3, 3, 7, 7])
+    items = torch.tensor([1, 5, 9, 2, 4])
+    with torch.no_grad():
+        full = model.full_sort_predict(Interaction({"user_id": users}))
+        got = model.predict(Interaction({"user_id": users, "item_id": items}))
+    assert torch.equal(got, full[torch.arange(5), items])
+    history = model.history_item_id[3][model.history_item_value[3] > 0]
+    assert torch.isinf(full[0, history]).all()  # mask_history ranks training items last
+
+
 def test_position_weighting_and_bad_choices():
     _, model, _, _, _ = build(weighting="position")
     assert model.time_aware

@@ -10,6 +10,7 @@ data loader.
 """
 import numpy as np
 import torch
+from recbole.data.interaction import Interaction
 from recbole.model.general_recommender.diffrec import DiffRec
 
 from recbole_diff.data.interactions import training_interactions
@@ -103,5 +104,7 @@ class TIDiffRec(DiffRec):
         return scores
 
     def predict(self, interaction):
-        item = interaction[self.ITEM_ID]
-        return self.full_sort_predict(interaction).gather(1, item[:, None]).squeeze(1)
+        # Sampled evaluation repeats each user once per candidate: run the reverse process once per user.
+        users, inverse = torch.unique(interaction[self.USER_ID], return_inverse=True)
+        scores = self.full_sort_predict(Interaction({self.USER_ID: users}))
+        return scores[inverse, interaction[self.ITEM_ID]]
