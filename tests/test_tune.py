@@ -37,10 +37,17 @@ def test_every_shipped_space_is_valid():
 
     from recbole_diff import properties_dir
 
+    from recbole_diff.quick_start import build_config
+
+    from conftest import SLICE, TINY
+
     files = glob.glob(os.path.join(properties_dir(), "tune", "*.yaml"))
-    assert files
+    assert len(files) >= 5
     for path in files:
-        assert load_space(path)
+        space = load_space(path)
+        model = os.path.splitext(os.path.basename(path))[0]
+        known = build_config(model, SLICE, config_dict=dict(TINY), cmd_line=False).final_config_dict
+        assert space and set(space) <= set(known), (model, set(space) - set(known))
 
 
 @pytest.mark.tune
