@@ -88,8 +88,9 @@ def test_classifier_free_with_gamma_zero_is_unguided(tmp_path):
     assert not torch.allclose(other, plain)
 
 
-def test_classifier_guidance_raises_the_first_items_probability(tmp_path):
-    _, model, train, _, _ = build(tmp_path, guide="cg")
+@pytest.mark.parametrize("backbone", ["SASRec", "BERT4Rec", "GRU4Rec"])
+def test_classifier_guidance_raises_the_first_items_probability(tmp_path, backbone):
+    _, model, train, _, _ = build(tmp_path, guide="cg", backbone=backbone, embedding_size=16)
     model.eval()
     batch = next(iter(train))
     first = batch["item_id"][:8]
