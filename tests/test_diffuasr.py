@@ -100,16 +100,22 @@ def test_classifier_guidance_raises_the_first_items_probability(tmp_path, backbo
         xg = x.clone().requires_grad_(True)
         grad = torch.autograd.grad(log_prob(xg, None).sum(), xg)[0]
     assert grad.abs().sum() > 0  # the hook lets the gradient reach the prefix embeddings
-    # the guided noise estimate's x0 moves along +grad: log p rises for a small step
+    # the guided noise estimate's x0 moves along +grad of log p (at x_t), and log p rises for a modest step
     diffusion = model.augmenter.diffusion
     t = torch.full((8,), 500)
     eps = torch.randn_like(x)
     from recbole_diff.diffusion import ClassifierGuidance
 
     pred = diffusion.model_predictions(lambda x_t, t: eps, x, t)
-    guided = ClassifierGuidance(log_prob, 0.05)(diffusion, x, t, dict(pred))
+    abar = diffusion.alphas_cumprod[500]
+    coef = (1 - abar) / abar.sqrt()  # x0 shift per unit of gamma * grad
+    gamma = 0.5 / float(coef * grad.flatten(1).norm(dim=1).mean())
+    guided = ClassifierGuidance(log_prob, gamma)(diffusion, x, t, dict(pred))
+    shift = (guided["pred_x0"] - pred["pred_x0"]).flatten(1)
+    cos = torch.nn.functional.cosine_similarity(shift, grad.flatten(1), dim=1)
+    assert (cos > 0.99).all()
     with torch.no_grad():
-        assert (log_prob(guided["pred_x0"], t) > log_prob(pred["pred_x0"], t)).float().mean() > 0.9
+        assert (log_prob(x + shift.view_as(x), t) > log_prob(x, t)).float().mean() > 0.9
 
 
 # ---- rounding and baselines --------------------------------------------------------------------------------
@@ -138,6 +144,7 @@ def test_random_baselines():
     exclude = history_mask(seqs, users, 12)
     uni = random_prefix(users, 6, 12, torch.Generator().manual_seed(0), exclude)
     assert not exclude.gather(1, uni).any() and (uni > 0).all()
+    assert all(len(set(row.tolist())) == 6 for row in uni)  # distinct within a prefix
 
 
 def test_augmenter_sees_training_items_only(tmp_path):
@@ -156,6 +163,33 @@ def test_augmenter_sees_training_items_only(tmp_path):
     for u, i in zip(inter["user_id"].tolist(), inter["item_id"].tolist()):
         last[u] = i  # rows are in time order: the last training target
     assert all(int(seqs.of(u)[-1]) == i for u, i in last.items())
+
+
+def test_prepending_keeps_the_last_items_and_skips_users_without_a_prefix(tmp_path):
+    from recbole.data.interaction import Interaction
+
+    _, model, _, _, _ = build(tmp_path)  # MAX_ITEM_LIST_LENGTH 10, M 3
+    model.prefix[5] = torch.tensor([7, 8, 9])
+    seq = torch.zeros(3, 10, dtype=torch.long)
+    seq[0, :4] = torch.tensor([1, 2, 3, 4])
+    seq[1, :10] = torch.arange(11, 21)
+    seq[2, :2] = torch.tensor([30, 31])
+    inter = Interaction({"user_id": torch.tensor([5, 5, 6]), "item_id_list": seq,
+                         "item_length": torch.tensor([4, 10, 2])})
+    out = model.augmented_input(inter)
+    assert out["item_id_list"][0].tolist() == [7, 8, 9, 1, 2, 3, 4, 0, 0, 0] and out["item_length"][0] == 7
+    assert out["item_id_list"][1].tolist() == list(range(11, 21)) and out["item_length"][1] == 10
+    assert out["item_id_list"][2].tolist()[:3] == [30, 31, 0] and out["item_length"][2] == 2
+
+
+def test_users_without_a_validation_item_are_not_augmented(tmp_path):
+    from types import SimpleNamespace
+
+    config, model, _, _, _ = build(tmp_path)
+    trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
+    seqs = Sequences(torch.tensor([0, 0, 2, 4, 9]), torch.arange(1, 10))
+    valid = SimpleNamespace(dataset=SimpleNamespace(uid_field="user_id", inter_feat={"user_id": torch.tensor([1, 3])}))
+    assert trainer.augmentable_users(seqs, valid).tolist() == [1, 3]
 
 
 # ---- the writer ----------------------------------------------------------------------------------------------
@@ -228,7 +262,7 @@ def test_pipeline_scores_equal_the_augmented_datasets_own_and_reload(tmp_path):
 def test_random_baselines_run_through_the_same_writer(tmp_path, augmenter):
     result = run_recbole_diff("DiffuASR", SLICE, cmd_line=False,
                               config_dict=dict(ASR, checkpoint_dir=str(tmp_path), augmenter=augmenter, epochs=1))
-    assert f"-{augmenter}-M3-" in result["augmented_dataset"] and "augmenter_seconds" not in result
+    assert f"-{augmenter}-SASRec-M3-" in result["augmented_dataset"] and "augmenter_seconds" not in result
 
 
 def test_bad_choices(tmp_path):

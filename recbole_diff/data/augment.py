@@ -5,6 +5,8 @@ Everything here reads the training split only (see :func:`~recbole_diff.data.int
 validation and test items never reach the augmenter, its condition or its exclusions.
 """
 import csv
+import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -90,15 +92,12 @@ def round_to_items(x0, item_table, exclude=None):
 
 
 def random_prefix(users, m, n_items, generator=None, exclude=None):
-    """The paper's ``random`` baseline: uniform items (not the user's own, with ``exclude``)."""
-    out = torch.randint(1, n_items, (len(users), m), generator=generator)
+    """The paper's ``random`` baseline: m distinct uniform items (never the user's own, with ``exclude``)."""
+    allowed = torch.ones(len(users), n_items)
+    allowed[:, 0] = 0
     if exclude is not None:
-        for _ in range(100):  # resample the few collisions
-            bad = exclude.gather(1, out)
-            if not bad.any():
-                break
-            out[bad] = torch.randint(1, n_items, (int(bad.sum()),), generator=generator)
-    return out
+        allowed = allowed.masked_fill(exclude, 0)
+    return torch.multinomial(allowed, m, replacement=False, generator=generator)
 
 
 def random_seq_prefix(sequences, users, m, generator=None):
@@ -111,11 +110,17 @@ def random_seq_prefix(sequences, users, m, generator=None):
 
 
 # ---- the augmented dataset ---------------------------------------------------------------------------
-def augmented_name(dataset, augmenter, m, guide, gamma, sample_steps, sampler, seed):
-    if augmenter != "diffusion":
-        return f"{dataset}-{augmenter}-M{m}-seed{seed}"
-    steps = f"{sampler}{sample_steps if sample_steps else 'all'}"
-    return f"{dataset}-diffuasr-M{m}-{guide}-g{gamma:g}-{steps}-seed{seed}"
+def augmented_name(dataset, backbone, augmenter, m, seed, guide=None, gamma=None, sample_steps=None, sampler=None,
+                   settings=None):
+    """``<dataset>-<augmenter>-<backbone>-M<M>[-<guide>-g<gamma>-<sampler><steps>]-seed<seed>[-<hash>]``: the
+    source, M, guidance, steps and seed readable; the augmenter's other settings as a short hash."""
+    parts = [dataset, "diffuasr" if augmenter == "diffusion" else augmenter, backbone, f"M{m}"]
+    if augmenter == "diffusion":
+        parts += [guide, f"g{gamma:g}", f"{sampler}{sample_steps if sample_steps else 'all'}"]
+    parts.append(f"seed{seed}")
+    if settings:
+        parts.append(hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:6])
+    return "-".join(parts)
 
 
 def read_atomic(path):
@@ -129,7 +134,8 @@ def read_atomic(path):
 def write_augmented_dataset(source_dir, source_name, target_root, target_name, user_tokens, prefix_tokens,
                             uid_field, iid_field, time_field):
     """A new atomic dataset ``<target_root>/<target_name>/``: the source ``.inter`` rows unchanged, then for each
-    user the M generated items with timestamps before the user's first real interaction (``first - M * gap``,
+    given user the M generated items, other columns copied from the user's first real row, with timestamps before
+    the user's first real interaction (``first - M * gap``,
     ..., ``first - gap``), so a time-ordered split picks the same validation and test items. Other atomic files
     (``.item``, ``.user``) are copied. An existing target directory is never touched."""
     target = os.path.join(target_root, target_name)
@@ -142,11 +148,11 @@ def write_augmented_dataset(source_dir, source_name, target_root, target_name, u
         if field not in names:
             raise ValueError(f"{source_name}.inter has no '{field}' column; DiffuASR needs user, item and time.")
     iu, ii, it = names.index(uid_field), names.index(iid_field), names.index(time_field)
-    first = {}
+    first, first_row = {}, {}
     for row in rows:
         t = float(row[it])
         if row[iu] not in first or t < first[row[iu]]:
-            first[row[iu]] = t
+            first[row[iu]], first_row[row[iu]] = t, row
     m = len(prefix_tokens[0]) if len(prefix_tokens) else 0
     tmp = f"{target}.tmp-{os.getpid()}"
     os.makedirs(tmp)
@@ -161,7 +167,7 @@ def write_augmented_dataset(source_dir, source_name, target_root, target_name, u
             # float32 steps so they stay distinct and before the first real interaction after that rounding.
             gap = max(1.0, 2.0 * float(np.spacing(np.float32(abs(first[user]) + 1.0))))
             for k, item in enumerate(items):
-                row = [""] * len(header)
+                row = list(first_row[user])  # other columns (rating, ...) as the user's first real row
                 row[iu], row[ii] = user, item
                 t = first[user] - (m - k) * gap
                 row[it] = str(int(t)) if float(t).is_integer() else repr(t)

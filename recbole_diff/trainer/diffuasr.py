@@ -117,6 +117,21 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
         x0 = aug.sample(cond, float(c["gamma"]), c["sampler"], c["sample_steps"], float(c["eta"]), log_prob, generator)
         return model.round(x0, None if exclude is None else exclude.to(self.device))
 
+    def augmentable_users(self, sequences, valid_data):
+        """Users whose leave-one-out split the prepended items cannot change: RecBole holds out
+        ``min(2, rows - 1)`` rows, so a user without a validation row (3 interactions or fewer) would see a
+        training target move to validation. Those users keep their original data."""
+        users = torch.nonzero(sequences.lengths > 0).flatten()
+        if valid_data is None:
+            return users
+        held = torch.zeros(len(sequences.lengths), dtype=torch.bool)
+        held[valid_data.dataset.inter_feat[valid_data.dataset.uid_field]] = True
+        skipped = int((~held[users]).sum())
+        if skipped:
+            self.logger.info(f"DiffuASR: {skipped} users without a validation item keep their original data")
+        self.info["users_not_augmented"] = skipped
+        return users[held[users]]
+
     # ---- stages 4 and 5: the augmented dataset and the backbone on it -----------------------------------
     def augmented_config(self, name, root):
         sub = copy.deepcopy(self.config)
@@ -128,8 +143,14 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
 
     def write_dataset(self, train_dataset, prefix, users):
         c = self.config
-        name = augmented_name(c["dataset"], c["augmenter"], self.model.m, c["guide"], float(c["gamma"]),
-                              c["sample_steps"], c["sampler"], c["seed"])
+        settings = {k: c[k] for k in ("exclude_history", "MAX_ITEM_LIST_LENGTH")}
+        if c["augmenter"] == "diffusion":
+            settings.update({k: c[k] for k in (
+                "embedding_init", "freeze_embedding", "condition", "p_uncond", "diffusion_steps", "noise_schedule",
+                "eta", "diffusion_embedding_size", "unet_channels", "unet_res_blocks", "unet_dropout",
+                "augmenter_epochs", "augmenter_learning_rate", "augmenter_batch_size", "augmenter_min_raw")})
+        name = augmented_name(c["dataset"], self.model.backbone_name, c["augmenter"], self.model.m, c["seed"],
+                              c["guide"], float(c["gamma"]), c["sample_steps"], c["sampler"], settings)
         root = c["augmented_data_path"] or os.path.join(c["checkpoint_dir"], "augmented")
         uid, iid = train_dataset.uid_field, train_dataset.iid_field
         user_tokens = train_dataset.field2id_token[uid][users.numpy()]
@@ -165,7 +186,7 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
         self.sequences = training_sequences(train_data.dataset)
         if self.model.augmenter is not None:
             self.train_augmenter(self.sequences, show_progress)
-        users = torch.nonzero(self.sequences.lengths > 0).flatten()
+        users = self.augmentable_users(self.sequences, valid_data)
         self.logger.info(set_color(f"DiffuASR: generating {self.model.m} items for {len(users)} users "
                                    f"({self.config['augmenter']})", "green"))
         prefix = self.generate(self.sequences, users, show_progress)

@@ -29,6 +29,8 @@ from recbole_diff.utils import get_model, require_keys
 AUGMENTERS = ("diffusion", "random", "random_seq")
 GUIDES = ("cg", "cf", "none")
 EVAL_MODES = ("augmented", "backbone")
+# Backbones that embed the item sequence position by position with item_embedding (classifier guidance hooks it).
+CG_BACKBONES = ("SASRec", "LightSANs", "GRU4Rec", "NARM", "NextItNet", "STAMP", "BERT4Rec")
 
 
 class Augmenter(nn.Module):
@@ -112,11 +114,16 @@ class DiffuASR(SequentialRecommender):
             if own != self.d:
                 raise ValueError(f"DiffuASR embedding_init: backbone needs diffusion_embedding_size = the backbone's "
                                  f"item embedding size ({own}), got {self.d}; or use embedding_init: random.")
+        if self.augmenter is not None and config["guide"] == "cg" and self.backbone_name not in CG_BACKBONES:
+            raise ValueError(f"DiffuASR guide: cg feeds the generated prefix to the backbone through its item table; "
+                             f"'{self.backbone_name}' embeds a graph of the session instead. Use guide: cf, or one of "
+                             f"{', '.join(CG_BACKBONES)}.")
         if self.augmenter is not None and config["guide"] == "cg" and config["embedding_init"] != "backbone":
             raise ValueError("DiffuASR guide: cg reads the generated prefix with the trained backbone, so the "
                              "augmenter must live in its item space: set embedding_init: backbone.")
-        if self.m > self.max_seq_length:
-            raise ValueError(f"DiffuASR: M = {self.m} exceeds MAX_ITEM_LIST_LENGTH = {self.max_seq_length}.")
+        if self.m + int(self.adapter.spec.mask_token) > self.max_seq_length:
+            raise ValueError(f"DiffuASR: M = {self.m} does not fit MAX_ITEM_LIST_LENGTH = {self.max_seq_length}"
+                             f"{' with the mask token' if self.adapter.spec.mask_token else ''}.")
         self.register_buffer("prefix", torch.zeros(dataset.user_num, self.m, dtype=torch.long))
         self.register_buffer("item_to_final", torch.arange(self.n_items))
         self.eval_mode = config["eval_mode"]
@@ -151,17 +158,21 @@ class DiffuASR(SequentialRecommender):
     def first_item_log_prob(self, first_items):
         """log sigmoid of the backbone's score of each user's real first item after a prefix given as item
         embeddings [B, M, d] (the classifier of ``guide: cg``). The embeddings enter through a forward hook on
-        the backbone's item table, so any adapted backbone reads them without being rewritten."""
-        m = self.m
+        the backbone's item table, written where the input holds the placeholder item, so the backbone's own
+        input handling (BERT4Rec's appended mask token and left shift) stays intact."""
+        m, placeholder = self.m, 1
+        # BERT4Rec's evaluation input drops the first item to make room for the mask token: give it M + 1.
+        length = m + 1 if self.adapter.spec.mask_token else m
 
         def log_prob(x, t):
-            seq = torch.ones(len(x), self.max_seq_length, dtype=torch.long, device=x.device)
-            lens = torch.full((len(x),), m, dtype=torch.long, device=x.device)
-            seq[:, m:] = 0
+            seq = torch.zeros(len(x), self.max_seq_length, dtype=torch.long, device=x.device)
+            seq[:, :length] = placeholder
+            lens = torch.full((len(x),), length, dtype=torch.long, device=x.device)
 
-            def replace(_module, _inp, out):
+            def replace(_module, inputs, out):
+                where = inputs[0] == placeholder
                 out = out.clone()
-                out[:, :m] = x
+                out[where] = x[:, -int(where[0].sum()):].reshape(-1, x.shape[-1]).to(out.dtype)
                 return out
 
             handle = self.backbone.item_embedding.register_forward_hook(replace)
@@ -191,16 +202,18 @@ class DiffuASR(SequentialRecommender):
 
     def augmented_input(self, interaction):
         """The user's generated items, then the history; the last ``MAX_ITEM_LIST_LENGTH`` kept (what the
-        augmented dataset's loader gives for the same target), in the final backbone's item ids."""
+        augmented dataset's loader gives for the same target), in the final backbone's item ids. A user without
+        generated items (too short to keep their split, see DiffuASRTrainer) keeps the history as is."""
         seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         prefix = self.prefix[interaction[self.USER_ID]]
+        own = (prefix > 0).sum(1)  # M or 0
         full = torch.cat([prefix, seq], dim=1)
-        total = self.m + lens
-        start = (total - self.max_seq_length).clamp(min=0)
-        idx = start[:, None] + torch.arange(self.max_seq_length, device=seq.device)[None]
-        out = full.gather(1, idx.clamp(max=full.shape[1] - 1))
-        new_len = total - start
-        out = out.masked_fill(torch.arange(self.max_seq_length, device=seq.device)[None] >= new_len[:, None], 0)
+        total = own + lens
+        start = (self.m - own) + (total - self.max_seq_length).clamp(min=0)
+        positions = torch.arange(self.max_seq_length, device=seq.device)[None]
+        out = full.gather(1, (start[:, None] + positions).clamp(max=full.shape[1] - 1))
+        new_len = total.clamp(max=self.max_seq_length)
+        out = out.masked_fill(positions >= new_len[:, None], 0)
         fields = {self.ITEM_SEQ: self.item_to_final[out], self.ITEM_SEQ_LEN: new_len}
         if self.ITEM_ID in interaction.interaction:
             fields[self.ITEM_ID] = self.item_to_final[interaction[self.ITEM_ID]]
