@@ -150,12 +150,15 @@ def eval_generator(seed, interaction, user_field, device):
 
 def predict_from_full_sort(model, interaction, full_sort):
     """``predict`` for sampled evaluation from a full-sort scorer: RecBole repeats each user once per candidate
-    item, so the scorer runs once per distinct (sequence, length) and each row reads its item's score."""
+    item, so the scorer runs once per distinct (sequence, length, user) and each row reads its item's score."""
     seq, lens = interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN]
-    unique, inverse = torch.unique(torch.cat([seq, lens[:, None]], dim=1), dim=0, return_inverse=True)
-    sub = {model.ITEM_SEQ: unique[:, :-1], model.ITEM_SEQ_LEN: unique[:, -1]}
-    if model.USER_ID in interaction.interaction:
-        sub[model.USER_ID] = interaction[model.USER_ID][:1].expand(unique.shape[0])
+    users = interaction[model.USER_ID] if model.USER_ID in interaction.interaction else None
+    key = [seq, lens[:, None]] + ([users[:, None]] if users is not None else [])
+    unique, inverse = torch.unique(torch.cat(key, dim=1), dim=0, return_inverse=True)
+    width = seq.shape[1]
+    sub = {model.ITEM_SEQ: unique[:, :width], model.ITEM_SEQ_LEN: unique[:, width]}
+    if users is not None:
+        sub[model.USER_ID] = unique[:, width + 1]
     scores = full_sort(type(interaction)(sub))[inverse]
     return scores.gather(1, interaction[model.ITEM_ID][:, None]).squeeze(1)
 

@@ -24,7 +24,7 @@ from recbole_diff.data.augment import round_to_items
 from recbole_diff.diffusion import ClassifierGuidance, GaussianDiffusion, classifier_free
 from recbole_diff.model.backbone import BackboneAdapter
 from recbole_diff.model.plugin.sunet import SUNet, square_side
-from recbole_diff.utils import get_model, require_keys
+from recbole_diff.utils import get_model, predict_from_full_sort, require_keys
 
 AUGMENTERS = ("diffusion", "random", "random_seq")
 GUIDES = ("cg", "cf", "none")
@@ -226,9 +226,8 @@ class DiffuASR(SequentialRecommender):
         return scores[:, self.item_to_final]  # back to this dataset's item order
 
     def predict(self, interaction):
-        if self.eval_mode == "backbone":
-            return self.backbone.predict(interaction)
-        return self.final.predict(self.augmented_input(interaction))
+        # one pass per distinct (history, user), not one per sampled candidate
+        return predict_from_full_sort(self, interaction, self.full_sort_predict)
 
     def calculate_loss(self, interaction):
         raise RuntimeError("DiffuASR is trained by DiffuASRTrainer (run_recbole_diff uses it): backbone, augmenter, "
