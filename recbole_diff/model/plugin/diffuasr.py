@@ -165,8 +165,8 @@ class DiffuASR(SequentialRecommender):
         length = m + 1 if self.adapter.spec.mask_token else m
 
         def log_prob(x, t):
-            seq = torch.zeros(len(x), self.max_seq_length, dtype=torch.long, device=x.device)
-            seq[:, :length] = placeholder
+            # only the prefix's width: the backbone attends over M positions, not MAX_ITEM_LIST_LENGTH
+            seq = torch.full((len(x), length), placeholder, dtype=torch.long, device=x.device)
             lens = torch.full((len(x),), length, dtype=torch.long, device=x.device)
 
             def replace(_module, inputs, out):
