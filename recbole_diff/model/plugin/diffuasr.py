@@ -12,8 +12,6 @@ trained on the augmented data) and scores the original loaders' users by prepend
 every variant (none, random, random_seq, CG, CF) is evaluated on the same users, targets and sampled candidates.
 The pipeline is :class:`~recbole_diff.trainer.DiffuASRTrainer`; see ``docs/diffuasr.md``.
 """
-from contextlib import contextmanager
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,6 +21,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole_diff.data.augment import round_to_items
 from recbole_diff.diffusion import ClassifierGuidance, GaussianDiffusion, classifier_free
 from recbole_diff.model.backbone import BackboneAdapter
+from recbole_diff.model.plugin.frozen import FrozenBackboneMixin
 from recbole_diff.model.plugin.sunet import SUNet, square_side
 from recbole_diff.utils import get_model, predict_from_full_sort, require_keys
 
@@ -82,11 +81,12 @@ class Augmenter(nn.Module):
                                      device=c.device)
 
 
-class DiffuASR(SequentialRecommender):
+class DiffuASR(FrozenBackboneMixin, SequentialRecommender):
     """DiffuASR plugin; ``--backbone`` picks the RecBole sequential model trained on the augmented data."""
 
     # No input_type: RecBole then derives it from loss_type, as for the backbone the loaders are built for.
     is_plugin = True
+    EVAL_MODES = EVAL_MODES
     default_backbone = "SASRec"
 
     REQUIRED = ("backbone", "augmenter", "M", "guide", "gamma", "p_uncond", "diffusion_steps", "noise_schedule",
@@ -140,16 +140,6 @@ class DiffuASR(SequentialRecommender):
             raise ValueError(f"DiffuASR: M (generated items per user) must be >= 1, got {config['M']}.")
 
     # ---- the backbone on the original data ---------------------------------------------------------------
-    def freeze_backbone(self):
-        self.adapter.freeze()
-        self.frozen = True
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.frozen:
-            self.backbone.eval()
-        return self
-
     def init_embedding_from_backbone(self):
         with torch.no_grad():
             self.augmenter.embedding.weight.copy_(self.adapter.item_embeddings())
@@ -190,16 +180,6 @@ class DiffuASR(SequentialRecommender):
         return round_to_items(x0, self.augmenter.embedding.weight, exclude)
 
     # ---- scoring the original loaders --------------------------------------------------------------------
-    @contextmanager
-    def evaluating(self, mode):
-        if mode not in EVAL_MODES:
-            raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got '{mode}'.")
-        saved, self.eval_mode = self.eval_mode, mode
-        try:
-            yield self
-        finally:
-            self.eval_mode = saved
-
     def augmented_input(self, interaction):
         """The user's generated items, then the history; the last ``MAX_ITEM_LIST_LENGTH`` kept (what the
         augmented dataset's loader gives for the same target), in the final backbone's item ids. A user without

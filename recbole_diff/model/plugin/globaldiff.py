@@ -9,8 +9,6 @@ Inference: the backbone's softmax ``y`` is taken as the diffusion state at step 
 the last step, denoised to ``x0_hat``, and the two are fused by a Borda count with ``gamma``.
 See ``docs/globaldiff.md`` for every key and for where this differs from the authors' code.
 """
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
@@ -21,6 +19,7 @@ from recbole_diff.data.globaldiff import (
 )
 from recbole_diff.diffusion import GaussianDiffusion, make_step_sampler
 from recbole_diff.model.backbone import BackboneAdapter
+from recbole_diff.model.plugin.frozen import FrozenBackboneMixin
 from recbole_diff.model.plugin.approximators import GlobalApproximator
 from recbole_diff.utils import eval_generator, predict_from_full_sort, get_model, require_keys
 
@@ -46,11 +45,12 @@ def borda_fuse(y, x0, gamma):
     return gamma * ranked(y) + (1 - gamma) * ranked(x0)
 
 
-class GlobalDiff(SequentialRecommender):
+class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
     """GlobalDiff plugin; ``--backbone`` picks the RecBole sequential model it is stacked on."""
 
     input_type = InputType.POINTWISE
     is_plugin = True
+    EVAL_MODES = EVAL_MODES
     default_backbone = "SASRec"
 
     REQUIRED = ("backbone", "diffusion_steps", "noise_schedule", "noise_scale", "noise_min", "noise_max",
@@ -113,28 +113,8 @@ class GlobalDiff(SequentialRecommender):
         return self.adapter.states(seq, torch.tensor([self.max_seq_length])).shape[-1]
 
     # ---- the frozen backbone -------------------------------------------------------------------------
-    def freeze_backbone(self):
-        self.adapter.freeze()
-        self.frozen = True
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.frozen:
-            self.backbone.eval()  # RecBole's trainer calls model.train() every epoch; dropout stays off
-        return self
-
     def diffusion_parameters(self):
         return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
-
-    @contextmanager
-    def evaluating(self, mode):
-        if mode not in EVAL_MODES:
-            raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got '{mode}'.")
-        saved, self.eval_mode = self.eval_mode, mode
-        try:
-            yield self
-        finally:
-            self.eval_mode = saved
 
     @torch.no_grad()
     def condition(self, item_seq, item_seq_len, positions=None):
