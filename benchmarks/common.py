@@ -31,3 +31,34 @@ def build(model, dataset, **overrides):
     train, valid, test = data_preparation(config, data)
     net = get_model(model)(config, train._dataset).to(config["device"])
     return config, net, train, valid, test
+
+
+def train_throughput(model, loader, batches, params=None, warmup=1, optimizer=torch.optim.Adam):
+    """Training rows per second over ``batches`` optimiser steps, after ``warmup`` steps that are not counted."""
+    import time
+
+    opt = optimizer(list(params) if params is not None else model.parameters(), lr=1e-3)
+    model.train()
+    rows, seconds = 0, 0.0
+    for i, inter in enumerate(loader):
+        if i >= batches + warmup:
+            break
+        start = time.perf_counter()
+        opt.zero_grad()
+        model.calculate_loss(inter).backward()
+        opt.step()
+        if i >= warmup:
+            seconds += time.perf_counter() - start
+            rows += len(inter)
+    return rows / seconds
+
+
+def report(out, path=None):
+    """Print the figures and, with ``path``, write them as JSON."""
+    import json
+
+    text = json.dumps(out, indent=2)
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")

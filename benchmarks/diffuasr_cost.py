@@ -7,12 +7,11 @@ guidance (a doubled batch per step), on the same users with the same trained aug
 Quality per sampler comes from full pipeline runs (see properties/bench/diffuasr_*.yaml).
 """
 import argparse
-import json
 import time
 
 import torch
 
-from common import build
+from common import build, report
 from recbole_diff.data.augment import training_sequences
 from recbole_diff.utils import get_trainer
 
@@ -47,11 +46,7 @@ def main():
         full = out["runs"][f"{guide}-ancestral1000"]["users_per_s"]
         for steps in (100, 50):
             out[f"{guide}_ddim{steps}_speedup"] = out["runs"][f"{guide}-ddim{steps}"]["users_per_s"] / full
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report(out, args.out)
 
 
 if __name__ == "__main__":

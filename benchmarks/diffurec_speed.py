@@ -9,26 +9,9 @@ import time
 
 import torch
 
-from common import build
+from common import build, report, train_throughput
 
 MODELS = ["SASRec", "DiffuRec", "DiffuRecSys"]
-
-
-def train_rate(model, loader, batches):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    seqs, seconds = 0, 0.0
-    for i, inter in enumerate(loader):
-        if i >= batches + 2:
-            break
-        start = time.perf_counter()
-        opt.zero_grad()
-        model.calculate_loss(inter).backward()
-        opt.step()
-        if i >= 2:  # warm-up batches are not counted
-            seconds += time.perf_counter() - start
-            seqs += len(inter)
-    return seqs / seconds
 
 
 @torch.no_grad()
@@ -102,7 +85,7 @@ def main():
         if model_name == "SASRec":
             keys.update(n_layers=2, inner_size=4 * args.hidden)
         _, model, train, _, test = build(model_name, args.dataset, **keys)
-        rows[model_name] = {"train_seq_per_s": train_rate(model, train, args.batches),
+        rows[model_name] = {"train_seq_per_s": train_throughput(model, train, args.batches, warmup=2),
                             "infer_users_per_s": infer_rate(model, test, max(2, args.batches // 3))}
         print(model_name, json.dumps(rows[model_name]), flush=True)
     _, model, train, _, test = build("DiffuRec", args.dataset, **common)
@@ -113,10 +96,7 @@ def main():
     rows["trim_gain_train"] = trim["length_groups"]["train_seq_per_s"] / base["train_seq_per_s"]
     rows["trim_gain_infer"] = trim["length_groups"]["infer_users_per_s"] / base["infer_users_per_s"]
     rows["batch_trim_only_gain_train"] = trim["batch_trim_only"]["train_seq_per_s"] / base["train_seq_per_s"]
-    print(json.dumps(rows, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(vars(args), results=rows), f, indent=1)
+    report(dict(vars(args), results=rows), args.out)
 
 
 if __name__ == "__main__":

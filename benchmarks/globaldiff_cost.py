@@ -11,7 +11,7 @@ import tracemalloc
 
 import torch
 
-from common import build
+from common import build, report, train_throughput
 from recbole_diff.data.globaldiff import ItemSimilarity, training_pairs
 
 
@@ -40,24 +40,6 @@ def eval_seconds(model, loader, batches, mode):
             seconds += time.perf_counter() - start
             users += len(batch[0])
     return seconds, users
-
-
-def train_rate(model, loader, batches):
-    model.freeze_backbone()
-    model.train()
-    opt = torch.optim.AdamW(model.diffusion_parameters(), lr=1e-3)
-    seconds, samples = 0.0, 0
-    for i, inter in enumerate(loader):
-        if i >= batches + 1:
-            break
-        start = time.perf_counter()
-        opt.zero_grad()
-        model.calculate_loss(inter).backward()
-        opt.step()
-        if i:
-            seconds += time.perf_counter() - start
-            samples += len(inter)
-    return samples / seconds
 
 
 def main():
@@ -92,12 +74,11 @@ def main():
         ensemble, _ = eval_seconds(model, test, args.batches, "ensemble")
         out["eval"][label] = {"ensemble_over_backbone": ensemble / base, "users_per_s": users / ensemble}
         if steps is None:
-            out["diffusion_train_samples_per_s"][approximator] = train_rate(model, loader, args.batches)
+            model.freeze_backbone()
+            out["diffusion_train_samples_per_s"][approximator] = train_throughput(
+                model, loader, args.batches, model.diffusion_parameters(), optimizer=torch.optim.AdamW)
         print(label, json.dumps(out["eval"][label]), flush=True)
-    print(json.dumps(out, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    report(out, args.out)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,11 @@ Preference cost does not depend on how well TI-DiffRec is trained, so an untrain
 reported as users/s.
 """
 import argparse
-import json
 import time
 
 import torch
 
-from common import build
+from common import build, report, train_throughput
 from recbole_diff.config import stage_config
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import TrainingItems, compute_preference_store
@@ -30,23 +29,6 @@ def stage2(tidiffrec, training, users, batch_size, args):
     working = batch_size * training.n_items * (4 + 4 + 8 + 1)
     return store, {"users": users, "seconds": seconds, "users_per_s": users / seconds,
                    "chunk_working_mb": working / 2 ** 20}
-
-
-def batch_seconds(model, loader, batches):
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    seconds, rows = 0.0, 0
-    for i, inter in enumerate(loader):
-        if i >= batches + 1:
-            break
-        start = time.perf_counter()
-        opt.zero_grad()
-        model.calculate_loss(inter).backward()
-        opt.step()
-        if i:  # the first batch warms up
-            seconds += time.perf_counter() - start
-            rows += len(inter)
-    return rows / seconds
 
 
 def main():
@@ -90,14 +72,10 @@ def main():
     plain.load_state_dict(model.state_dict())
     rounds = []
     for _ in range(2):  # interleaved, so drift in machine load hits both alike
-        rounds.append((batch_seconds(plain, train, args.batches), batch_seconds(model, train, args.batches)))
+        rounds.append((train_throughput(plain, train, args.batches), train_throughput(model, train, args.batches)))
     out["stage3_rows_per_s"] = {"plain_bce": sum(r[0] for r in rounds) / 2, "pdrec_all": sum(r[1] for r in rounds) / 2}
     out["stage3_time_ratio"] = out["stage3_rows_per_s"]["plain_bce"] / out["stage3_rows_per_s"]["pdrec_all"]
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report(out, args.out)
 
 
 if __name__ == "__main__":
