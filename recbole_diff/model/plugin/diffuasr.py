@@ -20,7 +20,6 @@ from recbole.model.abstract_recommender import SequentialRecommender
 
 from recbole_diff.data.augment import round_to_items
 from recbole_diff.diffusion import ClassifierGuidance, GaussianDiffusion, classifier_free
-from recbole_diff.model.backbone import BackboneAdapter
 from recbole_diff.model.plugin.frozen import FrozenBackboneMixin
 from recbole_diff.model.plugin.sunet import SUNet, square_side
 from recbole_diff.utils import get_model, predict_from_full_sort, require_keys
@@ -99,10 +98,7 @@ class DiffuASR(FrozenBackboneMixin, SequentialRecommender):
         super().__init__(config, dataset)
         require_keys(config, self.REQUIRED, "DiffuASR")
         self._check_choices(config)
-        self.config = config
-        self.backbone_name = config["backbone"]
-        self.backbone = get_model(self.backbone_name)(config, dataset)
-        self.adapter = BackboneAdapter(self.backbone, self.backbone_name)
+        self.build_backbone(config, dataset)
         self.final = get_model(self.backbone_name)(config, dataset)  # trained on the augmented dataset
         self.m = int(config["M"])
         self.d = int(config["diffusion_embedding_size"])
@@ -127,7 +123,6 @@ class DiffuASR(FrozenBackboneMixin, SequentialRecommender):
         self.register_buffer("prefix", torch.zeros(dataset.user_num, self.m, dtype=torch.long))
         self.register_buffer("item_to_final", torch.arange(self.n_items))
         self.eval_mode = config["eval_mode"]
-        self.frozen = False
 
     @staticmethod
     def _check_choices(config):

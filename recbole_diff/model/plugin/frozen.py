@@ -1,12 +1,23 @@
 """What the plugins built on a trained, frozen backbone share (GlobalDiff, DiffuASR)."""
 from contextlib import contextmanager
 
+from recbole_diff.model.backbone import BackboneAdapter
+from recbole_diff.utils import get_model
+
 
 class FrozenBackboneMixin:
     """Put before ``SequentialRecommender``. Needs ``self.adapter`` (the backbone's adapter), ``self.backbone``,
-    ``self.eval_mode`` and the class attribute ``EVAL_MODES``; call ``self.frozen = False`` in ``__init__``."""
+    ``self.eval_mode`` and the class attribute ``EVAL_MODES``; ``build_backbone`` sets up the first two."""
 
     EVAL_MODES = ()
+
+    def build_backbone(self, config, dataset):
+        """The RecBole model named by ``backbone`` on this dataset, and its adapter."""
+        self.config = config
+        self.backbone_name = config["backbone"]
+        self.backbone = get_model(self.backbone_name)(config, dataset)
+        self.adapter = BackboneAdapter(self.backbone, self.backbone_name)
+        self.frozen = False
 
     def freeze_backbone(self):
         self.adapter.freeze()

@@ -18,10 +18,9 @@ from recbole_diff.data.globaldiff import (
     ItemSimilarity, UserSequenceLoader, bernoulli_targets, reweighted_targets, sample_mask_positions, training_pairs, user_sequences,
 )
 from recbole_diff.diffusion import GaussianDiffusion, make_step_sampler
-from recbole_diff.model.backbone import BackboneAdapter
 from recbole_diff.model.plugin.frozen import FrozenBackboneMixin
 from recbole_diff.model.plugin.approximators import GlobalApproximator
-from recbole_diff.utils import eval_generator, predict_from_full_sort, get_model, require_keys
+from recbole_diff.utils import eval_generator, predict_from_full_sort, require_keys
 
 GUIDANCE = ("full", "target", "none")
 EVAL_MODES = ("ensemble", "backbone", "diffusion_only")
@@ -63,10 +62,7 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         super().__init__(config, dataset)
         require_keys(config, self.REQUIRED, "GlobalDiff")
         self._check_choices(config)
-        self.config = config
-        self.backbone_name = config["backbone"]
-        self.backbone = get_model(self.backbone_name)(config, dataset)
-        self.adapter = BackboneAdapter(self.backbone, self.backbone_name)
+        self.build_backbone(config, dataset)
         self.adapter.require_position_states("GlobalDiff")
         state_dim = self._state_dim()
         self.guidance = config["guidance"]
@@ -95,7 +91,6 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         self.diffusion_loss = config["diffusion_loss"]
         self.eval_seed = int(config["seed"])
         self.similarity = None
-        self.frozen = False
 
     @staticmethod
     def _check_choices(config):
