@@ -9,7 +9,7 @@ from recbole_diff.config import Config
 from recbole_diff.data.globaldiff import (
     ItemSimilarity, bernoulli_targets, reweighted_targets, sample_mask_positions, training_pairs, user_sequences,
 )
-from recbole_diff.model.plugin.globaldiff import borda_fuse
+from recbole_diff.model.plugin.globaldiff import borda_fuse, descending_order
 from recbole_diff.quick_start import load_data_and_model, run_recbole_diff
 from recbole_diff.trainer import GlobalDiffTrainer
 from recbole_diff.utils import get_model, get_trainer
@@ -160,6 +160,27 @@ def test_borda_ranks_with_ties():
     fused = borda_fuse(y, x, 0.5)
     expected = 0.5 * torch.tensor([2.0, 0.6, 0.4, 0.1]) + 0.5 * torch.tensor([0.1, 0.4, 0.9, 1.6])
     assert torch.allclose(fused[0].float(), expected)
+
+
+def test_fast_borda_equals_the_stable_sort_definition_with_ties_and_zeros():
+    def reference(v):  # the definition: stable descending sort, best item M
+        v = v.double()
+        order = torch.argsort(v, dim=1, descending=True, stable=True)
+        ranks = torch.empty_like(v)
+        for row in range(v.shape[0]):
+            ranks[row, order[row]] = torch.arange(v.shape[1], 0, -1, dtype=v.dtype)
+        return ranks * v
+
+    gen = torch.Generator().manual_seed(0)
+    y = torch.softmax(torch.randn(16, 300, generator=gen, dtype=torch.float64) * 4, dim=-1)
+    x = torch.rand(16, 300, generator=gen, dtype=torch.float64)
+    x[:, :40] = 0.0                                   # exact zeros, as history filtering leaves them
+    x[::3, 100:110] = x[::3, 100:101]                 # non-zero ties in every third row
+    y[1, 50:60] = y[1, 50]
+    for gamma in (0.0, 0.3, 1.0):
+        assert torch.equal(borda_fuse(y, x, gamma), gamma * reference(y) + (1 - gamma) * reference(x)
+                           if 0 < gamma < 1 else reference(y if gamma == 1 else x))
+    assert torch.equal(descending_order(x)[::3, :10], torch.argsort(x[::3], dim=1, descending=True, stable=True)[:, :10])
 
 
 def test_gamma_one_reproduces_the_backbones_ranking_exactly():

@@ -9,6 +9,7 @@ Inference: the backbone's softmax ``y`` is taken as the diffusion state at step 
 the last step, denoised to ``x0_hat``, and the two are fused by a Borda count with ``gamma``.
 See ``docs/globaldiff.md`` for every key and for where this differs from the authors' code.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
@@ -26,15 +27,31 @@ GUIDANCE = ("full", "target", "none")
 EVAL_MODES = ("ensemble", "backbone", "diffusion_only")
 
 
+def descending_order(v):
+    """Per row, the item indices from the largest value to the smallest, equal values in index order.
+
+    On CPU torch's stable sort is the slowest step of the ensemble (3x the backbone's whole forward on ml-100k),
+    and numpy's quicksort is about 4x faster; it is unstable, so rows with a tie between non-zero values, which
+    would otherwise rank in arbitrary order, are sorted again stably. Tied zeros need no fix: their Borda
+    score is 0 whatever their ranks, and they hold the same positions either way."""
+    if v.device.type != "cpu":
+        return torch.argsort(v, dim=1, descending=True, stable=True)
+    order = torch.from_numpy(np.argsort(-v.numpy(), axis=1, kind="quicksort"))
+    ordered = v.gather(1, order)
+    tied = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != 0)).any(dim=1)
+    if tied.any():
+        order[tied] = torch.argsort(v[tied], dim=1, descending=True, stable=True)
+    return order
+
+
 def borda_fuse(y, x0, gamma):
     """``gamma * r(y) * y + (1 - gamma) * r(x0) * x0`` with r the rank (best item M, next M - 1, ...; ties in
     index order). Computed in float64 so that gamma = 1 keeps the backbone's order down to the tail."""
     def ranked(v):
         v = v.double()
-        order = torch.argsort(v, dim=1, descending=True, stable=True)
         ranks = torch.empty_like(v)
         m = v.shape[1]
-        ranks.scatter_(1, order, torch.arange(m, 0, -1, device=v.device, dtype=v.dtype).expand_as(v).contiguous())
+        ranks.scatter_(1, descending_order(v), torch.arange(m, 0, -1, device=v.device, dtype=v.dtype).expand_as(v))
         return ranks * v
 
     if gamma == 1:
