@@ -14,6 +14,7 @@ A search space file maps config keys to one distribution each::
     zeta: {grid: [0.5, 1.5]}                 # every value, for each sample
 """
 import argparse
+import json
 import os
 import time
 
@@ -125,7 +126,19 @@ def trainable(params, base):
     _, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=callback)
     test_result = trainer.evaluate(test_data, load_best_model=True)
     report(dict(_flat("valid", best_valid), **_flat("test", test_result), valid_score=float(
-        best_valid[config["valid_metric"].lower()]), done=True))
+        best_valid[config["valid_metric"].lower()]), done_test=True))
+
+
+def trial_summary(results, metric, scheduler, wall):
+    """What a search cost: wall time, validations run per trial, trials the scheduler cut short."""
+    trials = []
+    for result in results:
+        m = result.metrics or {}
+        trials.append({"config": result.config, "validations": int(m.get("training_iteration", 0)) - bool(m.get("done_test")),
+                       "finished": bool(m.get("done_test")), metric: m.get(metric), "error": str(result.error) if result.error else None})
+    return {"scheduler": scheduler, "wall_seconds": wall, "trials": len(trials),
+            "validations": sum(t["validations"] for t in trials),
+            "stopped_early": sum(not t["finished"] and not t["error"] for t in trials), "per_trial": trials}
 
 
 def run_tune(model, dataset, space_path, samples, config_dict=None, config_files=None, backbone=None,
@@ -151,7 +164,9 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
         ray.init(address=address, num_cpus=None if address else (cpus or 1), include_dashboard=False,
                  log_to_driver=False, ignore_reinit_error=True)
     epochs = probe["diffusion_epochs"] if probe["diffusion_epochs"] else probe["epochs"]
-    sched = (ASHAScheduler(time_attr="training_iteration", max_t=max(1, int(epochs)), grace_period=1,
+    # one report per validation plus the final test report: a trial that validates every epoch must not be
+    # stopped by max_t before it reports its test metrics
+    sched = (ASHAScheduler(time_attr="training_iteration", max_t=max(1, int(epochs)) + 1, grace_period=1,
                            reduction_factor=2) if scheduler == "asha" else FIFOScheduler())
     base = {"model": model, "dataset": dataset, "config_dict": config_dict, "config_files": files,
             "backbone": backbone}
@@ -177,8 +192,12 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
         f.write(f"# best of {samples} trials by {metric} ({scheduler}); "
                 f"{best.metrics.get('test/' + metric.split('/', 1)[1], 'n/a')} on test\n")
         yaml.safe_dump(written, f, sort_keys=False)
-    log(f"[tune] {len(results)} trials in {wall:.0f}s; best {metric} = {best.metrics.get(metric)}; "
-        f"best config: {best_yaml}")
+    summary = trial_summary(results, metric, scheduler, wall)
+    with open(os.path.join(os.path.dirname(best_yaml), "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    log(f"[tune] {len(results)} trials in {wall:.0f}s ({summary['validations']} validations, "
+        f"{summary['stopped_early']} trials stopped early by {scheduler}); best {metric} = "
+        f"{best.metrics.get(metric)}; best config: {best_yaml}")
     return best_params, best_yaml, wall
 
 

@@ -1,4 +1,7 @@
 """Ray Tune search on the test slice (marked `tune`: starts a local Ray; runs in CI)."""
+import json
+import os
+
 import pytest
 import yaml
 
@@ -66,6 +69,10 @@ def test_two_trials_on_local_ray_write_a_loadable_best_config(tmp_path):
     assert written["model"] == "SASRec" and written["learning_rate"] == best["learning_rate"]
     config = Config(config_file_list=[best_yaml], cmd_line=False)
     assert config["model"] == "SASRec" and config["learning_rate"] == best["learning_rate"]
+    summary = json.load(open(os.path.join(os.path.dirname(best_yaml), "summary.json")))
+    assert summary["trials"] == 2 and summary["wall_seconds"] > 0
+    assert all(t["error"] is None and 1 <= t["validations"] <= 2 for t in summary["per_trial"])
+    assert sum(t["finished"] for t in summary["per_trial"]) + summary["stopped_early"] == 2
 
 
 def test_unknown_model_fails_before_any_trial(tmp_path):
