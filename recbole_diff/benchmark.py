@@ -98,6 +98,23 @@ def cells(spec):
     return out
 
 
+def select(grid_cells, methods=None, seeds=None):
+    """The cells of the named methods (``name`` or ``name@backbone``) and seeds; None keeps all."""
+    if methods:
+        known = {c["method"] for c in grid_cells} | {c["label"] for c in grid_cells}
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise BenchmarkError(f"--methods: '{unknown[0]}' is not in this grid; choose from {', '.join(sorted(known))}.")
+        grid_cells = [c for c in grid_cells if c["method"] in methods or c["label"] in methods]
+    if seeds:
+        known = {c["seed"] for c in grid_cells}
+        unknown = [s for s in seeds if int(s) not in known]
+        if unknown:
+            raise BenchmarkError(f"--seeds: {unknown[0]} is not in this grid; choose from {sorted(known)}.")
+        grid_cells = [c for c in grid_cells if c["seed"] in {int(s) for s in seeds}]
+    return grid_cells
+
+
 def cell_dir(out_dir, cell):
     return os.path.join(out_dir, "cells", cell["dataset"], cell["label"], f"seed{cell['seed']}")
 
@@ -173,12 +190,15 @@ def _launch(cell, directory, threads):
     return cell, code, time.time() - start
 
 
-def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print):
+def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print, methods=None, seeds=None):
+    """Run the grid's unfinished cells (only those of ``methods``/``seeds`` if given) and summarise every
+    finished cell in ``out_dir``."""
     spec = load_grid(spec_path)
+    chosen = select(cells(spec), methods, seeds)
     out_dir = os.path.abspath(out_dir)  # cells run with their own folder as working directory
     os.makedirs(out_dir, exist_ok=True)
     todo, done = [], 0
-    for cell in cells(spec):
+    for cell in chosen:
         directory = cell_dir(out_dir, cell)
         if os.path.isfile(os.path.join(directory, "result.json")):
             done += 1
@@ -423,9 +443,13 @@ def bench_command(argv):
     parser.add_argument("--jobs", type=int, default=1, help="cells run side by side (one process each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per cell")
     parser.add_argument("--summarise-only", action="store_true", help="rebuild the tables from finished cells")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="run only these methods (name or name@backbone); the table covers every finished cell")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="run only these seeds")
     args = parser.parse_args(argv)
     try:
         spec = load_grid(args.config)
+        select(cells(spec), args.methods, args.seeds)
     except BenchmarkError as e:
         raise SystemExit(f"recbole-diff bench: {e}")
     out = args.out or os.path.join("benchmarks", "runs", spec.get("name", "bench"))
@@ -433,7 +457,8 @@ def bench_command(argv):
         summarise(spec, out)
         print(open(os.path.join(out, "results.md")).read())
         return
-    _, failed = run_grid(args.config, out, jobs=args.jobs, threads=args.threads)
+    _, failed = run_grid(args.config, out, jobs=args.jobs, threads=args.threads, methods=args.methods,
+                         seeds=args.seeds)
     print(open(os.path.join(out, "results.md")).read())
     if failed:
         raise SystemExit(f"{len(failed)} cell(s) failed; their logs are under {out}/cells/.")

@@ -80,3 +80,19 @@ def test_every_shipped_preset_loads():
     assert len(files) >= 4
     for path in files:
         assert cells(load_grid(path))
+
+
+def test_methods_and_seeds_select_cells_and_unknown_names_are_refused():
+    from recbole_diff.benchmark import cells, select
+
+    from recbole_diff import properties_dir
+
+    grid = cells(load_grid(os.path.join(properties_dir(), "bench", "diffuasr_ml-100k.yaml")))
+    chosen = select(grid, methods=["DiffuASR-CG@SASRec", "random"], seeds=[2021])
+    assert {(c["label"], c["seed"]) for c in chosen} == {
+        ("DiffuASR-CG@SASRec", 2021), ("random@SASRec", 2021), ("random@BERT4Rec", 2021)}
+    assert select(grid) == grid
+    with pytest.raises(BenchmarkError, match="'DiffuASR-XX' is not in this grid"):
+        select(grid, methods=["DiffuASR-XX"])
+    with pytest.raises(BenchmarkError, match="--seeds: 7 is not in this grid"):
+        select(grid, seeds=[7])
