@@ -1,6 +1,7 @@
 """GlobalDiff's costs, measured in one run: similarity build time and peak memory (sparse vs dense vs
 cluster), ensemble evaluation time relative to backbone-only evaluation (U-Net at all T steps, U-Net with a
-step subset, MLP), and diffusion training samples/s.
+step subset or a single step, MLP likewise), and diffusion training samples/s; the Borda count's share of
+the ensemble's time is reported on its own.
 
     python benchmarks/globaldiff_cost.py --dataset sports [--batches 20]
 """
@@ -13,6 +14,7 @@ import torch
 
 from common import build, report, train_throughput
 from recbole_diff.data.globaldiff import ItemSimilarity, training_pairs
+from recbole_diff.model.plugin.globaldiff import borda_fuse
 
 
 def similarity_cost(model, train, kind, **kwargs):
@@ -42,6 +44,22 @@ def eval_seconds(model, loader, batches, mode):
     return seconds, users
 
 
+def borda_seconds(batch, n_items, repeats=3):
+    """The Borda count of one batch (two rankings) with our ranks vs torch's stable sort."""
+    gen = torch.Generator().manual_seed(0)
+    y, x = (torch.softmax(torch.randn(batch, n_items, generator=gen, dtype=torch.float64) * 3, -1) for _ in range(2))
+
+    def timed(fn):
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) / repeats
+
+    return {"ours": timed(lambda: borda_fuse(y, x, 0.5)),
+            "two_torch_stable_sorts": timed(lambda: [torch.argsort(v, dim=1, descending=True, stable=True) for v in (y, x)])}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="sports")
@@ -66,8 +84,11 @@ def main():
     out["eval"] = {}
     base, users = eval_seconds(model, test, args.batches, "backbone")
     out["eval"]["backbone_users_per_s"] = users / base
+    out["eval"]["borda_seconds_per_batch"] = borda_seconds(args.eval_batch, model.n_items)
+    out["eval"]["backbone_seconds_per_batch"] = base / args.batches
     for label, approximator, steps in [("unet_T20", "unet", None), ("unet_5_steps", "unet", 5),
-                                       ("mlp_T20", "mlp", None), ("mlp_5_steps", "mlp", 5)]:
+                                       ("unet_1_step", "unet", 1), ("mlp_T20", "mlp", None),
+                                       ("mlp_5_steps", "mlp", 5), ("mlp_2_steps", "mlp", 2)]:
         _, model, train, _, test = build("GlobalDiff", args.dataset, approximator=approximator,
                                          sample_steps=steps, **keys)
         model.build_training_data(train)

@@ -142,8 +142,11 @@ def trial_summary(results, metric, scheduler, wall):
 
 
 def run_tune(model, dataset, space_path, samples, config_dict=None, config_files=None, backbone=None,
-             address=None, cpus=None, scheduler="asha", out_dir="tune_runs", name=None, metric=None, log=print):
-    """Run a search; returns (best params, best yaml path, wall seconds)."""
+             address=None, cpus=None, scheduler="asha", out_dir="tune_runs", name=None, metric=None, log=print,
+             search_seed=None):
+    """Run a search; returns (best params, best yaml path, wall seconds). Trial configs are drawn with
+    ``search_seed`` (default: the config's ``seed``), so the same command samples the same trials, and two
+    schedulers can be compared on identical trials."""
     space = load_space(space_path)
     from recbole_diff.config import Config
 
@@ -159,6 +162,7 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
     import ray
     from ray import air, tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=None if address else (cpus or 1), include_dashboard=False,
@@ -175,7 +179,9 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
         tune.with_resources(tune.with_parameters(trainable, base=base), {"cpu": 1}),
         param_space=to_ray(space),
         tune_config=tune.TuneConfig(metric=metric, mode="max" if probe["valid_metric_bigger"] else "min",
-                                    num_samples=samples, scheduler=sched),
+                                    num_samples=samples, scheduler=sched,
+                                    search_alg=BasicVariantGenerator(random_state=int(
+                                        probe["seed"] if search_seed is None else search_seed))),
         run_config=air.RunConfig(name=name, storage_path=os.path.abspath(out_dir), verbose=1),
     )
     start = time.time()
@@ -192,7 +198,8 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
         f.write(f"# best of {samples} trials by {metric} ({scheduler}); "
                 f"{best.metrics.get('test/' + metric.split('/', 1)[1], 'n/a')} on test\n")
         yaml.safe_dump(written, f, sort_keys=False)
-    summary = trial_summary(results, metric, scheduler, wall)
+    summary = dict(trial_summary(results, metric, scheduler, wall), search_seed=int(
+        probe["seed"] if search_seed is None else search_seed))
     with open(os.path.join(os.path.dirname(best_yaml), "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     log(f"[tune] {len(results)} trials in {wall:.0f}s ({summary['validations']} validations, "
@@ -215,10 +222,12 @@ def tune_command(argv):
     parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray (one trial each)")
     parser.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
     parser.add_argument("--out", default="tune_runs")
+    parser.add_argument("--search_seed", type=int, default=None, help="seed of the trial sampling (default: seed)")
     args, rest = parser.parse_known_args(argv)
     try:
         run_tune(args.model, args.dataset, args.space, args.samples, config_dict=_parse_key_values(rest),
                  config_files=args.config_files.split() if args.config_files else None, backbone=args.backbone,
-                 address=args.address, cpus=args.cpus, scheduler=args.scheduler, out_dir=args.out)
+                 address=args.address, cpus=args.cpus, scheduler=args.scheduler, out_dir=args.out,
+                 search_seed=args.search_seed)
     except SearchSpaceError as e:
         raise SystemExit(f"recbole-diff tune: {e}")

@@ -70,7 +70,7 @@ def test_two_trials_on_local_ray_write_a_loadable_best_config(tmp_path):
     config = Config(config_file_list=[best_yaml], cmd_line=False)
     assert config["model"] == "SASRec" and config["learning_rate"] == best["learning_rate"]
     summary = json.load(open(os.path.join(os.path.dirname(best_yaml), "summary.json")))
-    assert summary["trials"] == 2 and summary["wall_seconds"] > 0
+    assert summary["trials"] == 2 and summary["wall_seconds"] > 0 and summary["search_seed"] == config["seed"]
     assert all(t["error"] is None and 1 <= t["validations"] <= 2 for t in summary["per_trial"])
     assert sum(t["finished"] for t in summary["per_trial"]) + summary["stopped_early"] == 2
 
