@@ -129,14 +129,26 @@ def trainable(params, base):
         best_valid[config["valid_metric"].lower()]), done_test=True))
 
 
-def trial_summary(results, metric, scheduler, wall):
-    """What a search cost: wall time, validations run per trial, trials the scheduler cut short."""
+def peak(result, metric, bigger):
+    """A trial's best reported value of ``metric`` (what ``scope='all'`` selects by), or None."""
+    frame = result.metrics_dataframe
+    if frame is None or metric not in frame or frame[metric].dropna().empty:
+        return None
+    values = frame[metric].dropna()
+    return float(values.max() if bigger else values.min())
+
+
+def trial_summary(results, metric, scheduler, wall, bigger=True):
+    """What a search cost: wall time, validations run per trial, trials the scheduler cut short, and each
+    trial's best and last value of the metric."""
     trials = []
     for result in results:
         m = result.metrics or {}
-        trials.append({"config": result.config, "validations": int(m.get("training_iteration", 0)) - bool(m.get("done_test")),
-                       "finished": bool(m.get("done_test")), metric: m.get(metric), "error": str(result.error) if result.error else None})
-    return {"scheduler": scheduler, "wall_seconds": wall, "trials": len(trials),
+        finished = bool(m.get("done_test"))
+        trials.append({"config": result.config, "validations": int(m.get("training_iteration", 0)) - finished,
+                       "finished": finished, "best": peak(result, metric, bigger), "last": m.get(metric),
+                       "error": str(result.error) if result.error else None})
+    return {"scheduler": scheduler, "metric": metric, "wall_seconds": wall, "trials": len(trials),
             "validations": sum(t["validations"] for t in trials),
             "stopped_early": sum(not t["finished"] and not t["error"] for t in trials), "per_trial": trials}
 
@@ -194,17 +206,21 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
     written = dict(config_dict, **best_params, model=model, dataset=dataset)
     if backbone:
         written["backbone"] = backbone
+    bigger = bool(probe["valid_metric_bigger"])
+    best_value = peak(best, metric, bigger)
+    test_value = best.metrics.get("test/" + metric.split("/", 1)[1])
     with open(best_yaml, "w") as f:
-        f.write(f"# best of {samples} trials by {metric} ({scheduler}); "
-                f"{best.metrics.get('test/' + metric.split('/', 1)[1], 'n/a')} on test\n")
+        # a trial the scheduler stopped early never ran its test evaluation
+        f.write(f"# best of {samples} trials by {metric} ({scheduler}): {best_value}; test: "
+                f"{test_value if test_value is not None else 'not run (trial stopped early)'}\n")
         yaml.safe_dump(written, f, sort_keys=False)
-    summary = dict(trial_summary(results, metric, scheduler, wall), search_seed=int(
-        probe["seed"] if search_seed is None else search_seed))
+    summary = dict(trial_summary(results, metric, scheduler, wall, bigger), search_seed=int(
+        probe["seed"] if search_seed is None else search_seed), best={"config": best_params, metric: best_value})
     with open(os.path.join(os.path.dirname(best_yaml), "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     log(f"[tune] {len(results)} trials in {wall:.0f}s ({summary['validations']} validations, "
         f"{summary['stopped_early']} trials stopped early by {scheduler}); best {metric} = "
-        f"{best.metrics.get(metric)}; best config: {best_yaml}")
+        f"{best_value}; best config: {best_yaml}")
     return best_params, best_yaml, wall
 
 

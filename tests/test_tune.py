@@ -73,6 +73,10 @@ def test_two_trials_on_local_ray_write_a_loadable_best_config(tmp_path):
     assert summary["trials"] == 2 and summary["wall_seconds"] > 0 and summary["search_seed"] == config["seed"]
     assert all(t["error"] is None and 1 <= t["validations"] <= 2 for t in summary["per_trial"])
     assert sum(t["finished"] for t in summary["per_trial"]) + summary["stopped_early"] == 2
+    # the reported best is the best validation any trial reached, the value the selection used
+    assert summary["best"][summary["metric"]] == max(t["best"] for t in summary["per_trial"])
+    assert all(t["best"] >= t["last"] for t in summary["per_trial"])
+    assert summary["best"]["config"] == best
 
 
 def test_unknown_model_fails_before_any_trial(tmp_path):
