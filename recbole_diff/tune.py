@@ -180,6 +180,9 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
         ray.init(address=address, num_cpus=None if address else (cpus or 1), include_dashboard=False,
                  log_to_driver=False, ignore_reinit_error=True)
     epochs = probe["diffusion_epochs"] if probe["diffusion_epochs"] else probe["epochs"]
+    bigger = bool(probe["valid_metric_bigger"])
+    mode = "max" if bigger else "min"
+    search_seed = int(probe["seed"] if search_seed is None else search_seed)
     # one report per validation plus the final test report: a trial that validates every epoch must not be
     # stopped by max_t before it reports its test metrics
     sched = (ASHAScheduler(time_attr="training_iteration", max_t=max(1, int(epochs)) + 1, grace_period=1,
@@ -190,23 +193,19 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trainable, base=base), {"cpu": 1}),
         param_space=to_ray(space),
-        tune_config=tune.TuneConfig(metric=metric, mode="max" if probe["valid_metric_bigger"] else "min",
-                                    num_samples=samples, scheduler=sched,
-                                    search_alg=BasicVariantGenerator(random_state=int(
-                                        probe["seed"] if search_seed is None else search_seed))),
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, scheduler=sched,
+                                    search_alg=BasicVariantGenerator(random_state=search_seed)),
         run_config=air.RunConfig(name=name, storage_path=os.path.abspath(out_dir), verbose=1),
     )
     start = time.time()
     results = tuner.fit()
     wall = time.time() - start
-    best = results.get_best_result(metric=metric, mode="max" if probe["valid_metric_bigger"] else "min",
-                                   scope="all")
+    best = results.get_best_result(metric=metric, mode=mode, scope="all")
     best_params = {k: best.config[k] for k in space}
     best_yaml = os.path.join(os.path.abspath(out_dir), name, "best.yaml")
     written = dict(config_dict, **best_params, model=model, dataset=dataset)
     if backbone:
         written["backbone"] = backbone
-    bigger = bool(probe["valid_metric_bigger"])
     best_value = peak(best, metric, bigger)
     test_value = best.metrics.get("test/" + metric.split("/", 1)[1])
     with open(best_yaml, "w") as f:
@@ -214,8 +213,8 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
         f.write(f"# best of {samples} trials by {metric} ({scheduler}): {best_value}; test: "
                 f"{test_value if test_value is not None else 'not run (trial stopped early)'}\n")
         yaml.safe_dump(written, f, sort_keys=False)
-    summary = dict(trial_summary(results, metric, scheduler, wall, bigger), search_seed=int(
-        probe["seed"] if search_seed is None else search_seed), best={"config": best_params, metric: best_value})
+    summary = dict(trial_summary(results, metric, scheduler, wall, bigger), search_seed=search_seed,
+                   best={"config": best_params, metric: best_value})
     with open(os.path.join(os.path.dirname(best_yaml), "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     log(f"[tune] {len(results)} trials in {wall:.0f}s ({summary['validations']} validations, "
