@@ -7,30 +7,27 @@ The backbone (original data) and the augmenter are trained once, so a seed costs
 three generations and three backbones on augmented data, where three bench cells would train three of each.
 
     python benchmarks/diffuasr_samplers.py --dataset ml-100k --preset properties/bench/diffuasr_ml-100k.yaml \
-        [--guide cg] [--seed 2020] [--set key=value ...] [--out results.json]
+        [--guide cg] [--seed 2020] [--key=value ...] [--out results.json]
 """
 import argparse
 import copy
 import os
 import time
 
-import yaml
-
 from common import build, report
 
 SAMPLERS = (("ancestral", None), ("ddim", 100), ("ddim", 50))
 
 
-def overrides(args):
+def overrides(args, extra):
     from recbole_diff.benchmark import load_grid
+    from recbole_diff.cli import _parse_key_values
 
     keys = {}
     if args.preset:
         spec = load_grid(args.preset)
         keys.update(spec["config"], **spec["dataset_config"].get(args.dataset, {}))
-    for item in args.set:
-        key, _, value = item.partition("=")
-        keys[key] = yaml.safe_load(value)
+    keys.update(_parse_key_values(extra))  # --key=value, read as the CLI reads them
     work = args.work or os.path.abspath(f"saved/diffuasr_samplers-{time.strftime('%Y%m%d-%H%M%S')}")
     keys.update(guide=args.guide, seed=args.seed, checkpoint_dir=work)
     return keys
@@ -51,15 +48,14 @@ def main():
     parser.add_argument("--preset", default=None, help="take the shared keys of a bench preset (e.g. the DiffuASR grid)")
     parser.add_argument("--guide", default="cg")
     parser.add_argument("--seed", type=int, default=2020)
-    parser.add_argument("--set", nargs="*", default=[], help="more config keys, key=value")
     parser.add_argument("--work", default=None, help="checkpoints and augmented datasets (default: a new folder)")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
 
     from recbole_diff.data.augment import training_sequences
     from recbole_diff.utils import get_trainer
 
-    keys = overrides(args)
+    keys = overrides(args, extra)
     config, model, train, valid, test = build("DiffuASR", args.dataset, backbone=args.backbone, **keys)
     trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
     trainer.prepare_backbone(train, valid, verbose=False, saved=True)
