@@ -115,13 +115,20 @@ def mode_config(config, mode):
 
 def extra_mode_results(config, trainer, show_progress=False):
     """The trained model on the same test users under each of ``extra_test_modes`` (e.g. full ranking beside the
-    paper's ``uni100``), as ``test_result_<mode>``: one training run reports both protocols."""
+    paper's ``uni100``), as ``test_result_<mode>``: one training run reports both protocols. A plugin's backbone
+    alone is scored on the same candidates too (``backbone_test_result_<mode>``), so its lift can be read under
+    every protocol."""
     out = {}
+    model = trainer.model
+    has_backbone = "backbone" in getattr(model, "EVAL_MODES", ())
     for mode in config["extra_test_modes"] or []:
         sub = mode_config(config, mode)
-        init_seed(config["seed"], config["reproducibility"])  # the same sampled candidates run to run
         test_data = prepare_data(sub)[3]  # RecBole cannot split a built dataset twice; building again is cheap
         out[f"test_result_{mode}"] = trainer.evaluate(test_data, load_best_model=False, show_progress=show_progress)
+        if has_backbone:
+            with model.evaluating("backbone"):
+                out[f"backbone_test_result_{mode}"] = trainer.evaluate(test_data, load_best_model=False,
+                                                                       show_progress=show_progress)
     return out
 
 

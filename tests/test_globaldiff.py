@@ -117,22 +117,26 @@ def test_training_data_holds_no_held_out_interaction():
         assert torch.equal(s[int(m) - k:int(m)], hist[int(n) - k:int(n)])
 
 
-def _trained_sasrec(tiny):
+def _trained_sasrec(tiny, **overrides):
     result = run_recbole_diff("SASRec", SLICE, cmd_line=False, config_dict=dict(
-        tiny, epochs=2, hidden_size=16, inner_size=32, n_layers=1, n_heads=1))
+        tiny, epochs=2, hidden_size=16, inner_size=32, n_layers=1, n_heads=1, **overrides))
     return result
 
 
 def test_backbone_is_bit_identical_after_globaldiff_training(tiny):
-    base = _trained_sasrec(tiny)
+    base = _trained_sasrec(tiny, extra_test_modes=["uni100"])
     before = torch.load(base["saved_model_file"], weights_only=False)["state_dict"]
     result = run_recbole_diff("GlobalDiff", SLICE, backbone="SASRec", cmd_line=False, config_dict=dict(
-        FAST, checkpoint_dir=tiny["checkpoint_dir"], backbone_checkpoint=base["saved_model_file"]))
+        FAST, checkpoint_dir=tiny["checkpoint_dir"], backbone_checkpoint=base["saved_model_file"],
+        extra_test_modes=["uni100"]))
     after = torch.load(result["saved_model_file"], weights_only=False)["state_dict"]
     for key, value in before.items():
         assert torch.equal(after["backbone." + key], value), key
     # the backbone alone reproduces the plain SASRec run's test metrics on the same split
     assert dict(result["backbone_test_result"]) == pytest.approx(dict(base["test_result"]), abs=1e-4)
+    # ... and under the extra protocol too, on the same sampled candidates
+    assert dict(result["backbone_test_result_uni100"]) == pytest.approx(dict(base["test_result_uni100"]), abs=1e-4)
+    assert result["test_result_uni100"] is not None
     assert set(result) >= {"backbone_test_result", "backbone_best_valid_result", "test_result"}
 
 
@@ -150,7 +154,13 @@ def test_checkpoint_round_trip_and_consistent_predict(tiny):
         full = model.full_sort_predict(inter)
         items = torch.randint(1, model.n_items, (inter[model.ITEM_SEQ].shape[0],))
         inter.update(type(inter)({model.ITEM_ID: items}))
-        assert torch.allclose(model.predict(inter), full.gather(1, items[:, None]).squeeze(1))
+        # float32 for RecBole's sampled evaluation, in exactly the full-sort order (places, best = n_items)
+        places = torch.empty_like(full)
+        places.scatter_(1, torch.argsort(full, dim=1, descending=True, stable=True),
+                        torch.arange(full.shape[1], 0, -1, dtype=full.dtype).expand_as(full))
+        predicted = model.predict(inter)
+        assert predicted.dtype == torch.float32
+        assert torch.equal(predicted.double(), places.gather(1, items[:, None]).squeeze(1))
 
 
 def test_borda_ranks_with_ties():

@@ -119,3 +119,20 @@ def test_extra_test_modes_report_another_protocol_from_the_same_model(tiny):
     assert result["test_result_full"] == result["test_result"]  # the run's own mode, evaluated again
     uni = result["test_result_uni100"]
     assert uni["hit@10"] > result["test_result"]["hit@10"] and 0 < uni["gauc"] < 1
+
+
+def test_sampled_evaluation_draws_the_same_candidates_and_leaves_trainings_random_stream(tiny):
+    import numpy as np
+
+    uni100 = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni100"}
+    result = run_recbole_diff("SASRec", SLICE, cmd_line=False, config_dict=dict(
+        tiny, epochs=1, eval_args=uni100, metrics=["Hit", "NDCG", "GAUC"]))
+    config, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    np.random.seed(7)
+    before = np.random.get_state()[1].copy()
+    first = trainer.evaluate(test_data, load_best_model=False)
+    assert np.array_equal(np.random.get_state()[1], before)  # training's stream resumes where it was
+    second = trainer.evaluate(test_data, load_best_model=False)
+    # GAUC reads every candidate's rank, so other candidates would move it
+    assert dict(first) == dict(second) == pytest.approx(dict(result["test_result"]), abs=1e-6)

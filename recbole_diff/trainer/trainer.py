@@ -7,9 +7,16 @@ Two problems with RecBole 1.2.1's Trainer that every recbole-diff run would hit:
   ``load_best_model=False``, instead of flipping a process-wide switch.
 * RecBole names checkpoints ``{model}-{time to the second}.pth``; two runs started in the same second (seeds,
   parallel trials) overwrite each other. Each run here gets a name no other run can have.
+* Sampled evaluation (``uni100``...) draws each user's candidates from numpy's global generator while it
+  iterates, so two models of one run (a plugin and its backbone), or two epochs, are scored against different
+  candidates and a paired comparison carries sampling noise. Here every evaluation draws them from the run's
+  seed, and the generator's state is put back afterwards so training's random stream is unchanged.
 """
 import os
 import uuid
+from contextlib import contextmanager
+
+import numpy as np
 
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import get_local_time
@@ -28,6 +35,17 @@ def unique_checkpoint_path(config, tag=None):
         path = os.path.join(config["checkpoint_dir"], "-".join(parts + [uuid.uuid4().hex[:8]]) + ".pth")
         if not os.path.exists(path):
             return path
+
+
+@contextmanager
+def seeded_numpy(seed):
+    """numpy's global generator seeded inside the block and restored after it."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
 
 
 class CompatMixin:
@@ -63,7 +81,8 @@ class CompatMixin:
             return None
         if load_best_model:
             self.load_model_file(model_file)
-        return super().evaluate(eval_data, load_best_model=False, model_file=None, show_progress=show_progress)
+        with seeded_numpy(self.config["seed"]):
+            return super().evaluate(eval_data, load_best_model=False, model_file=None, show_progress=show_progress)
 
     def resume_checkpoint(self, resume_file):
         resume_file = str(resume_file)

@@ -44,15 +44,21 @@ def descending_order(v):
     return order
 
 
+def descending_places(v):
+    """Per row, each item's place counted from the bottom: the largest value gets M, the next M - 1, ... (ties
+    in index order, as ``descending_order``)."""
+    places = torch.empty_like(v)
+    m = v.shape[1]
+    places.scatter_(1, descending_order(v), torch.arange(m, 0, -1, device=v.device, dtype=v.dtype).expand_as(v))
+    return places
+
+
 def borda_fuse(y, x0, gamma):
     """``gamma * r(y) * y + (1 - gamma) * r(x0) * x0`` with r the rank (best item M, next M - 1, ...; ties in
     index order). Computed in float64 so that gamma = 1 keeps the backbone's order down to the tail."""
     def ranked(v):
         v = v.double()
-        ranks = torch.empty_like(v)
-        m = v.shape[1]
-        ranks.scatter_(1, descending_order(v), torch.arange(m, 0, -1, device=v.device, dtype=v.dtype).expand_as(v))
-        return ranks * v
+        return descending_places(v) * v
 
     if gamma == 1:
         return ranked(y)
@@ -272,5 +278,15 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         return x / x.sum(dim=-1, keepdim=True).clamp(min=1e-12)
 
     def predict(self, interaction):
-        """Sampled evaluation: the full-sort scores of each row's user, read at the row's item."""
-        return predict_from_full_sort(self, interaction, self.full_sort_predict)
+        """Sampled evaluation: each row's item in its user's full-sort order, as a score (higher is better).
+
+        RecBole gathers sampled scores in float32, which would refuse the float64 Borda scores and, once cast,
+        could tie items that differ only past float32's precision; the item's place in the float64 order keeps
+        the ranking exact (an integer below 2^24 is exact in float32)."""
+        return predict_from_full_sort(self, interaction, self._full_sort_places)
+
+    def _full_sort_places(self, interaction):
+        scores = self.full_sort_predict(interaction)
+        if scores.dtype == torch.float32:
+            return scores
+        return descending_places(scores).float()
