@@ -21,6 +21,10 @@ live ``bench`` process is running (its ``running.lock``) is left to it, so two i
 its config and its result under ``<out>/cells/<dataset>/<method>[@<backbone>]/seed<seed>/``. The summary is
 ``results.csv`` (one row per cell), ``results.md`` (mean +- std, lift over the baseline and over a plugin's own
 backbone, paired t-test p-values across seeds) and PNG plots.
+
+Plugin cells of one seed that would train the same first stage (GlobalDiff's or DiffuASR's backbone, PDRec's
+TI-DiffRec) share it through ``<out>/stages`` (``stage_cache``; ``stage_cache: ~`` in the preset's config
+trains it in every cell): a grid costs one backbone per seed, and every method of a seed builds on the same one.
 """
 import argparse
 import csv
@@ -140,42 +144,11 @@ def run_cell(cell, directory):
     os.replace(tmp, os.path.join(directory, "result.json"))  # a result file is either whole or absent
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _claim(directory):
-    """Take the cell for this process: a lock file holding our pid, created atomically. A lock left by a dead
-    process (an interrupted run) is taken over; one held by a live process means another `bench` runs it."""
-    os.makedirs(directory, exist_ok=True)
-    lock = os.path.join(directory, "running.lock")
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(lock) as f:
-                    owner = int(f.read().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner and _pid_alive(owner):
-                return False
-            os.remove(lock)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    return False
-
-
 def _launch(cell, directory, threads):
-    if not _claim(directory):
+    from recbole_diff.utils import claim_lock
+
+    os.makedirs(directory, exist_ok=True)
+    if not claim_lock(os.path.join(directory, "running.lock")):
         return cell, None, 0.0
     with open(os.path.join(directory, "cell.json"), "w") as f:
         json.dump(cell, f, indent=1)
@@ -199,6 +172,8 @@ def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print, methods=None, see
     os.makedirs(out_dir, exist_ok=True)
     todo, done = [], 0
     for cell in chosen:
+        # cells that would train the same first stage (a plugin's backbone, TI-DiffRec) share one
+        cell["config"].setdefault("stage_cache", os.path.join(out_dir, "stages"))
         directory = cell_dir(out_dir, cell)
         if os.path.isfile(os.path.join(directory, "result.json")):
             done += 1

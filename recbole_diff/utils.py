@@ -171,3 +171,38 @@ def require_keys(config, keys, model_name):
             f"{model_name} needs the config key(s) {', '.join(missing)}; set them in a yaml passed with "
             f"--config_files or on the command line (--{missing[0]}=...)."
         )
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_lock(lock):
+    """Take ``lock`` (a file holding our pid, created atomically) for this process. A lock left by a dead process
+    (an interrupted run) is taken over; False when a live process holds it."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    owner = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and _pid_alive(owner):
+                return False
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False

@@ -49,6 +49,25 @@ def test_two_cells_give_csv_markdown_plots_and_resume(tmp_path):
     assert "2 cells, 2 already finished, 0 to run" in messages[0]
 
 
+def test_plugin_cells_of_a_seed_share_one_backbone_even_when_run_together(tmp_path):
+    from test_globaldiff import FAST
+
+    plugin = {k: v for k, v in FAST.items() if k not in TINY or k == "epochs"}
+    grid = write_grid(tmp_path, seeds=[1], baseline=None, metrics=["ndcg@10"], methods=[
+        {"name": "G5", "model": "GlobalDiff", "backbones": ["SASRec"], "config": dict(plugin, gamma=0.5)},
+        {"name": "G9", "model": "GlobalDiff", "backbones": ["SASRec"], "config": dict(plugin, gamma=0.9)}])
+    out = str(tmp_path / "out")
+    _, failed = run_grid(grid, out, jobs=2, log=lambda m: None)
+    assert not failed
+    assert len(os.listdir(os.path.join(out, "stages"))) == 2  # one checkpoint and its json, no lock left
+    rows = {}
+    for name in ("G5", "G9"):
+        with open(os.path.join(out, "cells", SLICE, f"{name}@SASRec", "seed1", "result.json")) as f:
+            rows[name] = yaml.safe_load(f)
+    assert rows["G5"]["backbone_test_result"] == rows["G9"]["backbone_test_result"]
+    assert sum(r["backbone_checkpoint"].startswith(os.path.join(out, "stages")) for r in rows.values()) == 1
+
+
 def test_bad_grids_are_refused(tmp_path):
     with pytest.raises(ValueError, match="Unknown model 'NoSuchRec'"):
         load_grid(write_grid(tmp_path, methods=[{"model": "NoSuchRec"}]))
@@ -61,13 +80,13 @@ def test_bad_grids_are_refused(tmp_path):
 
 
 def test_cells_locked_by_a_live_process_are_left_alone_and_stale_locks_taken_over(tmp_path):
-    from recbole_diff.benchmark import _claim
+    from recbole_diff.utils import claim_lock
 
-    cell = tmp_path / "cell"
-    assert _claim(str(cell))
-    assert not _claim(str(cell))  # our own live pid holds it
-    (cell / "running.lock").write_text("999999999")  # no such process
-    assert _claim(str(cell))
+    lock = str(tmp_path / "running.lock")
+    assert claim_lock(lock)
+    assert not claim_lock(lock)  # our own live pid holds it
+    (tmp_path / "running.lock").write_text("999999999")  # no such process
+    assert claim_lock(lock)
 
 
 def test_every_shipped_preset_loads():

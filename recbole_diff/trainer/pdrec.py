@@ -5,13 +5,14 @@ import os
 
 import torch
 from recbole.data.dataloader import UserDataLoader
-from recbole.utils import ModelType, set_color
+from recbole.utils import ModelType, init_seed, set_color
 
 from recbole_diff.config import stage_config
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import (
     PreferenceStore, TrainingItems, compute_preference_store, store_meta, store_path, timed,
 )
+from recbole_diff.trainer.stage_cache import shared_stage
 from recbole_diff.trainer.trainer import Trainer
 from recbole_diff.utils import get_model, get_trainer, load_checkpoint
 
@@ -36,20 +37,32 @@ class PDRecTrainer(Trainer):
         model = get_model("TIDiffRec")(config, dataset).to(self.device)
         self.stage1 = get_trainer(ModelType.GENERAL, "TIDiffRec")(config, model)
         if self.tidiffrec_checkpoint:
-            self.logger.info(set_color(f"PDRec: loading TI-DiffRec from {self.tidiffrec_checkpoint}", "green"))
             self.load_tidiffrec(model, self.tidiffrec_checkpoint)
         else:
-            self.logger.info(set_color("PDRec stage 1: training TI-DiffRec on the training split", "green"))
-            loader = UserDataLoader(config, dataset, None, shuffle=True)
-            self.stage1.fit(loader, valid_data, verbose=verbose, saved=saved, show_progress=show_progress)
-            if saved:
-                self.stage1.load_model_file()
-                self.tidiffrec_checkpoint = self.stage1.saved_model_file
+            with shared_stage(config, "TIDiffRec", "TIDiffRec", self.logger) as stage:
+                if stage.hit:
+                    self.load_tidiffrec(model, stage.path)
+                    self.tidiffrec_checkpoint = stage.path
+                else:
+                    self.train_tidiffrec(config, dataset, valid_data, verbose, saved, show_progress)
+                    if self.tidiffrec_checkpoint:
+                        stage.store(self.tidiffrec_checkpoint)
         model.eval()
         self.tidiffrec = model
+        # the next stages draw the same random numbers whether TI-DiffRec was trained here or loaded
+        init_seed(self.config["seed"], self.config["reproducibility"])
         return model
 
+    def train_tidiffrec(self, config, dataset, valid_data, verbose, saved, show_progress):
+        self.logger.info(set_color("PDRec stage 1: training TI-DiffRec on the training split", "green"))
+        loader = UserDataLoader(config, dataset, None, shuffle=True)
+        self.stage1.fit(loader, valid_data, verbose=verbose, saved=saved, show_progress=show_progress)
+        if saved:
+            self.stage1.load_model_file()
+            self.tidiffrec_checkpoint = self.stage1.saved_model_file
+
     def load_tidiffrec(self, model, path):
+        self.logger.info(set_color(f"PDRec: loading TI-DiffRec from {path}", "green"))
         checkpoint = load_checkpoint(path, self.device)
         saved = checkpoint["config"]
         if saved["model"] != "TIDiffRec" or str(saved["dataset"]) != str(self.config["dataset"]):

@@ -1,0 +1,126 @@
+"""Trained stages shared between runs (``stage_cache: <folder>``).
+
+A plugin's first stage (GlobalDiff's and DiffuASR's backbone, PDRec's TI-DiffRec) is often the same model in
+many runs: a benchmark grid trains one backbone per seed for every augmenter, guidance or ablation cell. With a
+stage cache the first run trains it and stores the checkpoint (and its validation result); the others load it.
+Every run using the stage then compares against the very same model, and a grid costs one stage per seed.
+
+A stage counts as the same when its model, dataset (name, folder, and the size and time of its files), seed and
+the value of every key the stage model's own config has are equal. Keys only the plugin reads (``gamma``,
+``guide``, ``M``...) and bookkeeping (``checkpoint_dir``, ``device``...) do not count. Runs started together
+wait for the one training the stage (a lock file with its pid); a lock left by a dead process is taken over.
+"""
+import glob
+import hashlib
+import json
+import numbers
+import os
+import shutil
+import time
+from contextlib import contextmanager
+
+from recbole_diff.utils import claim_lock
+
+# keys that cannot change what a stage learns
+BOOKKEEPING = frozenset({
+    "model", "checkpoint_dir", "device", "gpu_id", "use_gpu", "worker", "threads", "show_progress", "state",
+    "log_wandb", "wandb_project", "eval_batch_size", "extra_test_modes", "long_term_eval", "long_term_horizon",
+    "loss_decimal_place", "metric_decimal_place", "save_dataset", "save_dataloaders", "dataset_save_path",
+    "dataloaders_save_path", "local_rank", "nproc", "world_size", "offset", "ip", "port", "stage_cache",
+})
+
+_OWN_KEYS = {}
+
+
+def own_keys(model_name, dataset, data_path):
+    """The keys of ``model_name``'s own config on this dataset (RecBole's and ours, its yamls, the dataset's)."""
+    from recbole_diff.config import Config
+
+    if model_name not in _OWN_KEYS:
+        config = Config(model=model_name, dataset=dataset, config_dict={"data_path": data_path}, cmd_line=False)
+        _OWN_KEYS[model_name] = frozenset(config.final_config_dict)
+    return _OWN_KEYS[model_name]
+
+
+def _data_files(config):
+    folder = str(config["data_path"])  # RecBole's Config has joined the dataset's name on already
+    return {os.path.basename(p): [os.path.getsize(p), int(os.path.getmtime(p))]
+            for p in sorted(glob.glob(os.path.join(folder, "*"))) if os.path.isfile(p)}
+
+
+def stage_key(config, model_name):
+    """What makes two runs' stage the same model (see the module doc)."""
+    keys = own_keys(model_name, config["dataset"], os.path.dirname(str(config["data_path"]))) - BOOKKEEPING
+    values = {k: config[k] for k in sorted(keys) if k in config}
+    return {"stage_model": model_name, "config": values, "data_files": _data_files(config)}
+
+
+def _plain(value):
+    return float(value) if isinstance(value, numbers.Real) else str(value)  # numpy scalars; enums in configs
+
+
+class Stage:
+    """One stage's place in the cache: ``hit`` (a stored checkpoint at ``path`` and its ``meta``) or a claim
+    to train it and ``store`` the result."""
+
+    def __init__(self, folder, name, config, model_name):
+        self.folder = folder
+        self.hit, self.path, self.meta = False, None, {}
+        if folder is None:
+            return
+        self.key = stage_key(config, model_name)
+        digest = hashlib.sha1(json.dumps(self.key, sort_keys=True, default=_plain).encode()).hexdigest()[:12]
+        base = os.path.join(folder, f"{name}-{os.path.basename(str(config['dataset']))}-seed{config['seed']}-{digest}")
+        self.path, self._meta_path, self._lock = base + ".pth", base + ".json", base + ".lock"
+
+    def _load(self):
+        if os.path.isfile(self._meta_path) and os.path.isfile(self.path):
+            with open(self._meta_path) as f:
+                self.meta = json.load(f)["meta"]
+            self.hit = True
+        return self.hit
+
+    def acquire(self, logger, poll=10.0):
+        """Find the stage, or claim it for this run; while another live run holds the claim, wait for it."""
+        if self.folder is None:
+            return self
+        os.makedirs(self.folder, exist_ok=True)
+        waited = False
+        while not self._load():
+            if claim_lock(self._lock):
+                if self._load():  # stored between our look and our claim
+                    os.remove(self._lock)
+                    break
+                return self
+            if not waited:
+                logger.info(f"stage_cache: another run is training {os.path.basename(self.path)}; waiting for it")
+                waited = True
+            time.sleep(poll)
+        logger.info(f"stage_cache: using the stored stage {self.path}")
+        return self
+
+    def store(self, checkpoint_file, **meta):
+        """Keep a copy of the trained stage's checkpoint and ``meta`` (json) for the next runs."""
+        if self.folder is None or self.hit:
+            return
+        tmp = self.path + f".{os.getpid()}.tmp"
+        shutil.copyfile(checkpoint_file, tmp)
+        os.replace(tmp, self.path)
+        with open(self._meta_path + ".tmp", "w") as f:
+            json.dump({"key": self.key, "meta": meta, "trained_as": checkpoint_file}, f, indent=1, default=_plain)
+        os.replace(self._meta_path + ".tmp", self._meta_path)  # last: the pair counts only when both are whole
+
+    def release(self):
+        if self.folder is not None and not self.hit and os.path.isfile(self._lock):
+            os.remove(self._lock)
+
+
+@contextmanager
+def shared_stage(config, name, model_name, logger):
+    """The stage ``name`` (model ``model_name``) in ``config['stage_cache']``; a plain miss that stores
+    nothing when no cache is configured. The claim is given up on leaving, stored or not."""
+    stage = Stage(config["stage_cache"], name, config, model_name)
+    try:
+        yield stage.acquire(logger)
+    finally:
+        stage.release()

@@ -1,0 +1,84 @@
+"""stage_cache: a plugin's first stage trained once, loaded by every later run that would train the same."""
+import glob
+import logging
+import os
+import threading
+import time
+
+import pytest
+
+from recbole_diff.config import Config
+from recbole_diff.quick_start import run_recbole_diff
+from recbole_diff.trainer.stage_cache import Stage, stage_key
+
+from conftest import SLICE, TINY
+from test_globaldiff import FAST
+from test_pdrec import PD
+
+
+def _config(model="GlobalDiff", **overrides):
+    return Config(model=model, dataset=SLICE, backbone="SASRec" if model == "GlobalDiff" else None,
+                  config_dict=dict(FAST, **overrides), cmd_line=False)
+
+
+def test_the_stage_key_holds_the_backbones_keys_only():
+    base = stage_key(_config(), "SASRec")
+    # keys only the plugin reads, and bookkeeping, leave the stage as it is
+    assert stage_key(_config(gamma=0.1, guidance="none", checkpoint_dir="elsewhere", eval_batch_size=7),
+                     "SASRec") == base
+    # anything the backbone's training reads makes another stage
+    for key, value in [("hidden_size", 32), ("learning_rate", 0.01), ("seed", 1), ("MAX_ITEM_LIST_LENGTH", 5)]:
+        assert stage_key(_config(**{key: value}), "SASRec") != base, key
+    assert set(base["data_files"]) >= {os.path.basename(SLICE) + ".inter"}
+
+
+def test_globaldiff_runs_share_the_backbone_and_give_the_same_results(tmp_path):
+    cfg = dict(FAST, checkpoint_dir=str(tmp_path / "saved"), stage_cache=str(tmp_path / "stages"))
+    first = run_recbole_diff("GlobalDiff", SLICE, backbone="SASRec", config_dict=cfg, cmd_line=False)
+    stored = glob.glob(str(tmp_path / "stages" / "SASRec-backbone-*.pth"))
+    assert len(stored) == 1 and not glob.glob(str(tmp_path / "stages" / "*.lock"))
+    assert first["backbone_checkpoint"] != stored[0]  # the first run trained its own
+
+    second = run_recbole_diff("GlobalDiff", SLICE, backbone="SASRec", config_dict=cfg, cmd_line=False)
+    assert second["backbone_checkpoint"] == stored[0]
+    # loading the stage instead of training it changes nothing downstream
+    for key in ("test_result", "backbone_test_result", "backbone_best_valid_result", "best_valid_result"):
+        assert dict(second[key]) == pytest.approx(dict(first[key]), abs=1e-6), key
+
+    other = run_recbole_diff("GlobalDiff", SLICE, backbone="SASRec", cmd_line=False,
+                             config_dict=dict(cfg, gamma=0.2, hidden_dropout_prob=0.3))
+    assert other["backbone_checkpoint"] not in stored  # a backbone key changed: its own stage
+    assert len(glob.glob(str(tmp_path / "stages" / "SASRec-backbone-*.pth"))) == 2
+
+
+def test_pdrec_runs_share_tidiffrec_and_give_the_same_results(tmp_path):
+    cfg = dict(PD, checkpoint_dir=str(tmp_path / "saved"), stage_cache=str(tmp_path / "stages"), epochs=1)
+    first = run_recbole_diff("PDRec", SLICE, config_dict=cfg, cmd_line=False)
+    stored = glob.glob(str(tmp_path / "stages" / "TIDiffRec-*.pth"))
+    assert len(stored) == 1
+    second = run_recbole_diff("PDRec", SLICE, config_dict=cfg, cmd_line=False)
+    assert second["tidiffrec_checkpoint"] == stored[0]
+    assert dict(second["test_result"]) == pytest.approx(dict(first["test_result"]), abs=1e-6)
+    # another HBR setting is another plugin run on the same stage
+    third = run_recbole_diff("PDRec", SLICE, config_dict=dict(cfg, use_hbr=False), cmd_line=False)
+    assert third["tidiffrec_checkpoint"] == stored[0]
+
+
+def test_a_run_waits_for_the_one_training_the_stage(tmp_path):
+    config = _config()
+    trainer_side = Stage(str(tmp_path), "SASRec-backbone", config, "SASRec").acquire(logging.getLogger())
+    assert not trainer_side.hit
+    checkpoint = tmp_path / "trained.pth"
+    checkpoint.write_bytes(b"weights")
+
+    def finish():
+        time.sleep(0.5)
+        trainer_side.store(str(checkpoint), valid_result={"ndcg@10": 0.5})
+        trainer_side.release()
+
+    threading.Thread(target=finish).start()
+    start = time.time()
+    waiter = Stage(str(tmp_path), "SASRec-backbone", config, "SASRec").acquire(logging.getLogger(), poll=0.05)
+    assert waiter.hit and time.time() - start >= 0.4
+    assert waiter.meta == {"valid_result": {"ndcg@10": 0.5}}
+    assert open(waiter.path, "rb").read() == b"weights"
