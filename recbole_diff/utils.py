@@ -4,6 +4,7 @@ import importlib
 import os
 import sys
 
+import numpy as np
 import recbole.model.sequential_recommender  # noqa: F401  (see below)
 import torch
 from recbole.utils import get_model as recbole_get_model
@@ -206,3 +207,11 @@ def claim_lock(lock):
             f.write(str(os.getpid()))
         return True
     return False
+
+
+def argsort_descending(v):
+    """Per row of a 2-d tensor, the indices from the largest value to the smallest; ties in no set order.
+    On CPU numpy's (AVX-512) quicksort is about 4x faster than torch's sort over a row of all items."""
+    if v.device.type != "cpu":
+        return torch.argsort(v, dim=1, descending=True)
+    return torch.from_numpy(np.argsort(-v.numpy(), axis=1, kind="quicksort"))

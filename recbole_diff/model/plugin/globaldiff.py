@@ -9,7 +9,6 @@ Inference: the backbone's softmax ``y`` is taken as the diffusion state at step 
 the last step, denoised to ``x0_hat``, and the two are fused by a Borda count with ``gamma``.
 See ``docs/globaldiff.md`` for every key and for where this differs from the authors' code.
 """
-import numpy as np
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
@@ -21,7 +20,7 @@ from recbole_diff.data.globaldiff import (
 from recbole_diff.diffusion import GaussianDiffusion, make_step_sampler
 from recbole_diff.model.plugin.frozen import FrozenBackboneMixin
 from recbole_diff.model.plugin.approximators import GlobalApproximator
-from recbole_diff.utils import eval_generator, predict_from_full_sort, require_keys
+from recbole_diff.utils import argsort_descending, eval_generator, predict_from_full_sort, require_keys
 
 GUIDANCE = ("full", "target", "none")
 EVAL_MODES = ("ensemble", "backbone", "diffusion_only")
@@ -36,7 +35,7 @@ def descending_order(v):
     score is 0 whatever their ranks, and they hold the same positions either way."""
     if v.device.type != "cpu":
         return torch.argsort(v, dim=1, descending=True, stable=True)
-    order = torch.from_numpy(np.argsort(-v.numpy(), axis=1, kind="quicksort"))
+    order = argsort_descending(v)
     ordered = v.gather(1, order)
     tied = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != 0)).any(dim=1)
     if tied.any():
