@@ -191,6 +191,8 @@ def test_fast_borda_equals_the_stable_sort_definition_with_ties_and_zeros():
         assert torch.equal(borda_fuse(y, x, gamma), gamma * reference(y) + (1 - gamma) * reference(x)
                            if 0 < gamma < 1 else reference(y if gamma == 1 else x))
     assert torch.equal(descending_order(x)[::3, :10], torch.argsort(x[::3], dim=1, descending=True, stable=True)[:, :10])
+    # every tie in index order, zeros included (what sampled evaluation's places need)
+    assert torch.equal(descending_order(x, zero_ties=True), torch.argsort(x, dim=1, descending=True, stable=True))
 
 
 def test_gamma_one_reproduces_the_backbones_ranking_exactly():

@@ -9,6 +9,7 @@ Inference: the backbone's softmax ``y`` is taken as the diffusion state at step 
 the last step, denoised to ``x0_hat``, and the two are fused by a Borda count with ``gamma``.
 See ``docs/globaldiff.md`` for every key and for where this differs from the authors' code.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
@@ -26,29 +27,43 @@ GUIDANCE = ("full", "target", "none")
 EVAL_MODES = ("ensemble", "backbone", "diffusion_only")
 
 
-def descending_order(v):
+def descending_order(v, zero_ties=False):
     """Per row, the item indices from the largest value to the smallest, equal values in index order.
 
     On CPU torch's stable sort is the slowest step of the ensemble (3x the backbone's whole forward on ml-100k),
-    and numpy's quicksort is about 4x faster; it is unstable, so rows with a tie between non-zero values, which
-    would otherwise rank in arbitrary order, are sorted again stably. Tied zeros need no fix: their Borda
-    score is 0 whatever their ranks, and they hold the same positions either way."""
+    and numpy's quicksort is about 4x faster; it is unstable, so rows with tied values are put in index order
+    within each run of equal values afterwards. Tied zeros are left as they fall unless ``zero_ties``: their
+    Borda score is 0 whatever their places."""
     if v.device.type != "cpu":
         return torch.argsort(v, dim=1, descending=True, stable=True)
     order = argsort_descending(v)
     ordered = v.gather(1, order)
-    tied = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != 0)).any(dim=1)
+    same = ordered[:, 1:] == ordered[:, :-1]
+    tied = (same if zero_ties else same & (ordered[:, 1:] != 0)).any(dim=1)
     if tied.any():
-        order[tied] = torch.argsort(v[tied], dim=1, descending=True, stable=True)
+        order[tied] = _index_order_within_runs(ordered[tied].numpy(), order[tied].numpy())
     return order
 
 
-def descending_places(v):
+def _index_order_within_runs(ordered, order):
+    """``order`` with each run of equal values in ``ordered`` sorted by item index: one integer sort of the key
+    (run number, index), 3x faster than a stable float sort of the row."""
+    n = ordered.shape[1]
+    key = np.zeros(ordered.shape, dtype=np.int64)
+    np.cumsum(ordered[:, 1:] != ordered[:, :-1], axis=1, out=key[:, 1:])
+    key *= n
+    key += order
+    key.sort(axis=1)
+    return torch.from_numpy(key % n)
+
+
+def descending_places(v, zero_ties=False):
     """Per row, each item's place counted from the bottom: the largest value gets M, the next M - 1, ... (ties
     in index order, as ``descending_order``)."""
     places = torch.empty_like(v)
     m = v.shape[1]
-    places.scatter_(1, descending_order(v), torch.arange(m, 0, -1, device=v.device, dtype=v.dtype).expand_as(v))
+    places.scatter_(1, descending_order(v, zero_ties),
+                    torch.arange(m, 0, -1, device=v.device, dtype=v.dtype).expand_as(v))
     return places
 
 
@@ -288,4 +303,4 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         scores = self.full_sort_predict(interaction)
         if scores.dtype == torch.float32:
             return scores
-        return descending_places(scores).float()
+        return descending_places(scores, zero_ties=True).float()  # zeros too: every candidate gets its place
