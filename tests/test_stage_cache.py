@@ -62,6 +62,12 @@ def test_pdrec_runs_share_tidiffrec_and_give_the_same_results(tmp_path):
     # another HBR setting is another plugin run on the same stage
     third = run_recbole_diff("PDRec", SLICE, config_dict=dict(cfg, use_hbr=False), cmd_line=False)
     assert third["tidiffrec_checkpoint"] == stored[0]
+    # ... and so is its preference store, computed once beside the shared stage
+    assert first["preference_store_reused"] is False
+    assert second["preference_store_reused"] is True and third["preference_store_reused"] is True
+    assert first["preference_store"] == second["preference_store"] == third["preference_store"]
+    assert os.path.dirname(first["preference_store"]) == str(tmp_path / "stages")
+    assert not glob.glob(str(tmp_path / "stages" / "*.lock"))
 
 
 def test_a_run_waits_for_the_one_training_the_stage(tmp_path):

@@ -12,7 +12,7 @@ from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import (
     PreferenceStore, TrainingItems, compute_preference_store, store_meta, store_path, timed,
 )
-from recbole_diff.trainer.stage_cache import shared_stage
+from recbole_diff.trainer.stage_cache import claim_or_wait, shared_stage
 from recbole_diff.trainer.trainer import Trainer
 from recbole_diff.utils import get_model, get_trainer, load_checkpoint
 
@@ -45,8 +45,8 @@ class PDRecTrainer(Trainer):
                     self.tidiffrec_checkpoint = stage.path
                 else:
                     self.train_tidiffrec(config, dataset, valid_data, verbose, saved, show_progress)
-                    if self.tidiffrec_checkpoint:
-                        stage.store(self.tidiffrec_checkpoint)
+                    if self.tidiffrec_checkpoint and stage.store(self.tidiffrec_checkpoint):
+                        self.tidiffrec_checkpoint = stage.path  # so that its preference store is shared too
         model.eval()
         self.tidiffrec = model
         # the next stages draw the same random numbers whether TI-DiffRec was trained here or loaded
@@ -82,15 +82,33 @@ class PDRecTrainer(Trainer):
         c = self.config
         meta = store_meta(c["dataset"], training, c["dpa_m"], c["nns_pool_size"], c["omega_m"], c["seed"],
                           self.tidiffrec_checkpoint)
-        path = store_path(self.tidiffrec_checkpoint, meta) if self.tidiffrec_checkpoint else None
-        if path and os.path.isfile(path):
-            store = PreferenceStore.load(path)
-            if store.meta == meta:
-                self.logger.info(set_color(f"PDRec stage 2: reusing the preference store {path}", "green"))
-                self.info.update(preference_store=path, preference_store_reused=True)
-                return store
+        path = store_path(self.tidiffrec_checkpoint, meta) if self.tidiffrec_checkpoint and saved else None
+        if path is None:
+            return self.compute_store(tidiffrec, training, meta)
+        # runs sharing a stage-1 file share its store: one computes it, the others wait and load it
+        mine = claim_or_wait(path + ".lock", lambda: os.path.isfile(path), self.logger, f"the preference store {path}")
+        try:
+            if not mine:
+                return self.load_store(path, meta)
+            store = self.compute_store(tidiffrec, training, meta)
+            store.save(path)
+            self.info["preference_store"] = path
+            return store
+        finally:
+            if mine:
+                os.remove(path + ".lock")
+
+    def load_store(self, path, meta):
+        store = PreferenceStore.load(path)
+        if store.meta != meta:
             raise ValueError(f"Preference store '{path}' was written for other data or settings; it is not "
                              "overwritten. Move it away to recompute it.")
+        self.logger.info(set_color(f"PDRec stage 2: reusing the preference store {path}", "green"))
+        self.info.update(preference_store=path, preference_store_reused=True)
+        return store
+
+    def compute_store(self, tidiffrec, training, meta):
+        c = self.config
         self.logger.info(set_color(f"PDRec stage 2: preferences of {training.n_users} users over "
                                    f"{training.n_items} items", "green"))
         generator = torch.Generator(device=self.device)
@@ -103,9 +121,6 @@ class PDRecTrainer(Trainer):
                          f"{training.n_users * training.n_items * 4 / 2 ** 20:.1f} MB)")
         self.info.update(preference_seconds=seconds, preference_store_mb=store.nbytes() / 2 ** 20,
                          preference_store_reused=False)
-        if saved and path:
-            store.save(path)
-            self.info["preference_store"] = path
         return store
 
     # ---- stage 3 -----------------------------------------------------------------------------------------

@@ -55,6 +55,23 @@ def stage_key(config, model_name):
     return {"stage_model": model_name, "config": values, "data_files": _data_files(config)}
 
 
+def claim_or_wait(lock, ready, logger, what, poll=10.0):
+    """True when this process must build ``what``: ``ready()`` is False and we hold ``lock``. False as soon as
+    ``ready()`` is True, built by us earlier or by another run, whose claim we wait out."""
+    waited = False
+    while not ready():
+        if claim_lock(lock):
+            if not ready():
+                return True
+            os.remove(lock)  # built between our look and our claim
+            break
+        if not waited:
+            logger.info(f"another run is building {what}; waiting for it")
+            waited = True
+        time.sleep(poll)
+    return False
+
+
 def _plain(value):
     return float(value) if isinstance(value, numbers.Real) else str(value)  # numpy scalars; enums in configs
 
@@ -85,30 +102,21 @@ class Stage:
         if self.folder is None:
             return self
         os.makedirs(self.folder, exist_ok=True)
-        waited = False
-        while not self._load():
-            if claim_lock(self._lock):
-                if self._load():  # stored between our look and our claim
-                    os.remove(self._lock)
-                    break
-                return self
-            if not waited:
-                logger.info(f"stage_cache: another run is training {os.path.basename(self.path)}; waiting for it")
-                waited = True
-            time.sleep(poll)
-        logger.info(f"stage_cache: using the stored stage {self.path}")
+        if not claim_or_wait(self._lock, self._load, logger, os.path.basename(self.path), poll):
+            logger.info(f"stage_cache: using the stored stage {self.path}")
         return self
 
     def store(self, checkpoint_file, **meta):
-        """Keep a copy of the trained stage's checkpoint and ``meta`` (json) for the next runs."""
+        """Keep a copy of the trained stage's checkpoint and ``meta`` (json) for the next runs. True if stored."""
         if self.folder is None or self.hit:
-            return
+            return False
         tmp = self.path + f".{os.getpid()}.tmp"
         shutil.copyfile(checkpoint_file, tmp)
         os.replace(tmp, self.path)
         with open(self._meta_path + ".tmp", "w") as f:
             json.dump({"key": self.key, "meta": meta, "trained_as": checkpoint_file}, f, indent=1, default=_plain)
         os.replace(self._meta_path + ".tmp", self._meta_path)  # last: the pair counts only when both are whole
+        return True
 
     def release(self):
         if self.folder is not None and not self.hit and os.path.isfile(self._lock):
