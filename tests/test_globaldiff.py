@@ -288,3 +288,14 @@ def test_hide_target_removes_the_answer_from_the_diffusion_input(monkeypatch, hi
         assert at_target.abs().max().item() < 0.5
     else:
         assert at_target.min().item() > 0.5
+
+
+def test_backbone_validation_is_scored_like_the_ensemble_and_the_diffusion_stage_has_its_own_patience(tiny):
+    result = run_recbole_diff("GlobalDiff", SLICE, backbone="SASRec", cmd_line=False, config_dict=dict(
+        FAST, checkpoint_dir=tiny["checkpoint_dir"], filter_history=True, gamma=1.0, epochs=2))
+    # gamma = 1 ranks as the backbone does, so with history filtered on both sides the two validations agree
+    assert dict(result["backbone_best_valid_result"]) == pytest.approx(dict(result["best_valid_result"]), abs=1e-6)
+
+    config, dataset, *_ = build(stopping_step=2, diffusion_stopping_step=7)
+    trainer = GlobalDiffTrainer(config, get_model("GlobalDiff")(config, dataset))
+    assert trainer.stopping_step == 7 and config["stopping_step"] == 2  # the backbone keeps its own

@@ -13,6 +13,7 @@ class GlobalDiffTrainer(BackboneStageMixin, Trainer):
         # RecBole's epochs/learning_rate keys belong to the backbone's recipe; the diffusion stage has its own.
         self.epochs = config["diffusion_epochs"]
         self.eval_step = min(config["eval_step"], self.epochs)
+        self.stopping_step = config["diffusion_stopping_step"]
         self.backbone_checkpoint = config["backbone_checkpoint"]
         self.backbone_valid_result = None
 
@@ -23,7 +24,7 @@ class GlobalDiffTrainer(BackboneStageMixin, Trainer):
     # ---- stages 2 and 3 ------------------------------------------------------------------------------
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self.prepare_backbone(train_data, valid_data, verbose, saved, show_progress)
-        if valid_data is not None and self.backbone_valid_result is None:
+        if valid_data is not None:  # scored as the ensemble is (history filtering), not by the backbone's trainer
             with self.model.evaluating("backbone"):
                 self.backbone_valid_result = super().evaluate(valid_data, load_best_model=False)
         loader = self.model.build_training_data(train_data, self.logger)

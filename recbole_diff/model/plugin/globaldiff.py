@@ -92,7 +92,8 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
     REQUIRED = ("backbone", "diffusion_steps", "noise_schedule", "noise_scale", "noise_min", "noise_max",
                 "step_sampler", "approximator", "step_embedding_size", "guidance", "zeta", "delta",
                 "position_offset", "mask_samples", "similarity", "dense_memory_limit_gb", "diffusion_loss",
-                "diffusion_epochs", "diffusion_learning_rate", "diffusion_batch_size", "diffusion_dropout",
+                "diffusion_epochs", "diffusion_stopping_step", "diffusion_learning_rate", "diffusion_batch_size",
+                "diffusion_dropout",
                 "sampling_noise", "y_form", "x0_norm", "gamma", "eval_mode", "filter_history")
 
     def __init__(self, config, dataset):
