@@ -27,7 +27,9 @@ def test_the_stage_key_holds_the_backbones_keys_only():
     assert stage_key(_config(gamma=0.1, guidance="none", checkpoint_dir="elsewhere", eval_batch_size=7),
                      "SASRec") == base
     # anything the backbone's training reads makes another stage
-    for key, value in [("hidden_size", 32), ("learning_rate", 0.01), ("seed", 1), ("MAX_ITEM_LIST_LENGTH", 5)]:
+    # (long_term_eval holds interactions out of training)
+    for key, value in [("hidden_size", 32), ("learning_rate", 0.01), ("seed", 1), ("MAX_ITEM_LIST_LENGTH", 5),
+                       ("long_term_eval", True)]:
         assert stage_key(_config(**{key: value}), "SASRec") != base, key
     assert set(base["data_files"]) >= {os.path.basename(SLICE) + ".inter"}
 

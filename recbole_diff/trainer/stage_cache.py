@@ -24,8 +24,7 @@ from recbole_diff.utils import claim_lock
 # keys that cannot change what a stage learns
 BOOKKEEPING = frozenset({
     "model", "checkpoint_dir", "device", "gpu_id", "use_gpu", "worker", "threads", "show_progress", "state",
-    "log_wandb", "wandb_project", "eval_batch_size", "extra_test_modes", "long_term_eval", "long_term_horizon",
-    "loss_decimal_place", "metric_decimal_place", "save_dataset", "save_dataloaders", "dataset_save_path",
+    "log_wandb", "wandb_project", "eval_batch_size", "extra_test_modes", "loss_decimal_place", "metric_decimal_place", "save_dataset", "save_dataloaders", "dataset_save_path",
     "dataloaders_save_path", "local_rank", "nproc", "world_size", "offset", "ip", "port", "stage_cache",
 })
 
@@ -36,10 +35,10 @@ def own_keys(model_name, dataset, data_path):
     """The keys of ``model_name``'s own config on this dataset (RecBole's and ours, its yamls, the dataset's)."""
     from recbole_diff.config import Config
 
-    if model_name not in _OWN_KEYS:
+    if (model_name, dataset, data_path) not in _OWN_KEYS:
         config = Config(model=model_name, dataset=dataset, config_dict={"data_path": data_path}, cmd_line=False)
-        _OWN_KEYS[model_name] = frozenset(config.final_config_dict)
-    return _OWN_KEYS[model_name]
+        _OWN_KEYS[model_name, dataset, data_path] = frozenset(config.final_config_dict)
+    return _OWN_KEYS[model_name, dataset, data_path]
 
 
 def _data_files(config):
