@@ -73,7 +73,7 @@ def long_term_evaluate(model, test_data, held_out, k=20, device=None):
 def group_metrics(trainer, eval_data, user_lengths, bounds=(5, 20), k=10):
     """HR@k and NDCG@k per user group by sequence length (the long-tail report): groups ``[3, b1]``,
     ``[b1 + 1, b2]``, ..., ``> b_last`` of ``user_lengths[user]``. Scores come from the trainer's own batch
-    evaluation, so sampled (uni100) and full ranking both work; ties count against the target."""
+    evaluation, so sampled (uni100) and full ranking both work; items tied with the target rank below it."""
     model = trainer.model
     model.eval()
     full = isinstance(eval_data, FullSortEvalDataLoader)

@@ -75,6 +75,38 @@ def test_eps_loss_decreases(tmp_path):
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
 
 
+def test_condition_dropout_trains_with_the_null_condition_at_rate_p_uncond(tmp_path):
+    _, model, _, _, _ = build(tmp_path, guide="cf", p_uncond=0.3)
+    aug = model.augmenter
+    with torch.no_grad():
+        aug.null.fill_(7.0)  # a value no pooled condition takes
+    seen = []
+    hook = aug.sunet.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[2].detach().clone()))
+    n = 4000
+    heads = torch.randint(1, model.n_items, (n, model.m))
+    flat, offsets = torch.randint(1, model.n_items, (2 * n,)), torch.arange(0, 2 * n, 2)
+    torch.manual_seed(0)
+    aug.loss(heads, flat, offsets)
+    aug.guide = "cg"  # no dropout outside classifier-free guidance
+    aug.loss(heads, flat, offsets)
+    hook.remove()
+    null_rows = [(c == 7.0).all(dim=1).float().mean().item() for c in seen]
+    assert abs(null_rows[0] - 0.3) < 0.03 and null_rows[1] == 0.0
+
+
+def test_classifier_free_guidance_combines_the_two_branches():
+    torch.manual_seed(0)
+    net = SUNet(3, 16, (8, 16, 16), dropout=0.0).eval()
+    from recbole_diff.diffusion import classifier_free
+
+    x, t, c, null = torch.randn(4, 3, 16), torch.tensor([3, 50, 400, 999]), torch.randn(4, 16), torch.randn(1, 16)
+    with torch.no_grad():
+        guided = classifier_free(net, 2.0, {"c": null})(x, t, c=c)
+        expected = 3.0 * net(x, t, c=c) - 2.0 * net(x, t, c=null.expand_as(c))
+        assert torch.allclose(guided, expected, atol=1e-5)
+        assert torch.equal(classifier_free(net, 0.0, {"c": null})(x, t, c=c), net(x, t, c=c))
+
+
 def test_classifier_free_with_gamma_zero_is_unguided(tmp_path):
     _, model, _, _, _ = build(tmp_path, guide="cf")
     aug = model.augmenter.eval()
@@ -118,6 +150,25 @@ def test_classifier_guidance_raises_the_first_items_probability(tmp_path, backbo
         assert (log_prob(x + shift.view_as(x), t) > log_prob(x, t)).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("choice,softmax", [("auto", True), ("softmax", True), ("sigmoid", False)])
+def test_classifier_reads_a_prefix_of_item_embeddings_as_the_backbone_reads_those_items(tmp_path, choice, softmax):
+    from recbole.data.interaction import Interaction
+
+    _, model, _, _, _ = build(tmp_path, guide="cg", embedding_size=16, classifier_logprob=choice)
+    model.eval()
+    assert model.classifier_uses_softmax() == softmax  # auto: SASRec's default loss_type is CE
+    torch.manual_seed(1)
+    prefix = torch.randint(2, model.n_items, (6, model.m))
+    first = torch.randint(1, model.n_items, (6,))
+    x = model.backbone.item_embedding(prefix).detach()
+    with torch.no_grad():
+        got = model.first_item_log_prob(first)(x, None)
+        scores = model.backbone.full_sort_predict(Interaction({
+            model.ITEM_SEQ: prefix, model.ITEM_SEQ_LEN: torch.full((6,), model.m)}))
+    log_p = torch.log_softmax(scores, dim=1) if softmax else torch.nn.functional.logsigmoid(scores)
+    assert torch.allclose(got, log_p.gather(1, first[:, None]).squeeze(1), atol=1e-5)
+
+
 # ---- rounding and baselines --------------------------------------------------------------------------------
 def test_rounding_is_the_cosine_argmax_and_exclusion_avoids_history_and_repeats():
     torch.manual_seed(0)
@@ -134,6 +185,10 @@ def test_rounding_is_the_cosine_argmax_and_exclusion_avoids_history_and_repeats(
     out = round_to_items(x0, table, exclude)
     for row in range(5):
         assert len(set(out[row].tolist())) == 4 and not exclude[row, out[row]].any()
+    exclude[:, 1:] = True
+    exclude[:, 5:8] = False  # three items left for four positions
+    with pytest.raises(ValueError, match="no item left for generated position 4"):
+        round_to_items(x0, table, exclude)
 
 
 def test_random_baselines():
@@ -150,19 +205,16 @@ def test_random_baselines():
 def test_augmenter_sees_training_items_only(tmp_path):
     _, _, train, valid, test = build(tmp_path)
     seqs = training_sequences(train.dataset)
-    for loader in (valid, test):
-        d = loader.dataset.inter_feat
-        for u, i in zip(d["user_id"].tolist()[:40], d["item_id"].tolist()[:40]):
-            assert seqs.lengths[u] > 0
-            # the held-out item is each user's latest; the training sequence ends before it
     with open(os.path.join(DATA_PATH, SLICE, f"{SLICE}.inter")) as f:
         raw = sum(1 for _ in f) - 1
     assert int(seqs.lengths.sum()) == raw - len(valid.dataset.inter_feat) - len(test.dataset.inter_feat)
+    # RecBole's training rows are (history, target) in time order; a user's first row's history is the first item
     inter = train.dataset.inter_feat
-    last = {}
-    for u, i in zip(inter["user_id"].tolist(), inter["item_id"].tolist()):
-        last[u] = i  # rows are in time order: the last training target
-    assert all(int(seqs.of(u)[-1]) == i for u, i in last.items())
+    own = {}
+    for u, i, history in zip(inter["user_id"].tolist(), inter["item_id"].tolist(), inter["item_id_list"][:, 0].tolist()):
+        own.setdefault(u, [history]).append(i)
+    assert len(own) == int((seqs.lengths > 0).sum())
+    assert all(seqs.of(u).tolist() == items for u, items in own.items())  # whole sequences, in order
 
 
 def test_prepending_keeps_the_last_items_and_skips_users_without_a_prefix(tmp_path):
@@ -263,6 +315,22 @@ def test_random_baselines_run_through_the_same_writer(tmp_path, augmenter):
     result = run_recbole_diff("DiffuASR", SLICE, cmd_line=False,
                               config_dict=dict(ASR, checkpoint_dir=str(tmp_path), augmenter=augmenter, epochs=1))
     assert f"-{augmenter}-SASRec-M3-" in result["augmented_dataset"] and "augmenter_seconds" not in result
+
+
+def test_backbone_on_augmented_data_trains_the_same_whatever_the_stages_before_drew(tmp_path):
+    result = run_recbole_diff("DiffuASR", SLICE, cmd_line=False,
+                              config_dict=dict(ASR, checkpoint_dir=str(tmp_path), augmenter="random", epochs=1))
+    root, name = os.path.split(result["augmented_dataset"])
+    config, model, train, _, _ = build(tmp_path, augmenter="random", epochs=1)
+    trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
+    start = {k: v.clone() for k, v in model.final.state_dict().items()}
+    results = []
+    for state in (1, 2):  # as if the augmenter had drawn different amounts of randomness
+        model.final.load_state_dict(start)
+        torch.manual_seed(state)
+        np.random.seed(state)
+        results.append(trainer.train_on_augmented(name, root, train.dataset, verbose=False, saved=False))
+    assert results[0][0] == results[1][0] and dict(results[0][1]) == dict(results[1][1])
 
 
 def test_bad_choices(tmp_path):

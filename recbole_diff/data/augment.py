@@ -85,7 +85,11 @@ def round_to_items(x0, item_table, exclude=None):
             sims[:, 0] = float("-inf")
         else:
             sims = sims.masked_fill(taken, float("-inf"))
-        out[:, k] = sims.argmax(dim=1)
+        best, out[:, k] = sims.max(dim=1)
+        if torch.isinf(best).any():
+            raise ValueError(f"DiffuASR: a user has no item left for generated position {k + 1}: the catalogue "
+                             "minus the user's history and the items generated before is empty. Lower M or set "
+                             "exclude_history: False.")
         if taken is not None:
             taken[torch.arange(len(out)), out[:, k]] = True
     return out

@@ -18,7 +18,7 @@ import time
 
 import torch
 from recbole.data import create_dataset, data_preparation
-from recbole.utils import ModelType, set_color
+from recbole.utils import ModelType, init_seed, set_color
 from tqdm import tqdm
 
 from recbole_diff.data.augment import (
@@ -27,6 +27,7 @@ from recbole_diff.data.augment import (
 )
 from recbole_diff.evaluation import group_metrics
 from recbole_diff.trainer.backbone import BackboneStageMixin
+from recbole_diff.trainer.stage_cache import stage_key
 from recbole_diff.trainer.trainer import Trainer, unique_checkpoint_path
 from recbole_diff.utils import get_model, get_trainer
 
@@ -143,12 +144,16 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
 
     def write_dataset(self, train_dataset, prefix, users):
         c = self.config
-        settings = {k: c[k] for k in ("exclude_history", "MAX_ITEM_LIST_LENGTH")}
+        settings = {k: c[k] for k in ("exclude_history", "MAX_ITEM_LIST_LENGTH", "generation_batch_size")}
         if c["augmenter"] == "diffusion":
             settings.update({k: c[k] for k in (
                 "embedding_init", "freeze_embedding", "condition", "p_uncond", "diffusion_steps", "noise_schedule",
                 "eta", "diffusion_embedding_size", "unet_channels", "unet_res_blocks", "unet_dropout",
-                "augmenter_epochs", "augmenter_learning_rate", "augmenter_batch_size", "augmenter_min_raw")})
+                "augmenter_epochs", "augmenter_learning_rate", "augmenter_batch_size", "augmenter_min_raw",
+                "classifier_logprob")})
+            # the backbone shapes what is generated (item space, classifier): two runs that differ only there
+            # must not collide on one name
+            settings["backbone"] = c["backbone_checkpoint"] or stage_key(c, self.model.backbone_name)["config"]
         name = augmented_name(c["dataset"], self.model.backbone_name, c["augmenter"], self.model.m, c["seed"],
                               c["guide"], float(c["gamma"]), c["sample_steps"], c["sampler"], settings)
         root = c["augmented_data_path"] or os.path.join(c["checkpoint_dir"], "augmented")
@@ -175,6 +180,8 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
         self.logger.info(set_color(f"DiffuASR: training {self.model.backbone_name} on the augmented dataset", "green"))
         trainer = get_trainer(ModelType.SEQUENTIAL, self.model.backbone_name)(config, self.model.final)
         trainer.saved_model_file = unique_checkpoint_path(self.config, tag=f"{self.model.backbone_name}-augmented")
+        # every augmenter's backbone then sees the same shuffles and dropout, whatever the earlier stages drew
+        init_seed(self.config["seed"], self.config["reproducibility"])
         score, result = trainer.fit(train, valid, verbose=verbose, saved=saved, show_progress=show_progress)
         if saved:
             trainer.load_model_file()

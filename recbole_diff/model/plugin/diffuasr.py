@@ -4,7 +4,7 @@ backbone is trained on the augmented dataset and evaluated on the original targe
 The augmenter: item embeddings (d, a perfect square; from the trained backbone by default), x0 = the stacked
 embeddings of the first M training items S_aug, condition c = mean (or sum) of the remaining ones S_raw, DDPM
 with eps loss (T = 1000, linear), SU-Net noise predictor. Sampling: ancestral over all T steps (the paper) or
-DDIM over ``sample_steps``; classifier guidance by the trained backbone's BCE score of the user's real first
+DDIM over ``sample_steps``; classifier guidance by the trained backbone's probability of the user's real first
 item (``guide: cg``) or classifier-free guidance with condition dropout (``guide: cf``); cosine rounding.
 
 This module holds the three networks (the backbone trained on the original data, the augmenter, the backbone
@@ -92,7 +92,7 @@ class DiffuASR(FrozenBackboneMixin, SequentialRecommender):
                 "sampler", "eta", "condition", "embedding_init", "freeze_embedding", "diffusion_embedding_size",
                 "unet_channels", "unet_res_blocks", "unet_dropout", "augmenter_epochs", "augmenter_learning_rate",
                 "augmenter_batch_size", "augmenter_min_raw", "exclude_history", "generation_batch_size",
-                "eval_mode", "long_tail_bounds")
+                "eval_mode", "long_tail_bounds", "classifier_logprob")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -128,7 +128,8 @@ class DiffuASR(FrozenBackboneMixin, SequentialRecommender):
     def _check_choices(config):
         for key, allowed in (("augmenter", AUGMENTERS), ("guide", GUIDES), ("eval_mode", EVAL_MODES),
                              ("sampler", ("ancestral", "ddim")), ("condition", ("mean", "sum")),
-                             ("embedding_init", ("backbone", "random"))):
+                             ("embedding_init", ("backbone", "random")),
+                             ("classifier_logprob", ("auto", "sigmoid", "softmax"))):
             if config[key] not in allowed:
                 raise ValueError(f"DiffuASR: {key} must be one of {allowed}, got '{config[key]}'.")
         if int(config["M"]) < 1:
@@ -140,12 +141,20 @@ class DiffuASR(FrozenBackboneMixin, SequentialRecommender):
             self.augmenter.embedding.weight.copy_(self.adapter.item_embeddings())
         self.augmenter.embedding.weight.requires_grad_(not bool(self.config["freeze_embedding"]))
 
+    def classifier_uses_softmax(self):
+        choice = self.config["classifier_logprob"]
+        if choice == "auto":
+            return str(self.config["loss_type"]).upper() == "CE"
+        return choice == "softmax"
+
     def first_item_log_prob(self, first_items):
-        """log sigmoid of the backbone's score of each user's real first item after a prefix given as item
-        embeddings [B, M, d] (the classifier of ``guide: cg``). The embeddings enter through a forward hook on
+        """log p of each user's real first item after a prefix given as item embeddings [B, M, d], from the
+        backbone's scores (sigmoid or softmax, ``classifier_logprob``): the classifier of ``guide: cg``. The
+        embeddings enter through a forward hook on
         the backbone's item table, written where the input holds the placeholder item, so the backbone's own
         input handling (BERT4Rec's appended mask token and left shift) stays intact."""
         m, placeholder = self.m, 1
+        softmax = self.classifier_uses_softmax()
         # BERT4Rec's evaluation input drops the first item to make room for the mask token: give it M + 1.
         length = m + 1 if self.adapter.spec.mask_token else m
 
@@ -165,7 +174,8 @@ class DiffuASR(FrozenBackboneMixin, SequentialRecommender):
                 scores = self.backbone.full_sort_predict(Interaction({self.ITEM_SEQ: seq, self.ITEM_SEQ_LEN: lens}))
             finally:
                 handle.remove()
-            return F.logsigmoid(scores.gather(1, first_items[:, None]).squeeze(1))
+            log_p = F.log_softmax(scores, dim=1) if softmax else F.logsigmoid(scores)
+            return log_p.gather(1, first_items[:, None]).squeeze(1)
 
         return log_prob
 
