@@ -11,7 +11,7 @@ from recbole_diff.config import Config
 from recbole_diff.quick_start import run_recbole_diff
 from recbole_diff.trainer.stage_cache import Stage, stage_key
 
-from conftest import SLICE, TINY
+from conftest import SLICE
 from test_globaldiff import FAST
 from test_pdrec import PD
 
