@@ -317,6 +317,36 @@ def test_random_baselines_run_through_the_same_writer(tmp_path, augmenter):
     assert f"-{augmenter}-SASRec-M3-" in result["augmented_dataset"] and "augmenter_seconds" not in result
 
 
+def test_augmented_dataset_names_record_source_m_guide_gamma_steps_and_seed():
+    from recbole_diff.data.augment import augmented_name
+
+    name = augmented_name("sports", "SASRec", "diffusion", 10, 2021, "cg", 1.0, 50, "ddim", {"p_uncond": 0.1})
+    assert name.startswith("sports-diffuasr-SASRec-M10-cg-g1-ddim50-seed2021-")
+    assert augmented_name("sports", "SASRec", "diffusion", 10, 2021, "cg", 1.0, None, "ancestral", {"p_uncond": 0.1}) \
+        .startswith("sports-diffuasr-SASRec-M10-cg-g1-ancestralall-seed2021-")
+    other = augmented_name("sports", "SASRec", "diffusion", 10, 2021, "cg", 1.0, 50, "ddim", {"p_uncond": 0.2})
+    assert other != name  # any other setting gives another name, so no run meets another's dataset
+    assert augmented_name("sports", "BERT4Rec", "random", 5, 2020) == "sports-random-BERT4Rec-M5-seed2020"
+
+
+def test_long_tail_groups_follow_the_users_lengths(tmp_path):
+    from recbole_diff.evaluation import group_metrics
+
+    config, model, _, _, test = build(tmp_path)
+    trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
+    lengths = 3 + (torch.arange(model.prefix.shape[0]) * 7) % 30  # every group gets users
+    with model.evaluating("backbone"):
+        groups = group_metrics(trainer, test, lengths, (5, 20))
+        overall = trainer.evaluate(test, load_best_model=False)
+    test_users = torch.as_tensor(test.dataset.inter_feat["user_id"])
+    own = lengths[test_users]
+    expected = {"3-5": int(((own >= 3) & (own <= 5)).sum()), "6-20": int(((own >= 6) & (own <= 20)).sum()),
+                ">20": int((own > 20).sum())}
+    assert {name: g["users"] for name, g in groups.items()} == expected and min(expected.values()) > 0
+    hit = sum(g["users"] * g["hit@10"] for g in groups.values()) / len(test_users)
+    assert hit == pytest.approx(overall["hit@10"], abs=1e-3)
+
+
 def test_backbone_on_augmented_data_trains_the_same_whatever_the_stages_before_drew(tmp_path):
     result = run_recbole_diff("DiffuASR", SLICE, cmd_line=False,
                               config_dict=dict(ASR, checkpoint_dir=str(tmp_path), augmenter="random", epochs=1))

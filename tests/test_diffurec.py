@@ -117,6 +117,15 @@ def test_multi_sample_inference_averages_distributions():
     scores = model.full_sort_predict(inter)
     assert scores.shape == (inter[model.ITEM_SEQ].shape[0], model.n_items)
     assert torch.allclose(torch.logsumexp(scores, dim=1), torch.zeros(scores.shape[0]), atol=1e-4)
+    # the same three reverse runs (same generator, in order), averaged here as probabilities
+    from recbole_diff.utils import eval_generator
+
+    seq, seq_len = inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN]
+    generator = eval_generator(model.eval_seed, inter, model.USER_ID, seq.device)
+    runs = [model._reverse_grouped(seq, seq_len, generator) @ model.item_embedding.weight.t() for _ in range(3)]
+    assert not torch.allclose(runs[0], runs[1])  # independent runs, not one run three times
+    expected = torch.log(sum(torch.softmax(r, dim=1) for r in runs) / 3)
+    assert torch.allclose(scores, expected, atol=1e-5)
 
 
 @torch.no_grad()
@@ -131,7 +140,29 @@ def test_sampled_evaluation_scores_one_run_per_user():
         model.USER_ID: users.repeat_interleave(4), model.ITEM_SEQ: seq.repeat_interleave(4, 0),
         model.ITEM_SEQ_LEN: seq_len.repeat_interleave(4), model.ITEM_ID: items.repeat(3)})
     scores = model.predict(rows).view(3, 4)
-    assert scores.shape == (3, 4) and torch.isfinite(scores).all()
+    # each user's candidates are read off that user's own full ranking
+    full = model.full_sort_predict(Interaction({model.USER_ID: users, model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: seq_len}))
+    assert torch.allclose(scores, full[:, items], atol=1e-5)
+
+
+@torch.no_grad()
+def test_batches_are_cut_to_their_longest_real_sequence():
+    _, model, _, test = build("DiffuRec", length_buckets=1, MAX_ITEM_LIST_LENGTH=50)
+    model.eval()
+    batch = first_batch(test)
+    lengths = torch.tensor([3, 5, 7, 2])
+    seq = batch[model.ITEM_SEQ][:4].clone()
+    seq[torch.arange(seq.shape[1])[None] >= lengths[:, None]] = 0  # right-padded histories of these lengths
+    inter = Interaction({model.USER_ID: batch[model.USER_ID][:4], model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: lengths})
+    widths = []
+    original = model.encode_history
+    model.encode_history = lambda seq: (widths.append(seq.shape[1]), original(seq))[1]
+    model.full_sort_predict(inter)
+    assert seq.shape[1] == 50 and widths == [7]
+    model.trim_padding = False
+    widths.clear()
+    model.full_sort_predict(inter)
+    assert widths == [50]
 
 
 def test_bad_choices_are_refused():

@@ -138,7 +138,10 @@ def test_cosine_scores_are_tempered_cosines(tmp_path):
     inter = next(iter(test))[0]
     with torch.no_grad():
         full = model.full_sort_predict(inter)
-        assert full.abs().max() <= 7.0 + 1e-5
+        h = model.backbone.forward(inter["item_id_list"], inter["item_length"])
+        e = model.backbone.item_embedding.weight
+        expected = 7.0 * F.cosine_similarity(h[:, None], e[None], dim=-1)
+        assert torch.allclose(full, expected, atol=1e-4)
         assert torch.allclose(model.predict(inter), full.gather(1, inter["item_id"][:, None]).squeeze(1), atol=1e-5)
 
 
@@ -212,6 +215,33 @@ def test_nns_negatives_never_hit_training_items(tmp_path):
     for user in range(1, t.n_users):
         own = set(t.items[t.offsets[user]:t.offsets[user + 1]].tolist())
         assert not set(model.store.pool[user].tolist()) & own
+
+
+def test_full_loss_is_the_specs_formula(tmp_path):
+    """w * BCE(pos) + 1/2 BCE(uniform neg) + 1/2 BCE(NNS neg) + omega_d * mean_n BCE(soft), written out here
+    from the store and the backbone, with the same NNS draws."""
+    _, model, train, _, _ = build(tmp_path, omega_d=0.3)
+    t = with_store(model, train)
+    batch = next(iter(train))
+    model.eval()  # no dropout: the reference reads the same backbone state
+    users, pos, neg = batch["user_id"], batch["item_id"], batch["neg_item_id"]
+    with torch.no_grad():
+        torch.manual_seed(5)
+        loss = model.calculate_loss(batch)
+        h = model.backbone.forward(batch["item_id_list"], batch["item_length"])
+        e = model.backbone.item_embedding.weight
+        torch.manual_seed(5)
+        nns = model.store.pool[users].gather(1, torch.randint(model.store.pool.shape[1], (len(users), 1))).squeeze(1)
+        w = torch.stack([model.hbr[model.store.lookup(u[None], i[None])][0] for u, i in zip(users, pos)])
+        cand = model.store.topm[users]
+        s_cand = (h[:, None] * e[cand]).sum(-1)
+        s_soft = s_cand.topk(model.dpa_n, dim=1).values
+        s = lambda items: (h * e[items]).sum(-1)  # noqa: E731
+        expected = (-w * F.logsigmoid(s(pos)) - 0.5 * F.logsigmoid(-s(neg)) - 0.5 * F.logsigmoid(-s(nns))
+                    - 0.3 * F.logsigmoid(s_soft).mean(1)).mean()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    for user, item in zip(users.tolist(), nns.tolist()):
+        assert item not in set(t.items[t.offsets[user]:t.offsets[user + 1]].tolist())
 
 
 def test_full_loss_trains(tmp_path):
