@@ -150,9 +150,9 @@ class DiffuASR(FrozenBackboneMixin, SequentialRecommender):
     def first_item_log_prob(self, first_items):
         """log p of each user's real first item after a prefix given as item embeddings [B, M, d], from the
         backbone's scores (sigmoid or softmax, ``classifier_logprob``): the classifier of ``guide: cg``. The
-        embeddings enter through a forward hook on
-        the backbone's item table, written where the input holds the placeholder item, so the backbone's own
-        input handling (BERT4Rec's appended mask token and left shift) stays intact."""
+        embeddings enter through a forward hook on the backbone's item table, written where the input holds the
+        placeholder item, so the backbone's own input handling (BERT4Rec's appended mask token and left shift)
+        stays intact."""
         m, placeholder = self.m, 1
         softmax = self.classifier_uses_softmax()
         # BERT4Rec's evaluation input drops the first item to make room for the mask token: give it M + 1.
