@@ -89,6 +89,19 @@ def test_cells_locked_by_a_live_process_are_left_alone_and_stale_locks_taken_ove
     assert claim_lock(lock)
 
 
+def test_a_cell_another_process_finished_meanwhile_is_not_run_again(tmp_path):
+    from recbole_diff.benchmark import _launch
+
+    directory = tmp_path / "cell"
+    directory.mkdir()
+    (directory / "result.json").write_text('{"test_result": {"ndcg@10": 0.5}}')
+    (directory / "log.txt").write_text("the finished run's log")
+    cell, code, _ = _launch({"model": "SASRec"}, str(directory), 1)
+    assert code == "done" and not (directory / "running.lock").exists()
+    assert (directory / "log.txt").read_text() == "the finished run's log"
+    assert "0.5" in (directory / "result.json").read_text()
+
+
 def test_every_shipped_preset_loads():
     import glob
 
