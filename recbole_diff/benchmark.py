@@ -150,12 +150,12 @@ def _launch(cell, directory, threads):
     os.makedirs(directory, exist_ok=True)
     lock = os.path.join(directory, "running.lock")
     if not claim_lock(lock):
-        return cell, None, 0.0
+        return cell, "skipped, another bench process is running it", 0.0
     if os.path.isfile(os.path.join(directory, "result.json")):
         # another bench process sharing the grid finished it after this one listed its work: its log and
         # result stay as they are
         os.remove(lock)
-        return cell, "done", 0.0
+        return cell, "skipped, another bench process finished it", 0.0
     with open(os.path.join(directory, "cell.json"), "w") as f:
         json.dump(cell, f, indent=1)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -192,9 +192,8 @@ def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print, methods=None, see
         futures = [pool.submit(_launch, cell, d, threads) for cell, d in todo]
         for k, future in enumerate(futures, 1):
             cell, code, seconds = future.result()
-            if code is None or code == "done":
-                why = "another bench process is running it" if code is None else "another bench process finished it"
-                log(f"[bench] {k}/{len(todo)} {cell['dataset']} {cell['label']} seed {cell['seed']}: skipped, {why}")
+            if isinstance(code, str):  # not run here: why
+                log(f"[bench] {k}/{len(todo)} {cell['dataset']} {cell['label']} seed {cell['seed']}: {code}")
                 continue
             status = "ok" if code == 0 else f"FAILED (exit {code}, see {cell_dir(out_dir, cell)}/log.txt)"
             if code:

@@ -97,7 +97,7 @@ def test_a_cell_another_process_finished_meanwhile_is_not_run_again(tmp_path):
     (directory / "result.json").write_text('{"test_result": {"ndcg@10": 0.5}}')
     (directory / "log.txt").write_text("the finished run's log")
     cell, code, _ = _launch({"model": "SASRec"}, str(directory), 1)
-    assert code == "done" and not (directory / "running.lock").exists()
+    assert code == "skipped, another bench process finished it" and not (directory / "running.lock").exists()
     assert (directory / "log.txt").read_text() == "the finished run's log"
     assert "0.5" in (directory / "result.json").read_text()
 
