@@ -81,6 +81,8 @@ def group_metrics(trainer, eval_data, user_lengths, bounds=(5, 20), k=10):
     if full and trainer.item_tensor is None:
         trainer.item_tensor = eval_data._dataset.get_item_feature().to(trainer.device)
     batch_eval = trainer._full_sort_batch_eval if full else trainer._neg_sample_batch_eval
+    if not full and hasattr(trainer, "start_sampled_eval"):
+        trainer.start_sampled_eval(eval_data)
     uid = eval_data._dataset.uid_field
     users, hits, gains = [], [], []
     for batched in eval_data:

@@ -121,6 +121,56 @@ def test_extra_test_modes_report_another_protocol_from_the_same_model(tiny):
     assert uni["hit@10"] > result["test_result"]["hit@10"] and 0 < uni["gauc"] < 1
 
 
+def test_source_rows_follow_recboles_sampled_layout():
+    from recbole_diff.trainer.trainer import source_rows
+
+    # user 0 has one positive, user 1 two; each block is its positives repeated 3 times (2 negatives each)
+    row_idx = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1])
+    assert source_rows(row_idx, torch.tensor([0, 1, 1])).tolist() == [0, 0, 0, 3, 4, 3, 4, 3, 4]
+    assert source_rows(torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 1, 1])) is None  # 3 rows, 2 positives
+
+
+def _sampled_eval_setup(tiny):
+    uni100 = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni100"}
+    result = run_recbole_diff("SASRec", SLICE, cmd_line=False, config_dict=dict(
+        tiny, epochs=1, eval_args=uni100, metrics=["Hit", "NDCG", "GAUC"]))
+    config, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
+    rows = []
+    predict = model.predict
+    model.predict = lambda interaction: rows.append(len(interaction)) or predict(interaction)
+    return config, model, test_data, rows
+
+
+def test_fast_sampled_eval_gives_predicts_metrics_from_one_encoder_pass_per_user(tiny):
+    config, model, test_data, rows = _sampled_eval_setup(tiny)
+    config["fast_sampled_eval"] = False
+    slow = Trainer(config, model).evaluate(test_data, load_best_model=False)
+    slow_rows = sum(rows)
+    assert slow_rows == 101 * test_data._dataset.user_num - 101  # every candidate row of every user but padding
+
+    rows.clear()
+    config["fast_sampled_eval"] = True
+    trainer = Trainer(config, model)
+    fast = trainer.evaluate(test_data, load_best_model=False)
+    # GAUC reads every candidate's rank: a wrong score anywhere would move it
+    assert dict(fast) == pytest.approx(dict(slow), abs=1e-6)
+    assert trainer._full_sort_agrees and len(rows) == 1 and sum(rows) < slow_rows / 4  # only the check batch
+
+
+def test_a_model_whose_full_sort_differs_from_predict_is_evaluated_with_predict(tiny, caplog):
+    config, model, test_data, rows = _sampled_eval_setup(tiny)
+    config["fast_sampled_eval"] = False
+    slow = Trainer(config, model).evaluate(test_data, load_best_model=False)
+    full_sort = model.full_sort_predict
+    model.full_sort_predict = lambda interaction: full_sort(interaction) * -1.0
+    config["fast_sampled_eval"] = True
+    trainer = Trainer(config, model)
+    with caplog.at_level("WARNING"):
+        fast = trainer.evaluate(test_data, load_best_model=False)
+    assert dict(fast) == pytest.approx(dict(slow), abs=1e-6)
+    assert trainer._full_sort_agrees is False and "does not give its predict scores" in caplog.text
+
+
 def test_sampled_evaluation_draws_the_same_candidates_and_leaves_trainings_random_stream(tiny):
     import numpy as np
 
