@@ -161,7 +161,7 @@ class CompatMixin:
     def _agrees_with_predict(self, interaction, scores):
         reference = self.model.predict(interaction.to(self.device)).view(-1)
         tol = 1e-5 * max(1.0, float(reference.abs().max()))
-        agrees = torch.allclose(scores, reference, rtol=1e-4, atol=tol)
+        agrees = torch.allclose(scores.double(), reference.double(), rtol=1e-4, atol=tol)  # Borda scores are float64
         if not agrees and type(self.model) not in self._disagreed:
             self._disagreed.add(type(self.model))
             self.logger.warning(f"fast_sampled_eval: {type(self.model).__name__}'s full_sort_predict does not "
