@@ -280,6 +280,11 @@ def _blank(value):
     return "" if value is None else value
 
 
+# A plugin's first stage tested in the same runs, one model per seed shared by the seed's cells: a row of its own
+# (PDRec's TI-DiffRec alone, without training it again in a cell of its own).
+STAGE_ROWS = {"tidiffrec_test_result": "TIDiffRec (PDRec's stage 1)"}
+
+
 def _aggregate(spec, rows, metrics):
     """{(dataset, label): {'seeds': [...], metric: [values], 'backbone': {metric: [values]}, 'seconds': [...]}}"""
     table = {}
@@ -298,7 +303,23 @@ def _aggregate(spec, rows, metrics):
             backbone = metric_value(r, m, "backbone_test_result")
             if backbone is not None:
                 entry["backbone"].setdefault(m, []).append(backbone)
+    _add_stage_rows(table, rows, metrics)
     return table
+
+
+def _add_stage_rows(table, rows, metrics):
+    """STAGE_ROWS entries, once per seed; a metric the stage was not tested on (another mode) is None."""
+    for r in sorted(rows, key=lambda r: r["cell"]["seed"]):
+        c = r["cell"]
+        for key, label in STAGE_ROWS.items():
+            if not r.get(key):
+                continue
+            entry = table.setdefault((c["dataset"], label), {"seeds": [], "seconds": [], "backbone": {},
+                                                             "method": label})
+            if c["seed"] not in entry["seeds"]:
+                entry["seeds"].append(c["seed"])
+                for m in metrics:
+                    entry.setdefault(m, []).append(metric_value(r, m, key))
 
 
 def _paired(entry, other, m):
@@ -323,9 +344,9 @@ def _markdown(spec, table, metrics):
         for label, e in entries:
             cells_ = [label, str(len(e["seeds"]))]
             for m in metrics:
-                mean, std = _mean_std(e[m])
-                cells_.append(f"{mean:.4f} +- {std:.4f}")
-            cells_.append(f"{_mean_std(e['seconds'])[0] / 60:.1f}")
+                mean, std = _mean_std(e[m]) if None not in e[m] else (None, None)
+                cells_.append("n/a" if mean is None else f"{mean:.4f} +- {std:.4f}")
+            cells_.append(f"{_mean_std(e['seconds'])[0] / 60:.1f}" if e["seconds"] else "")
             lines.append("| " + " | ".join(cells_) + " |")
             if e["backbone"]:
                 own = {"seeds": e["seeds"], **e["backbone"]}

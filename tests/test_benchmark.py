@@ -128,3 +128,25 @@ def test_methods_and_seeds_select_cells_and_unknown_names_are_refused():
         select(grid, methods=["DiffuASR-XX"])
     with pytest.raises(BenchmarkError, match="--seeds: 7 is not in this grid"):
         select(grid, seeds=[7])
+
+
+def test_a_plugins_first_stage_gets_a_row_of_its_own_once_per_seed():
+    from recbole_diff.benchmark import _aggregate, _markdown
+
+    def row(method, seed, ndcg, stage=None):
+        r = {"cell": {"dataset": "d", "label": f"{method}@SASRec", "method": method, "seed": seed,
+                      "backbone": "SASRec"},
+             "seconds": 60.0, "test_result": {"ndcg@10": ndcg}, "test_result_full": {"ndcg@10": ndcg / 5}}
+        if stage is not None:
+            r["tidiffrec_test_result"] = {"ndcg@10": stage}  # tested under the grid's main mode only
+        return r
+
+    rows = [row("BCE", 1, 0.30), row("HBR", 1, 0.31, 0.40), row("PDRec", 1, 0.32, 0.40), row("HBR", 2, 0.29, 0.44)]
+    spec = {"name": "g", "datasets": ["d"], "baseline": "BCE"}
+    metrics = ["ndcg@10", "full:ndcg@10"]
+    table = _aggregate(spec, rows, metrics)
+    stage = table[("d", "TIDiffRec (PDRec's stage 1)")]
+    assert stage["seeds"] == [1, 2] and stage["ndcg@10"] == [0.40, 0.44] and stage["full:ndcg@10"] == [None, None]
+    md = _markdown(spec, table, metrics)
+    assert "| TIDiffRec (PDRec's stage 1) | 2 | 0.4200 +- 0.0283 | n/a |  |" in md
+    assert "| HBR@SASRec | 2 | 0.3000 +- 0.0141 |" in md  # the plugin rows are unchanged
