@@ -1,6 +1,6 @@
 """RecBole's Trainer, made to work on torch >= 2.6 and under parallel runs.
 
-Two problems with RecBole 1.2.1's Trainer that every recbole-diff run would hit:
+What RecBole 1.2.1's Trainer does that every recbole-diff run would hit:
 
 * ``torch.load`` defaults to ``weights_only=True`` since torch 2.6 and refuses RecBole's checkpoints (they
   pickle the Config). We load our own files with ``weights_only=False`` and hand over to RecBole's code with
