@@ -54,7 +54,7 @@ def seeded_numpy(seed):
         np.random.set_state(state)
 
 
-# a batch's users x items scores above this many are not worth a full sort (RecBole's predict is used)
+# more users x items scores than this in one batch would cost too much memory: RecBole's predict is used instead
 MAX_FULL_SORT_SCORES = 1 << 24
 
 
