@@ -281,8 +281,9 @@ def _blank(value):
 
 
 # A plugin's first stage tested in the same runs, one model per seed shared by the seed's cells: a row of its own
-# (PDRec's TI-DiffRec alone, without training it again in a cell of its own).
-STAGE_ROWS = {"tidiffrec_test_result": "TIDiffRec (PDRec's stage 1)"}
+# (PDRec's TI-DiffRec alone, without training it again in a cell of its own). Result key -> (row label, the
+# prefix of the config keys that set the stage: cells that set them differently get a row each).
+STAGE_ROWS = {"tidiffrec_test_result": ("TIDiffRec (PDRec's stage 1)", "tidiffrec")}
 
 
 def _aggregate(spec, rows, metrics):
@@ -309,13 +310,14 @@ def _aggregate(spec, rows, metrics):
 
 def _add_stage_rows(table, rows, metrics):
     """STAGE_ROWS entries, once per seed; a metric the stage was not tested on (another mode) is None."""
-    for r in sorted(rows, key=lambda r: r["cell"]["seed"]):
-        c = r["cell"]
-        for key, label in STAGE_ROWS.items():
-            if not r.get(key):
-                continue
-            entry = table.setdefault((c["dataset"], label), {"seeds": [], "seconds": [], "backbone": {},
-                                                             "method": label})
+    for key, (label, prefix) in STAGE_ROWS.items():
+        settings = {id(r): json.dumps({k: v for k, v in r["cell"]["config"].items() if k.startswith(prefix)},
+                                      sort_keys=True, default=str) for r in rows if r.get(key)}
+        for r in sorted((r for r in rows if r.get(key)), key=lambda r: r["cell"]["seed"]):
+            c = r["cell"]
+            name = label if len(set(settings.values())) == 1 else f"{label} {settings[id(r)]}"
+            entry = table.setdefault((c["dataset"], name), {"seeds": [], "seconds": [], "backbone": {},
+                                                            "method": name})
             if c["seed"] not in entry["seeds"]:
                 entry["seeds"].append(c["seed"])
                 for m in metrics:
@@ -325,9 +327,9 @@ def _add_stage_rows(table, rows, metrics):
 def _paired(entry, other, m):
     """Values of two entries on the seeds they share, in the same order."""
     shared = [s for s in entry["seeds"] if s in other["seeds"]]
-    a = [entry[m][entry["seeds"].index(s)] for s in shared]
-    b = [other[m][other["seeds"].index(s)] for s in shared]
-    return a, b
+    pairs = [(entry[m][entry["seeds"].index(s)], other[m][other["seeds"].index(s)]) for s in shared]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]  # a stage row lacks the extra modes
+    return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 def _markdown(spec, table, metrics):

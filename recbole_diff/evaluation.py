@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
 
+from recbole_diff.utils import seeded_numpy
+
 
 def hold_out_last(dataset, n):
     """Drop each user's last ``n`` interactions (in time order) from ``dataset`` before it is split; return
@@ -85,18 +87,19 @@ def group_metrics(trainer, eval_data, user_lengths, bounds=(5, 20), k=10):
         trainer.start_sampled_eval(eval_data)
     uid = eval_data._dataset.uid_field
     users, hits, gains = [], [], []
-    for batched in eval_data:
-        interaction, scores, positive_u, positive_i = batch_eval(batched)
-        if full:
-            row_users = interaction[uid]
-        else:  # one score row per user of the batch; row_idx maps interaction rows to those rows
-            row_users = torch.zeros(int(positive_u[-1]) + 1, dtype=torch.long)
-            row_users[batched[1].cpu()] = interaction[uid].cpu()
-        target = scores[positive_u, positive_i]
-        rank = (scores[positive_u] > target[:, None]).sum(1).cpu()
-        users.append(row_users[positive_u.cpu()].cpu())
-        hits.append((rank < k).float())
-        gains.append(torch.where(rank < k, 1.0 / torch.log2(rank.float() + 2), torch.zeros_like(rank, dtype=torch.float)))
+    with seeded_numpy(trainer.config["seed"]):  # the candidates the trainer's evaluate scores
+        for batched in eval_data:
+            interaction, scores, positive_u, positive_i = batch_eval(batched)
+            if full:
+                row_users = interaction[uid]
+            else:  # one score row per user of the batch; row_idx maps interaction rows to those rows
+                row_users = torch.zeros(int(positive_u[-1]) + 1, dtype=torch.long)
+                row_users[batched[1].cpu()] = interaction[uid].cpu()
+            target = scores[positive_u, positive_i]
+            rank = (scores[positive_u] > target[:, None]).sum(1).cpu()
+            users.append(row_users[positive_u.cpu()].cpu())
+            hits.append((rank < k).float())
+            gains.append(torch.where(rank < k, 1.0 / torch.log2(rank.float() + 2), torch.zeros_like(rank, dtype=torch.float)))
     users, hits, gains = torch.cat(users), torch.cat(hits), torch.cat(gains)
     lengths = torch.as_tensor(user_lengths)[users]
     edges = [3] + [b + 1 for b in bounds]

@@ -140,6 +140,17 @@ def read_yaml(path, what, error=ValueError, missing=FileNotFoundError):
             raise error(f"{what} '{path}' is not valid yaml: {e}") from e
 
 
+@contextlib.contextmanager
+def seeded_numpy(seed):
+    """numpy's global generator seeded inside the block and restored after it."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 def eval_generator(seed, interaction, user_field, device):
     """Noise for inference, seeded by the run's seed and the batch's first user: evaluation is reproducible
     run to run and does not depend on how much random state training consumed."""
@@ -156,6 +167,14 @@ def predict_from_full_sort(model, interaction, full_sort):
     users = interaction[model.USER_ID] if model.USER_ID in interaction.interaction else None
     key = [seq, lens[:, None]] + ([users[:, None]] if users is not None else [])
     unique, inverse = torch.unique(torch.cat(key, dim=1), dim=0, return_inverse=True)
+    # rows in the order they first appear, as a full sort of the batch's own rows sees them: a model that draws
+    # noise row by row then gives each user the same noise in predict as in full_sort_predict
+    first = torch.full((len(unique),), len(inverse), dtype=torch.long, device=inverse.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(inverse), device=inverse.device), reduce="amin")
+    order = torch.argsort(first)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device)
+    unique, inverse = unique[order], rank[inverse]
     width = seq.shape[1]
     sub = {model.ITEM_SEQ: unique[:, :width], model.ITEM_SEQ_LEN: unique[:, width]}
     if users is not None:

@@ -131,11 +131,11 @@ def test_methods_and_seeds_select_cells_and_unknown_names_are_refused():
 
 
 def test_a_plugins_first_stage_gets_a_row_of_its_own_once_per_seed():
-    from recbole_diff.benchmark import _aggregate, _markdown
+    from recbole_diff.benchmark import _aggregate, _lifts, _markdown
 
-    def row(method, seed, ndcg, stage=None):
-        r = {"cell": {"dataset": "d", "label": f"{method}@SASRec", "method": method, "seed": seed,
-                      "backbone": "SASRec"},
+    def row(method, seed, ndcg, stage=None, backbone="SASRec", epochs=1000):
+        r = {"cell": {"dataset": "d", "label": f"{method}@{backbone}" if backbone else method, "method": method,
+                      "seed": seed, "backbone": backbone, "config": {"tidiffrec_epochs": epochs, "gamma": 1}},
              "seconds": 60.0, "test_result": {"ndcg@10": ndcg}, "test_result_full": {"ndcg@10": ndcg / 5}}
         if stage is not None:
             r["tidiffrec_test_result"] = {"ndcg@10": stage}  # tested under the grid's main mode only
@@ -150,3 +150,14 @@ def test_a_plugins_first_stage_gets_a_row_of_its_own_once_per_seed():
     md = _markdown(spec, table, metrics)
     assert "| TIDiffRec (PDRec's stage 1) | 2 | 0.4200 +- 0.0283 | n/a |  |" in md
     assert "| HBR@SASRec | 2 | 0.3000 +- 0.0141 |" in md  # the plugin rows are unchanged
+
+    # against a baseline without a backbone the stage row gets a lift, and none where it was not tested
+    plain = [row("BCE", 1, 0.30, backbone=None), row("BCE", 2, 0.30, backbone=None)] + rows[1:]
+    lifts = _lifts(_aggregate(spec, plain, metrics), "d", "BCE", metrics)
+    assert "| TIDiffRec (PDRec's stage 1) | BCE | +40.0% (p=0.105) | n/a |" in lifts
+
+    # a cell whose stage is set otherwise is another model: a row of its own, not mixed into the first
+    other = rows + [row("PDRec-short", 1, 0.25, 0.20, epochs=60)]
+    labels = {label for _, label in _aggregate(spec, other, metrics)}
+    assert {'TIDiffRec (PDRec\'s stage 1) {"tidiffrec_epochs": 1000}',
+            'TIDiffRec (PDRec\'s stage 1) {"tidiffrec_epochs": 60}'} <= labels

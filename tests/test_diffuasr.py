@@ -344,7 +344,7 @@ def test_long_tail_groups_follow_the_users_lengths(tmp_path):
                 ">20": int((own > 20).sum())}
     assert {name: g["users"] for name, g in groups.items()} == expected and min(expected.values()) > 0
     hit = sum(g["users"] * g["hit@10"] for g in groups.values()) / len(test_users)
-    assert hit == pytest.approx(overall["hit@10"], abs=1e-3)
+    assert hit == pytest.approx(overall["hit@10"], abs=1e-4)  # the same candidates, the same ranks
 
 
 def test_backbone_on_augmented_data_trains_the_same_whatever_the_stages_before_drew(tmp_path):

@@ -171,6 +171,48 @@ def test_a_model_whose_full_sort_differs_from_predict_is_evaluated_with_predict(
     assert trainer._full_sort_agrees is False and "does not give its predict scores" in caplog.text
 
 
+def test_masked_items_do_not_hide_a_full_sort_that_differs_from_predict(tiny):
+    config, model, test_data, _ = _sampled_eval_setup(tiny)
+    predict, full_sort = model.predict, model.full_sort_predict
+
+    def masked_predict(interaction):  # a model that masks items, as TI-DiffRec masks the history
+        return predict(interaction).masked_fill(interaction["item_id"] % 2 == 0, float("-inf"))
+
+    def wrong_full_sort(interaction):  # masks the same items, scores the rest otherwise
+        scores = -full_sort(interaction)
+        scores[:, ::2] = float("-inf")
+        return scores
+
+    model.predict, model.full_sort_predict = masked_predict, wrong_full_sort
+    trainer = Trainer(config, model)
+    trainer.evaluate(test_data, load_best_model=False)
+    assert trainer._full_sort_agrees is False
+
+
+@pytest.mark.parametrize("name, extra", [("DiffuRec", {"n_blocks": 2}),
+                                         ("GlobalDiff", {"approx_hidden": 16, "filter_history": True})])
+def test_fast_sampled_eval_serves_models_that_draw_noise_or_score_by_rank(tiny, name, extra):
+    from recbole.utils import init_seed
+
+    from recbole_diff.quick_start import prepare_data
+
+    uni100 = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni100"}
+    config = build_config(name, SLICE, config_dict=dict(tiny, eval_args=uni100, eval_batch_size=2020, **extra),
+                          cmd_line=False,
+                          backbone="SASRec" if name == "GlobalDiff" else None)
+    init_seed(config["seed"], True)
+    _, train, _, test = prepare_data(config)
+    model = get_model(name)(config, train._dataset).eval()
+    config["fast_sampled_eval"] = False
+    slow = Trainer(config, model).evaluate(test, load_best_model=False)
+    config["fast_sampled_eval"] = True
+    trainer = Trainer(config, model)
+    fast = trainer.evaluate(test, load_best_model=False)
+    # DiffuRec's noise is drawn row by row and GlobalDiff's predict reads places, not Borda scores: both must
+    # still pass the check against predict and give its metrics
+    assert trainer._full_sort_agrees and dict(fast) == pytest.approx(dict(slow), abs=1e-9)
+
+
 def test_sampled_evaluation_draws_the_same_candidates_and_leaves_trainings_random_stream(tiny):
     import numpy as np
 

@@ -305,3 +305,5 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         if scores.dtype == torch.float32:
             return scores
         return descending_places(scores, zero_ties=True).float()  # zeros too: every candidate gets its place
+
+    sampled_full_sort = _full_sort_places  # what predict reads, for the trainer's fast_sampled_eval
