@@ -311,7 +311,7 @@ def _aggregate(spec, rows, metrics):
 def _add_stage_rows(table, rows, metrics):
     """STAGE_ROWS entries, once per seed; a metric the stage was not tested on (another mode) is None."""
     for key, (label, prefix) in STAGE_ROWS.items():
-        settings = {id(r): json.dumps({k: v for k, v in r["cell"]["config"].items() if k.startswith(prefix)},
+        settings = {id(r): json.dumps({k: v for k, v in r["cell"].get("config", {}).items() if k.startswith(prefix)},
                                       sort_keys=True, default=str) for r in rows if r.get(key)}
         for r in sorted((r for r in rows if r.get(key)), key=lambda r: r["cell"]["seed"]):
             c = r["cell"]
