@@ -23,6 +23,7 @@ import uuid
 import numpy as np
 import torch
 
+from recbole.model.abstract_recommender import AbstractRecommender
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import EvaluatorType, get_local_time
 
@@ -136,11 +137,10 @@ class CompatMixin:
                 return None
         # a model whose predict reads another full-sort score (GlobalDiff: places, not Borda scores) names it
         scorer = getattr(self.model, "sampled_full_sort", None) or self.model.full_sort_predict
-        try:
-            full = scorer(interaction[keep].to(self.device)).view(len(keep), -1)
-        except NotImplementedError:
-            self._full_sort_agrees = False
+        if type(self.model).full_sort_predict is AbstractRecommender.full_sort_predict:
+            self._full_sort_agrees = False  # RecBole's context-aware models score sampled rows only
             return None
+        full = scorer(interaction[keep].to(self.device)).view(len(keep), -1)
         items = interaction[self.config["ITEM_ID_FIELD"]].to(self.device)
         scores = full[torch.searchsorted(keep, src).to(self.device), items]
         if verified is None:
