@@ -22,6 +22,10 @@ its config and its result under ``<out>/cells/<dataset>/<method>[@<backbone>]/se
 ``results.csv`` (one row per cell), ``results.md`` (mean +- std, lift over the baseline and over a plugin's own
 backbone, paired t-test p-values across seeds) and PNG plots.
 
+A cell that was killed (the machine or the session ended) is resumed when the grid runs again: each cell keeps
+its trainings' resume points in ``resume/`` (``resume_dir``) and goes on from the last epoch it began; its log
+continues in the same ``log.txt`` and its minutes add up over the attempts.
+
 Plugin cells of one seed that would train the same first stage (GlobalDiff's or DiffuASR's backbone, PDRec's
 TI-DiffRec) share it through ``<out>/stages`` (``stage_cache``; ``stage_cache: ~`` in the preset's config
 trains it in every cell): a grid costs one backbone per seed, and every method of a seed builds on the same one.
@@ -129,7 +133,9 @@ def run_cell(cell, directory):
     from recbole_diff.quick_start import run_recbole_diff
 
     config = dict(cell["config"], checkpoint_dir=os.path.join(directory, "saved"), show_progress=False)
+    config.setdefault("resume_dir", os.path.join(directory, "resume"))
     start = time.time()
+    earlier = _earlier_seconds(directory)
     result = run_recbole_diff(model=cell["model"], dataset=cell["dataset"], backbone=cell["backbone"],
                               config_dict=config, cmd_line=False)
     # results, scores and a plugin's scalar facts (stage timings, store sizes); not the model objects
@@ -137,11 +143,39 @@ def run_cell(cell, directory):
             if "_result" in k or k.endswith("_score") or isinstance(v, (int, float, bool, str, type(None)))}
     keep = json.loads(json.dumps(keep, default=float))
     keep.update(cell={k: cell[k] for k in ("dataset", "method", "model", "label", "backbone", "seed")},
-                seconds=time.time() - start)
+                seconds=sum(earlier) + time.time() - start, attempts=len(earlier) + 1)
     tmp = os.path.join(directory, "result.json.tmp")
     with open(tmp, "w") as f:
         json.dump(keep, f, indent=1)
     os.replace(tmp, os.path.join(directory, "result.json"))  # a result file is either whole or absent
+    from recbole_diff.trainer.resume import clear
+
+    clear(config["resume_dir"])  # the points served this cell only
+
+
+# the bench process notes a running cell's time this often, so a killed attempt's time is known to the next one
+HEARTBEAT_SECONDS = 60
+
+
+def _earlier_seconds(directory):
+    """Seconds of the cell's earlier, killed attempts (the last heartbeat of each)."""
+    path = os.path.join(directory, "attempts.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["seconds"][:-1]  # the last entry is the attempt running now
+
+
+def _note_attempt(directory, seconds, new=False):
+    path = os.path.join(directory, "attempts.json")
+    done = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            done = json.load(f)["seconds"]
+    done = done + [seconds] if new or not done else done[:-1] + [seconds]
+    with open(path + ".tmp", "w") as f:
+        json.dump({"seconds": done}, f)
+    os.replace(path + ".tmp", path)
 
 
 def _launch(cell, directory, threads):
@@ -159,14 +193,27 @@ def _launch(cell, directory, threads):
     with open(os.path.join(directory, "cell.json"), "w") as f:
         json.dump(cell, f, indent=1)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    # an attempt that started and left no result was killed (or failed): this one goes on from its points
+    resumed = os.path.isfile(os.path.join(directory, "attempts.json"))
     start = time.time()
     try:
-        with open(os.path.join(directory, "log.txt"), "w") as log:
-            code = subprocess.call([sys.executable, "-m", "recbole_diff.benchmark", "--cell", directory],
-                                   stdout=log, stderr=subprocess.STDOUT, env=env, cwd=directory)
+        with open(os.path.join(directory, "log.txt"), "a" if resumed else "w") as log:
+            if resumed:
+                log.write(f"\n[bench] {time.strftime('%Y-%m-%d %H:%M:%S')}: an earlier attempt did not finish; "
+                          "resuming\n")
+                log.flush()
+            _note_attempt(directory, 0.0, new=True)
+            child = subprocess.Popen([sys.executable, "-m", "recbole_diff.benchmark", "--cell", directory],
+                                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=directory)
+            while True:
+                try:
+                    code = child.wait(timeout=HEARTBEAT_SECONDS)
+                    break
+                except subprocess.TimeoutExpired:
+                    _note_attempt(directory, time.time() - start)
     finally:
         os.remove(lock)
-    return cell, code, time.time() - start
+    return cell, ("resumed" if resumed else None, code), time.time() - start
 
 
 def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print, methods=None, seeds=None):
@@ -195,7 +242,9 @@ def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print, methods=None, see
             if isinstance(code, str):  # not run here: why
                 log(f"[bench] {k}/{len(todo)} {cell['dataset']} {cell['label']} seed {cell['seed']}: {code}")
                 continue
+            how, code = code
             status = "ok" if code == 0 else f"FAILED (exit {code}, see {cell_dir(out_dir, cell)}/log.txt)"
+            status = f"{status} ({how})" if how else status
             if code:
                 failed.append(cell)
             log(f"[bench] {k}/{len(todo)} {cell['dataset']} {cell['label']} seed {cell['seed']}: "

@@ -22,17 +22,19 @@ class BackboneStageMixin:
                     self.load_backbone(stage.path)
                     self.backbone_checkpoint, self.backbone_valid_result = stage.path, stage.meta.get("valid_result")
                 else:
-                    self.train_backbone(train_data, valid_data, verbose, saved, show_progress)
+                    self.train_backbone(train_data, valid_data, verbose, saved, show_progress, stage)
                     if self.backbone_checkpoint:
                         stage.store(self.backbone_checkpoint, valid_result=self.backbone_valid_result)
         self.model.freeze_backbone()
         # the next stages draw the same random numbers whether the backbone was trained here or loaded
         init_seed(self.config["seed"], self.config["reproducibility"])
 
-    def train_backbone(self, train_data, valid_data, verbose, saved, show_progress):
+    def train_backbone(self, train_data, valid_data, verbose, saved, show_progress, stage=None):
         name, plugin = self.model.backbone_name, type(self.model).__name__
         self.logger.info(set_color(f"{plugin}: training the {name} backbone with RecBole's recipe", "green"))
         trainer = get_trainer(ModelType.SEQUENTIAL, name)(self.config, self.model.backbone)
+        if stage is not None:
+            stage.trainer(trainer)
         trainer.saved_model_file = unique_checkpoint_path(self.config, tag=f"{name}-backbone")
         _, self.backbone_valid_result = trainer.fit(train_data, valid_data, verbose=verbose, saved=saved,
                                                     show_progress=show_progress)

@@ -27,6 +27,7 @@ from recbole_diff.data.augment import (
 )
 from recbole_diff.evaluation import group_metrics
 from recbole_diff.trainer.backbone import BackboneStageMixin
+from recbole_diff.trainer.resume import resume_point, rng_state, set_rng_state
 from recbole_diff.trainer.stage_cache import stage_key
 from recbole_diff.trainer.trainer import Trainer, unique_checkpoint_path
 from recbole_diff.utils import get_model, get_trainer
@@ -54,10 +55,17 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
                                    f"(first {model.m} items generated from the rest)", "green"))
         opt = torch.optim.Adam([p for p in aug.parameters() if p.requires_grad], lr=float(c["augmenter_learning_rate"]))
         batch, epochs = int(c["augmenter_batch_size"]), int(c["augmenter_epochs"])
+        point = self._point("augmenter")
+        first, total = self._resume_augmenter(point, opt)
         aug.train()
         start = time.perf_counter()
-        bar = tqdm(range(epochs), ncols=100, desc=set_color("DiffuASR augmenter", "pink")) if show_progress else range(epochs)
+        bar = range(first, epochs)
+        if show_progress:
+            bar = tqdm(bar, ncols=100, desc=set_color("DiffuASR augmenter", "pink"), initial=first, total=epochs)
         for epoch in bar:
+            if point is not None and epoch > first:
+                point.save(epoch=epoch, augmenter=aug.state_dict(), optimizer=opt.state_dict(), total=total,
+                           rng=rng_state())
             total, order = 0.0, users[torch.randperm(len(users))]
             for lo in range(0, len(order), batch):
                 b = order[lo:lo + batch]
@@ -72,6 +80,24 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
         aug.eval()
         self.info["augmenter_seconds"] = time.perf_counter() - start
         self.info["augmenter_final_loss"] = total / len(users)
+
+    def _point(self, what):
+        """Resume point of one of this pipeline's own stages (the trainings through ``fit`` keep theirs)."""
+        from recbole_diff.trainer.resume import plain_settings
+
+        dataset = os.path.basename(str(self.config["dataset"]))
+        return resume_point(self.resume_dir, f"DiffuASR-{what}-{dataset}", plain_settings(self.config))
+
+    def _resume_augmenter(self, point, opt):
+        """The epoch to start at and the running loss, from the resume point when there is one."""
+        state = point.load(self.device) if point is not None else None
+        if state is None:
+            return 0, 0.0
+        self.model.augmenter.load_state_dict(state["augmenter"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        self.logger.info(f"resume_dir: the augmenter goes on at epoch {state['epoch']} from {point.path}")
+        return state["epoch"], state["total"]
 
     # ---- stage 3: generation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -191,6 +217,22 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self.prepare_backbone(train_data, valid_data, verbose, saved, show_progress)
         self.sequences = training_sequences(train_data.dataset)
+        written = self._point("augmented")
+        done = self._written_before(written)
+        if done is not None:
+            name, root = done
+        else:
+            name, root = self.augment(train_data.dataset, valid_data, show_progress)
+            if written is not None:
+                written.save(name=name, root=root, prefix=self.model.prefix.cpu(), info=self.info)
+        score, result = self.train_on_augmented(name, root, train_data.dataset, verbose, saved, show_progress)
+        self.best_valid_score, self.best_valid_result = score, result
+        if saved:
+            self._save_checkpoint(0, verbose=verbose)
+        return score, result
+
+    def augment(self, train_dataset, valid_data, show_progress):
+        """Stages 2-4: train the augmenter, generate, write the augmented dataset; its (name, root)."""
         if self.model.augmenter is not None:
             self.train_augmenter(self.sequences, show_progress)
         users = self.augmentable_users(self.sequences, valid_data)
@@ -198,12 +240,22 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
                                    f"({self.config['augmenter']})", "green"))
         prefix = self.generate(self.sequences, users, show_progress)
         self.logger.info(f"DiffuASR: {self.info['generation_users_per_s']:.1f} users/s")
-        name, root = self.write_dataset(train_data.dataset, prefix, users)
-        score, result = self.train_on_augmented(name, root, train_data.dataset, verbose, saved, show_progress)
-        self.best_valid_score, self.best_valid_result = score, result
-        if saved:
-            self._save_checkpoint(0, verbose=verbose)
-        return score, result
+        return self.write_dataset(train_dataset, prefix, users)
+
+    def _written_before(self, point):
+        """(name, root) of the augmented dataset an earlier, killed run of these settings wrote, with its items
+        back in ``model.prefix``; None when there is none (the dataset is then generated and written here)."""
+        state = point.load() if point is not None else None
+        if state is None:
+            return None
+        path = os.path.join(state["root"], state["name"])
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"Resume point '{point.path}' names the augmented dataset '{path}', which is "
+                                    "gone. Delete the resume point to generate it again.")
+        self.model.prefix.copy_(state["prefix"].to(self.model.prefix.device))
+        self.info.update(state["info"])
+        self.logger.info(set_color(f"resume_dir: using the augmented dataset {path} an earlier run wrote", "green"))
+        return state["name"], state["root"]
 
     def extra_results(self, valid_data=None, test_data=None):
         out = {"backbone": self.model.backbone_name, "backbone_checkpoint": self.backbone_checkpoint,

@@ -44,6 +44,7 @@ class PDRecTrainer(Trainer):
                     self.load_tidiffrec(model, stage.path)
                     self.tidiffrec_checkpoint = stage.path
                 else:
+                    stage.trainer(self.stage1)
                     self.train_tidiffrec(config, dataset, valid_data, verbose, saved, show_progress)
                     if self.tidiffrec_checkpoint and stage.store(self.tidiffrec_checkpoint):
                         self.tidiffrec_checkpoint = stage.path  # so that its preference store is shared too

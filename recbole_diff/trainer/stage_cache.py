@@ -19,6 +19,7 @@ import shutil
 import time
 from contextlib import contextmanager
 
+from recbole_diff.trainer.resume import clear
 from recbole_diff.utils import claim_lock
 
 # keys that cannot change what a stage learns
@@ -26,7 +27,7 @@ BOOKKEEPING = frozenset({
     "model", "checkpoint_dir", "device", "gpu_id", "use_gpu", "worker", "threads", "show_progress", "state",
     "log_wandb", "wandb_project", "eval_batch_size", "extra_test_modes", "loss_decimal_place", "metric_decimal_place", "save_dataset", "save_dataloaders", "dataset_save_path",
     "dataloaders_save_path", "local_rank", "nproc", "world_size", "offset", "ip", "port", "stage_cache",
-    "fast_sampled_eval",
+    "fast_sampled_eval", "resume_dir",
 })
 
 _OWN_KEYS = {}
@@ -82,13 +83,22 @@ class Stage:
 
     def __init__(self, folder, name, config, model_name):
         self.folder = folder
-        self.hit, self.path, self.meta = False, None, {}
+        self.hit, self.path, self.meta, self.resume_dir = False, None, {}, None
         if folder is None:
             return
         self.key = stage_key(config, model_name)
         digest = hashlib.sha1(json.dumps(self.key, sort_keys=True, default=_plain).encode()).hexdigest()[:12]
         base = os.path.join(folder, f"{name}-{os.path.basename(str(config['dataset']))}-seed{config['seed']}-{digest}")
         self.path, self._meta_path, self._lock = base + ".pth", base + ".json", base + ".lock"
+        # its training's resume point: whichever run claims the stage next goes on from it
+        self.resume_dir = base + ".resume"
+
+    def trainer(self, trainer):
+        """``trainer`` with its resume point beside the stage (when the run keeps resume points)."""
+        if self.folder is not None and trainer.resume_dir:
+            settings = dict(self.key["config"], stage_model=self.key["stage_model"], data_files=self.key["data_files"])
+            trainer.resume_dir, trainer.resume_settings = self.resume_dir, settings
+        return trainer
 
     def _load(self):
         if os.path.isfile(self._meta_path) and os.path.isfile(self.path):
@@ -116,6 +126,7 @@ class Stage:
         with open(self._meta_path + ".tmp", "w") as f:
             json.dump({"key": self.key, "meta": meta, "trained_as": checkpoint_file}, f, indent=1, default=_plain)
         os.replace(self._meta_path + ".tmp", self._meta_path)  # last: the pair counts only when both are whole
+        clear(self.resume_dir)
         return True
 
     def release(self):

@@ -16,6 +16,8 @@ What RecBole 1.2.1's Trainer does that every recbole-diff run would hit:
   With ``fast_sampled_eval`` each user's row is encoded once by ``full_sort_predict`` and the candidates'
   scores are read off it; each evaluation's first batch is also scored by ``predict``, and a model whose two
   scores differ is evaluated RecBole's way (see :func:`source_rows`).
+* A killed run loses its training. With ``resume_dir`` each ``fit`` keeps a point to resume from before every
+  epoch, and the same run started again goes on from there (see :mod:`recbole_diff.trainer.resume`).
 """
 import os
 import uuid
@@ -27,6 +29,7 @@ from recbole.model.abstract_recommender import AbstractRecommender
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import EvaluatorType, get_local_time
 
+from recbole_diff.trainer.resume import plain_settings, resume_point, rng_state, set_rng_state
 from recbole_diff.utils import load_checkpoint, seeded_numpy
 
 
@@ -70,6 +73,59 @@ class CompatMixin:
         super().__init__(config, model)
         self.saved_model_file = unique_checkpoint_path(config)
         self._item_side, self._full_sort_agrees, self._disagreed = set(), None, set()
+        # a stage shared between runs keeps its point beside the stage instead (see backbone.py, pdrec.py)
+        self.resume_dir, self.resume_settings = config["resume_dir"], None
+        self._resume = None
+
+    # ---- resume points (resume_dir) ------------------------------------------------------------------------
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        point = self._resume_point()
+        state = point.load(self.device) if point is not None else None
+        if state is not None:
+            self._restore(state, train_data)
+            if state["done"]:
+                self.logger.info(f"resume_dir: {point.name} finished in an earlier run; loaded it from {point.path}")
+                return self.best_valid_score, self.best_valid_result
+            self.logger.info(f"resume_dir: {point.name} goes on at epoch {self.start_epoch} from {point.path}")
+        self._resume = point
+        try:
+            result = super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
+                                 callback_fn=callback_fn)
+        finally:
+            self._resume = None
+        if point is not None:
+            point.save(**self._training_state(train_data, self.epochs, done=True))
+        return result
+
+    def _train_epoch(self, train_data, epoch_idx, *args, **kwargs):
+        # here the epochs before epoch_idx, validation included, are complete
+        if self._resume is not None and epoch_idx > self.start_epoch:
+            self._resume.save(**self._training_state(train_data, epoch_idx))
+        return super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
+
+    def _resume_point(self):
+        if not self.resume_dir:
+            return None
+        dataset = os.path.basename(str(self.config["dataset"]))
+        name = f"{type(self).__name__}-{type(self.model).__name__}-{dataset}"
+        settings = self.resume_settings or plain_settings(self.config, skip=("resume_dir",))
+        return resume_point(self.resume_dir, name, settings)
+
+    def _training_state(self, train_data, epoch, done=False):
+        return {"epoch": epoch, "done": done, "model": self.model.state_dict(),
+                "other_parameter": self.model.other_parameter(), "optimizer": self.optimizer.state_dict(),
+                "cur_step": self.cur_step, "best_valid_score": self.best_valid_score,
+                "best_valid_result": self.best_valid_result, "saved_model_file": self.saved_model_file,
+                "rng": rng_state(train_data)}
+
+    def _restore(self, state, train_data):
+        self.model.load_state_dict(state["model"])
+        self.model.load_other_parameter(state["other_parameter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch, self.cur_step = state["epoch"], state["cur_step"]
+        self.best_valid_score, self.best_valid_result = state["best_valid_score"], state["best_valid_result"]
+        self.saved_model_file = state["saved_model_file"]
+        set_rng_state(state["rng"], train_data)
 
     def load_model_file(self, model_file=None):
         """Load a checkpoint's weights into ``self.model`` (the best one of this run by default)."""

@@ -1,0 +1,97 @@
+"""Resume points: training that goes on where a killed process stopped (``resume_dir``).
+
+A grid cell on a large dataset can outlast the session or the machine it runs on (PDRec's stage 1 on Amazon
+Sports trains for hours on one core). With ``resume_dir`` set, each training keeps one file there, rewritten
+before every epoch (after the previous epoch's validation) with what the next epochs depend on: the weights,
+the optimiser, early stopping's state, the path of the best checkpoint so far and the random generators
+(torch's, numpy's, python's and the training loader's). The same run started again continues from it: it
+trains the epochs the killed run would have trained, with the same random numbers. A finished training marks
+its point done, so a run killed later (while testing, or in a later stage) loads the trained model instead of
+training it again.
+
+A point keeps the settings it was made with; a run where a key has another value refuses it with an error
+that names the key, rather than continuing another training. Keys only one side has (a default a newer
+version added) do not count.
+"""
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+from recbole_diff.utils import load_checkpoint
+
+
+def rng_state(loader=None):
+    """Every random generator the next epoch reads: the global ones and the training loader's own."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    generator = getattr(loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        state["loader"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state, loader=None):
+    torch.set_rng_state(state["torch"].cpu())
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator = getattr(loader, "generator", None)
+    if "loader" in state and isinstance(generator, torch.Generator):
+        generator.set_state(state["loader"].cpu())
+
+
+def plain_settings(config, skip=()):
+    """The config's values as json would keep them (numpy scalars as floats, enums as strings), without the
+    keys that cannot change what is trained."""
+    from recbole_diff.trainer.stage_cache import BOOKKEEPING, _plain
+
+    values = {k: v for k, v in config.final_config_dict.items() if k not in BOOKKEEPING and k not in skip}
+    return json.loads(json.dumps(values, sort_keys=True, default=_plain))
+
+
+class ResumePoint:
+    """``<folder>/<name>.pth``: one training's point to resume from, made with ``settings``."""
+
+    def __init__(self, folder, name, settings):
+        self.folder, self.name = folder, name
+        self.path = os.path.join(folder, f"{name}.pth")
+        self.settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+    def load(self, device="cpu"):
+        """The stored state, or None when there is none yet."""
+        if not os.path.isfile(self.path):
+            return None
+        state = load_checkpoint(self.path, device)
+        saved = state.get("settings", {})
+        # keys on one side only are a newer or older version's defaults, not another training
+        differ = sorted(k for k in set(saved) & set(self.settings) if saved[k] != self.settings[k])
+        if differ:
+            key = differ[0]
+            raise ValueError(
+                f"Resume point '{self.path}' was saved by a run with other settings ('{key}': {saved[key]!r} "
+                f"there, {self.settings[key]!r} here). Delete it, or set another resume_dir, to train from the start."
+            )
+        return state
+
+    def save(self, **state):
+        os.makedirs(self.folder, exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        torch.save(dict(state, settings=self.settings), tmp, pickle_protocol=4)
+        os.replace(tmp, self.path)  # a point is either whole or the previous one
+
+
+def resume_point(folder, name, settings):
+    """A :class:`ResumePoint`, or None when resuming is off (``folder`` is None)."""
+    return None if not folder else ResumePoint(str(folder), name, settings)
+
+
+def clear(folder):
+    """Drop a folder of points once what they were for is stored elsewhere (a finished cell or stage)."""
+    if folder and os.path.isdir(folder):
+        shutil.rmtree(folder, ignore_errors=True)
