@@ -299,3 +299,7 @@ def test_backbone_validation_is_scored_like_the_ensemble_and_the_diffusion_stage
     config, dataset, *_ = build(stopping_step=2, diffusion_stopping_step=7)
     trainer = GlobalDiffTrainer(config, get_model("GlobalDiff")(config, dataset))
     assert trainer.stopping_step == 7 and config["stopping_step"] == 2  # the backbone keeps its own
+
+    config, dataset, *_ = build(eval_step=1, diffusion_eval_step=3, diffusion_epochs=10)
+    trainer = GlobalDiffTrainer(config, get_model("GlobalDiff")(config, dataset))
+    assert trainer.eval_step == 3 and config["eval_step"] == 1

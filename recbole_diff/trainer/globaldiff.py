@@ -12,7 +12,8 @@ class GlobalDiffTrainer(BackboneStageMixin, Trainer):
         super().__init__(config, model)
         # RecBole's epochs/learning_rate keys belong to the backbone's recipe; the diffusion stage has its own.
         self.epochs = config["diffusion_epochs"]
-        self.eval_step = min(config["eval_step"], self.epochs)
+        # an ensemble validation runs the reverse process for every user: on sports it costs ~10 diffusion epochs
+        self.eval_step = min(config["diffusion_eval_step"] or config["eval_step"], self.epochs)
         self.stopping_step = config["diffusion_stopping_step"]
         self.backbone_checkpoint = config["backbone_checkpoint"]
         self.backbone_valid_result = None
