@@ -133,7 +133,8 @@ def run_cell(cell, directory):
     from recbole_diff.quick_start import run_recbole_diff
 
     config = dict(cell["config"], checkpoint_dir=os.path.join(directory, "saved"), show_progress=False)
-    config.setdefault("resume_dir", os.path.join(directory, "resume"))
+    if config.get("resume_dir", "") is not None:  # a preset turns it off with resume_dir: ~, never shares one
+        config["resume_dir"] = os.path.join(directory, "resume")
     start = time.time()
     earlier = _earlier_seconds(directory)
     result = run_recbole_diff(model=cell["model"], dataset=cell["dataset"], backbone=cell["backbone"],
@@ -150,7 +151,7 @@ def run_cell(cell, directory):
     os.replace(tmp, os.path.join(directory, "result.json"))  # a result file is either whole or absent
     from recbole_diff.trainer.resume import clear
 
-    clear(config["resume_dir"])  # the points served this cell only
+    clear(config["resume_dir"])  # the cell's own points, which served this cell only
 
 
 # the bench process notes a running cell's time this often, so a killed attempt's time is known to the next one
@@ -164,6 +165,12 @@ def _earlier_seconds(directory):
         return []
     with open(path) as f:
         return json.load(f)["seconds"][:-1]  # the last entry is the attempt running now
+
+
+def _write_atomically(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def _note_attempt(directory, seconds, new=False):
@@ -205,11 +212,19 @@ def _launch(cell, directory, threads):
             _note_attempt(directory, 0.0, new=True)
             child = subprocess.Popen([sys.executable, "-m", "recbole_diff.benchmark", "--cell", directory],
                                      stdout=log, stderr=subprocess.STDOUT, env=env, cwd=directory)
-            while True:
-                try:
-                    code = child.wait(timeout=HEARTBEAT_SECONDS)
-                    break
-                except subprocess.TimeoutExpired:
+            # the cell's process holds the cell: if this bench process dies, no other one starts it twice
+            _write_atomically(lock, str(child.pid))
+            try:
+                while True:
+                    try:
+                        code = child.wait(timeout=HEARTBEAT_SECONDS)
+                        break
+                    except subprocess.TimeoutExpired:
+                        _note_attempt(directory, time.time() - start)
+            finally:
+                if os.path.isfile(os.path.join(directory, "result.json")):
+                    os.remove(os.path.join(directory, "attempts.json"))  # the result holds them now
+                else:
                     _note_attempt(directory, time.time() - start)
     finally:
         os.remove(lock)

@@ -99,8 +99,9 @@ def trainable(params, base):
     from recbole_diff.utils import get_model, get_trainer
 
     trial_dir = os.getcwd()  # Tune runs each trial in its own folder
+    # each trial trains once, reporting every validation to the scheduler: no resume points shared by trials
     config_dict = dict(base["config_dict"], **params, checkpoint_dir=os.path.join(trial_dir, "saved"),
-                       show_progress=False, threads=1)
+                       show_progress=False, threads=1, resume_dir=None)
     config = build_config(base["model"], base["dataset"], base["config_files"], config_dict, base["backbone"],
                           cmd_line=False)
     init_seed(config["seed"], config["reproducibility"])

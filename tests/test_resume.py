@@ -14,6 +14,7 @@ from recbole.trainer import Trainer as RecBoleTrainer
 
 from recbole_diff.quick_start import run_recbole_diff
 from recbole_diff.trainer import resume
+from recbole_diff.trainer.diffuasr import DiffuASRTrainer
 
 from conftest import DATA_PATH, SLICE, TINY
 from test_diffuasr import ASR
@@ -37,9 +38,11 @@ def killed_after_point(monkeypatch, name_part, epoch):
             raise Killed(self.name)
 
     monkeypatch.setattr(resume.ResumePoint, "save", save_then_die)
-    with pytest.raises(Killed):
-        yield
-    monkeypatch.setattr(resume.ResumePoint, "save", save)
+    try:
+        with pytest.raises(Killed):
+            yield
+    finally:
+        monkeypatch.setattr(resume.ResumePoint, "save", save)
 
 
 @contextmanager
@@ -52,8 +55,10 @@ def counting_epochs(monkeypatch):
         return train_epoch(self, train_data, epoch_idx, *args, **kwargs)
 
     monkeypatch.setattr(RecBoleTrainer, "_train_epoch", counted)
-    yield epochs
-    monkeypatch.setattr(RecBoleTrainer, "_train_epoch", train_epoch)
+    try:
+        yield epochs
+    finally:
+        monkeypatch.setattr(RecBoleTrainer, "_train_epoch", train_epoch)
 
 
 def run(model, cfg, **kwargs):
@@ -66,16 +71,20 @@ def same_results(a, b, keys=("best_valid_result", "test_result")):
 
 
 def test_a_killed_training_goes_on_where_it_stopped_and_ends_as_an_unbroken_one(tmp_path, monkeypatch):
-    cfg = dict(TINY, epochs=5, stopping_step=10, checkpoint_dir=str(tmp_path / "saved"))
-    unbroken = run("SASRec", dict(cfg, resume_dir=str(tmp_path / "unbroken")))
+    # at this rate the validation peaks at epoch 1 and early stopping ends the training after epoch 4
+    cfg = dict(TINY, epochs=12, stopping_step=2, learning_rate=0.03, checkpoint_dir=str(tmp_path / "saved"))
+    with counting_epochs(monkeypatch) as epochs:
+        unbroken = run("SASRec", dict(cfg, resume_dir=str(tmp_path / "unbroken")))
+    assert [e for _, e in epochs] == [0, 1, 2, 3, 4]
 
     cfg["resume_dir"] = str(tmp_path / "resume")
-    with killed_after_point(monkeypatch, "SASRec", epoch=3):
+    with killed_after_point(monkeypatch, "SASRec", epoch=3):  # after the best epoch, before the stop
         run("SASRec", cfg)
     with counting_epochs(monkeypatch) as epochs:
         again = run("SASRec", cfg)
-    assert epochs == [("SASRec", 3), ("SASRec", 4)]  # only the epochs the killed run had not finished
-    same_results(unbroken, again)
+    # only the epochs the killed run had not finished, and early stopping counts on from where it was
+    assert epochs == [("SASRec", 3), ("SASRec", 4)]
+    same_results(unbroken, again)  # the test result is read from the best (epoch 1) checkpoint of the killed run
     assert os.path.isfile(again["saved_model_file"])
 
     # a finished training is loaded, not trained again (a run killed while testing)
@@ -85,6 +94,24 @@ def test_a_killed_training_goes_on_where_it_stopped_and_ends_as_an_unbroken_one(
     same_results(unbroken, done)
 
 
+def test_no_resume_points_without_checkpoints_or_for_trainers_they_do_not_cover(tmp_path):
+    from recbole_diff.config import Config
+    from recbole_diff.quick_start import prepare_data
+    from recbole_diff.trainer.trainer import compat_trainer
+    from recbole.trainer import RecVAETrainer
+
+    cfg = dict(TINY, epochs=2, checkpoint_dir=str(tmp_path / "saved"), resume_dir=str(tmp_path / "resume"))
+    run_recbole_diff("SASRec", SLICE, config_dict=cfg, cmd_line=False, saved=False)
+    assert not os.path.isdir(tmp_path / "resume")  # the best weights would be lost: nothing to resume to
+
+    config = Config(model="RecVAE", dataset=SLICE, config_dict=cfg, cmd_line=False)
+    _, train, _, _ = prepare_data(config)
+    from recbole_diff.utils import get_model
+
+    trainer = compat_trainer(RecVAETrainer)(config, get_model("RecVAE")(config, train.dataset))
+    assert trainer._resume_point() is None  # two optimisers swapped per epoch: not in a point
+
+
 def test_a_resume_point_of_other_settings_is_refused(tmp_path, monkeypatch):
     cfg = dict(TINY, epochs=3, checkpoint_dir=str(tmp_path / "saved"), resume_dir=str(tmp_path / "resume"))
     with killed_after_point(monkeypatch, "SASRec", epoch=1):
@@ -92,10 +119,20 @@ def test_a_resume_point_of_other_settings_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"other settings \('learning_rate'.*Delete it"):
         run("SASRec", dict(cfg, learning_rate=0.01))
     # keys that cannot change the training may differ, and a key the point does not know (a newer default)
-    state = resume.load_checkpoint(glob.glob(str(tmp_path / "resume" / "*.pth"))[0])
+    point = glob.glob(str(tmp_path / "resume" / "*.pth"))[0]
+    state = resume.load_checkpoint(point)
     assert state["settings"].pop("learning_rate") == 0.001
-    resume.torch.save(state, glob.glob(str(tmp_path / "resume" / "*.pth"))[0])
-    run("SASRec", dict(cfg, eval_batch_size=64, checkpoint_dir=str(tmp_path / "elsewhere")))
+    resume.torch.save(state, point)
+    with counting_epochs(monkeypatch) as epochs:
+        run("SASRec", dict(cfg, eval_batch_size=64, checkpoint_dir=str(tmp_path / "elsewhere")))
+    assert epochs == [("SASRec", 1), ("SASRec", 2)]
+
+    # other data is another training
+    state = resume.load_checkpoint(point)
+    state["settings"]["data_files"][SLICE + ".inter"][0] += 1
+    resume.torch.save(state, point)
+    with pytest.raises(ValueError, match="'data_files'"):
+        run("SASRec", cfg)
 
 
 def test_globaldiff_resumes_its_backbone_stage_beside_the_stage_and_its_diffusion_stage_in_the_run(
@@ -111,7 +148,9 @@ def test_globaldiff_resumes_its_backbone_stage_beside_the_stage_and_its_diffusio
     # the stage's point is beside the stage, where any run that claims the stage next finds it
     assert glob.glob(str(tmp_path / "sb" / "SASRec-backbone-*.resume" / "*.pth"))
     with killed_after_point(monkeypatch, "GlobalDiff", epoch=1):
-        run("GlobalDiff", cfg, backbone="SASRec")
+        with counting_epochs(monkeypatch) as epochs:
+            run("GlobalDiff", cfg, backbone="SASRec")
+    assert epochs == [("SASRec", 2), ("GlobalDiff", 0)]  # another run claiming the stage would go on the same
     assert not glob.glob(str(tmp_path / "sb" / "*.resume"))  # stored: its point is dropped
     with counting_epochs(monkeypatch) as epochs:
         again = run("GlobalDiff", cfg, backbone="SASRec")
@@ -121,15 +160,21 @@ def test_globaldiff_resumes_its_backbone_stage_beside_the_stage_and_its_diffusio
 
 def test_pdrec_resumes_tidiffrec_with_its_importance_sampling_history(tmp_path, monkeypatch):
     # with 2 steps DiffRec's importance sampling (10 losses per step) is on from the first batch
-    base = dict(PD, epochs=1, tidiffrec_epochs=7, tidiffrec={"dims_dnn": [32], "steps": 2})
+    base = dict(PD, epochs=2, tidiffrec_epochs=7, tidiffrec={"dims_dnn": [32], "steps": 2})
     unbroken = run("PDRec", dict(base, checkpoint_dir=str(tmp_path / "a"), resume_dir=str(tmp_path / "ra")))
 
     cfg = dict(base, checkpoint_dir=str(tmp_path / "b"), resume_dir=str(tmp_path / "rb"))
     with killed_after_point(monkeypatch, "TIDiffRec", epoch=6):
         run("PDRec", cfg)
-    state = resume.ResumePoint(cfg["resume_dir"], "Trainer-TIDiffRec-" + SLICE, {}).path
-    assert int(__import__("torch").load(state, weights_only=False)["other_parameter"]["Lt_count"].min()) >= 10
-    again = run("PDRec", cfg)
+    state = resume.load_checkpoint(os.path.join(cfg["resume_dir"], f"Trainer-TIDiffRec-{SLICE}.pth"))
+    assert int(state["other_parameter"]["Lt_count"].min()) >= 10
+    with killed_after_point(monkeypatch, "PDRec", epoch=1):  # stage 3 (BCE + HBR + NNS + DPA)
+        with counting_epochs(monkeypatch) as epochs:
+            run("PDRec", cfg)
+    assert epochs == [("TIDiffRec", 6), ("PDRec", 0)]
+    with counting_epochs(monkeypatch) as epochs:
+        again = run("PDRec", cfg)
+    assert epochs == [("PDRec", 1)]
     same_results(unbroken, again, ("best_valid_result", "test_result", "tidiffrec_test_result"))
 
 
@@ -141,11 +186,23 @@ def test_diffuasr_resumes_its_augmenter_and_reuses_the_dataset_it_wrote(tmp_path
     with killed_after_point(monkeypatch, "augmenter", epoch=2):
         run("DiffuASR", cfg)
     assert not glob.glob(str(tmp_path / "b" / "augmented" / "*"))
+    started = []
+    resume_augmenter = DiffuASRTrainer._resume_augmenter
+
+    def recording(self, *args):
+        first, total = resume_augmenter(self, *args)
+        started.append(first)
+        return first, total
+
+    monkeypatch.setattr(DiffuASRTrainer, "_resume_augmenter", recording)
     with killed_after_point(monkeypatch, "SASRec-" + SLICE + "-", epoch=2):  # the backbone on the written data
         run("DiffuASR", cfg)
+    assert started == [2]  # the augmenter went on at the epoch it was killed in
     written = glob.glob(str(tmp_path / "b" / "augmented" / "*"))
     assert len(written) == 1
-    again = run("DiffuASR", cfg)  # no FileExistsError: the dataset is this run's own
+    with counting_epochs(monkeypatch) as epochs:
+        again = run("DiffuASR", cfg)  # no FileExistsError: the dataset is this run's own
+    assert epochs == [("SASRec", 2)] and started == [2]
     assert again["augmented_dataset"] == written[0]
     same_results(unbroken, again, ("best_valid_result", "test_result", "backbone_test_result"))
     assert again["augmenter_final_loss"] == unbroken["augmenter_final_loss"]

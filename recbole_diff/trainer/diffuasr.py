@@ -90,7 +90,7 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
 
     def _resume_augmenter(self, point, opt):
         """The epoch to start at and the running loss, from the resume point when there is one."""
-        state = point.load(self.device) if point is not None else None
+        state = point.load() if point is not None else None
         if state is None:
             return 0, 0.0
         self.model.augmenter.load_state_dict(state["augmenter"])
@@ -169,6 +169,19 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
         return sub
 
     def write_dataset(self, train_dataset, prefix, users):
+        name, root = self.augmented_location()
+        c = self.config
+        uid, iid = train_dataset.uid_field, train_dataset.iid_field
+        user_tokens = train_dataset.field2id_token[uid][users.numpy()]
+        item_tokens = train_dataset.field2id_token[iid][prefix.numpy()]
+        path = write_augmented_dataset(c["data_path"], c["dataset"], root, name, list(user_tokens),
+                                       [list(row) for row in item_tokens], uid, iid, train_dataset.time_field)
+        self.logger.info(set_color(f"DiffuASR: wrote the augmented dataset {path}", "green"))
+        self.info["augmented_dataset"] = path
+        return name, root
+
+    def augmented_location(self):
+        """(name, root) of this run's augmented dataset; the name records what made it."""
         c = self.config
         settings = {k: c[k] for k in ("exclude_history", "MAX_ITEM_LIST_LENGTH", "generation_batch_size")}
         if c["augmenter"] == "diffusion":
@@ -182,15 +195,7 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
             settings["backbone"] = c["backbone_checkpoint"] or stage_key(c, self.model.backbone_name)["config"]
         name = augmented_name(c["dataset"], self.model.backbone_name, c["augmenter"], self.model.m, c["seed"],
                               c["guide"], float(c["gamma"]), c["sample_steps"], c["sampler"], settings)
-        root = c["augmented_data_path"] or os.path.join(c["checkpoint_dir"], "augmented")
-        uid, iid = train_dataset.uid_field, train_dataset.iid_field
-        user_tokens = train_dataset.field2id_token[uid][users.numpy()]
-        item_tokens = train_dataset.field2id_token[iid][prefix.numpy()]
-        path = write_augmented_dataset(c["data_path"], c["dataset"], root, name, list(user_tokens),
-                                       [list(row) for row in item_tokens], uid, iid, train_dataset.time_field)
-        self.logger.info(set_color(f"DiffuASR: wrote the augmented dataset {path}", "green"))
-        self.info["augmented_dataset"] = path
-        return name, root
+        return name, c["augmented_data_path"] or os.path.join(c["checkpoint_dir"], "augmented")
 
     def train_on_augmented(self, name, root, train_dataset, verbose=True, saved=True, show_progress=False):
         config = self.augmented_config(name, root)
@@ -217,45 +222,50 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self.prepare_backbone(train_data, valid_data, verbose, saved, show_progress)
         self.sequences = training_sequences(train_data.dataset)
-        written = self._point("augmented")
-        done = self._written_before(written)
-        if done is not None:
-            name, root = done
+        # the generated items are kept before the dataset is written, so that a killed run writes them (or
+        # finds them written) instead of generating again and then refusing to overwrite its own dataset
+        point = self._point("generated")
+        resumed = self._generated_before(point)
+        users = resumed if resumed is not None else self.augment(valid_data, show_progress)
+        if resumed is None and point is not None:
+            point.save(users=users, prefix=self.model.prefix.cpu(), info=self.info,
+                       augmenter=None if self.model.augmenter is None else self.model.augmenter.state_dict())
+        name, root = self.augmented_location()
+        if resumed is not None and os.path.isdir(os.path.join(root, name)):
+            self.info["augmented_dataset"] = os.path.join(root, name)  # written (atomically) from these items
+            self.logger.info(set_color(f"resume_dir: using the augmented dataset {root}/{name} an earlier attempt "
+                                       "wrote", "green"))
         else:
-            name, root = self.augment(train_data.dataset, valid_data, show_progress)
-            if written is not None:
-                written.save(name=name, root=root, prefix=self.model.prefix.cpu(), info=self.info)
+            self.write_dataset(train_data.dataset, self.model.prefix[users].cpu(), users)
         score, result = self.train_on_augmented(name, root, train_data.dataset, verbose, saved, show_progress)
         self.best_valid_score, self.best_valid_result = score, result
         if saved:
             self._save_checkpoint(0, verbose=verbose)
         return score, result
 
-    def augment(self, train_dataset, valid_data, show_progress):
-        """Stages 2-4: train the augmenter, generate, write the augmented dataset; its (name, root)."""
+    def augment(self, valid_data, show_progress):
+        """Stages 2-3: train the augmenter and generate (into ``model.prefix``); the users given items."""
         if self.model.augmenter is not None:
             self.train_augmenter(self.sequences, show_progress)
         users = self.augmentable_users(self.sequences, valid_data)
         self.logger.info(set_color(f"DiffuASR: generating {self.model.m} items for {len(users)} users "
                                    f"({self.config['augmenter']})", "green"))
-        prefix = self.generate(self.sequences, users, show_progress)
+        self.generate(self.sequences, users, show_progress)
         self.logger.info(f"DiffuASR: {self.info['generation_users_per_s']:.1f} users/s")
-        return self.write_dataset(train_dataset, prefix, users)
+        return users
 
-    def _written_before(self, point):
-        """(name, root) of the augmented dataset an earlier, killed run of these settings wrote, with its items
-        back in ``model.prefix``; None when there is none (the dataset is then generated and written here)."""
+    def _generated_before(self, point):
+        """The users an earlier, killed attempt of these settings generated items for, with the items back in
+        ``model.prefix`` (and the augmenter's weights, for this run's checkpoint); None when there is none."""
         state = point.load() if point is not None else None
         if state is None:
             return None
-        path = os.path.join(state["root"], state["name"])
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"Resume point '{point.path}' names the augmented dataset '{path}', which is "
-                                    "gone. Delete the resume point to generate it again.")
         self.model.prefix.copy_(state["prefix"].to(self.model.prefix.device))
+        if state["augmenter"] is not None:
+            self.model.augmenter.load_state_dict(state["augmenter"])
         self.info.update(state["info"])
-        self.logger.info(set_color(f"resume_dir: using the augmented dataset {path} an earlier run wrote", "green"))
-        return state["name"], state["root"]
+        self.logger.info(f"resume_dir: the generated items of an earlier attempt, from {point.path}")
+        return state["users"]
 
     def extra_results(self, valid_data=None, test_data=None):
         out = {"backbone": self.model.backbone_name, "backbone_checkpoint": self.backbone_checkpoint,

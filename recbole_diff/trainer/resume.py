@@ -40,19 +40,26 @@ def set_rng_state(state, loader=None):
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     generator = getattr(loader, "generator", None)
     if "loader" in state and isinstance(generator, torch.Generator):
         generator.set_state(state["loader"].cpu())
 
 
-def plain_settings(config, skip=()):
+def plain_settings(config):
     """The config's values as json would keep them (numpy scalars as floats, enums as strings), without the
     keys that cannot change what is trained."""
     from recbole_diff.trainer.stage_cache import BOOKKEEPING, _plain
 
-    values = {k: v for k, v in config.final_config_dict.items() if k not in BOOKKEEPING and k not in skip}
+    values = {k: v for k, v in config.final_config_dict.items() if k not in BOOKKEEPING}
     return json.loads(json.dumps(values, sort_keys=True, default=_plain))
+
+
+def data_files(config):
+    """The size and time of the dataset's files: a point of other data is not resumed."""
+    from recbole_diff.trainer.stage_cache import _data_files
+
+    return _data_files(config)
 
 
 class ResumePoint:
@@ -63,11 +70,11 @@ class ResumePoint:
         self.path = os.path.join(folder, f"{name}.pth")
         self.settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
 
-    def load(self, device="cpu"):
-        """The stored state, or None when there is none yet."""
+    def load(self):
+        """The stored state (on the CPU; loading it into a model or optimiser moves it), or None."""
         if not os.path.isfile(self.path):
             return None
-        state = load_checkpoint(self.path, device)
+        state = load_checkpoint(self.path, "cpu")
         saved = state.get("settings", {})
         # keys on one side only are a newer or older version's defaults, not another training
         differ = sorted(k for k in set(saved) & set(self.settings) if saved[k] != self.settings[k])

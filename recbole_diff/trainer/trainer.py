@@ -20,6 +20,7 @@ What RecBole 1.2.1's Trainer does that every recbole-diff run would hit:
   epoch, and the same run started again goes on from there (see :mod:`recbole_diff.trainer.resume`).
 """
 import os
+import shutil
 import uuid
 
 import numpy as np
@@ -29,7 +30,7 @@ from recbole.model.abstract_recommender import AbstractRecommender
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import EvaluatorType, get_local_time
 
-from recbole_diff.trainer.resume import plain_settings, resume_point, rng_state, set_rng_state
+from recbole_diff.trainer.resume import data_files, plain_settings, resume_point, rng_state, set_rng_state
 from recbole_diff.utils import load_checkpoint, seeded_numpy
 
 
@@ -79,8 +80,9 @@ class CompatMixin:
 
     # ---- resume points (resume_dir) ------------------------------------------------------------------------
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
-        point = self._resume_point()
-        state = point.load(self.device) if point is not None else None
+        # without checkpoints the best weights of the killed run would be gone: nothing to resume to
+        point = self._resume_point() if saved else None
+        state = point.load() if point is not None else None
         if state is not None:
             self._restore(state, train_data)
             if state["done"]:
@@ -106,17 +108,29 @@ class CompatMixin:
     def _resume_point(self):
         if not self.resume_dir:
             return None
+        base = next(c for c in type(self).__mro__ if c.__module__.startswith("recbole.trainer"))
+        if base is not RecBoleTrainer:
+            # RecBole's other trainers keep state of their own (two optimisers, cluster centroids, inner
+            # loaders' generators) that a point does not hold: they train from the start
+            self.logger.warning(f"resume_dir: {base.__name__} is not covered by resume points; it trains from the "
+                                "start")
+            return None
         dataset = os.path.basename(str(self.config["dataset"]))
         name = f"{type(self).__name__}-{type(self.model).__name__}-{dataset}"
-        settings = self.resume_settings or plain_settings(self.config, skip=("resume_dir",))
+        settings = self.resume_settings or dict(plain_settings(self.config), data_files=data_files(self.config))
         return resume_point(self.resume_dir, name, settings)
 
     def _training_state(self, train_data, epoch, done=False):
         return {"epoch": epoch, "done": done, "model": self.model.state_dict(),
-                "other_parameter": self.model.other_parameter(), "optimizer": self.optimizer.state_dict(),
+                "other_parameter": self._other_parameter(), "optimizer": self.optimizer.state_dict(),
                 "cur_step": self.cur_step, "best_valid_score": self.best_valid_score,
                 "best_valid_result": self.best_valid_result, "saved_model_file": self.saved_model_file,
                 "rng": rng_state(train_data)}
+
+    def _other_parameter(self):
+        # some RecBole models list sub-modules here, which the state dict holds already; setting a copy back
+        # would cut them off from the optimiser
+        return {k: v for k, v in self.model.other_parameter().items() if not isinstance(v, torch.nn.Module)}
 
     def _restore(self, state, train_data):
         self.model.load_state_dict(state["model"])
@@ -124,8 +138,19 @@ class CompatMixin:
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch, self.cur_step = state["epoch"], state["cur_step"]
         self.best_valid_score, self.best_valid_result = state["best_valid_score"], state["best_valid_result"]
-        self.saved_model_file = state["saved_model_file"]
+        self._adopt_best_checkpoint(state["saved_model_file"], state["best_valid_result"] is not None)
         set_rng_state(state["rng"], train_data)
+
+    def _adopt_best_checkpoint(self, path, needed):
+        """The killed run's best checkpoint, copied to this run's own file: it may lie in another run's folder
+        (a shared stage's point), which this run must not write to."""
+        if os.path.isfile(path):
+            tmp = f"{self.saved_model_file}.{os.getpid()}.tmp"
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, self.saved_model_file)
+        elif needed:
+            raise FileNotFoundError(f"resume_dir: the best checkpoint '{path}' of the run to resume is gone. Delete "
+                                    "its resume point to train from the start.")
 
     def load_model_file(self, model_file=None):
         """Load a checkpoint's weights into ``self.model`` (the best one of this run by default)."""
