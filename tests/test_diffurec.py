@@ -195,3 +195,18 @@ def test_length_groups_change_nothing_but_cost():
     assert model.calculate_loss(batch).item() == pytest.approx(plain_loss.item(), rel=1e-5)
     with torch.no_grad():
         assert torch.allclose(model.full_sort_predict(inter), plain_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["DiffuRec", "DiffuRecSys"])
+def test_the_noised_target_carries_the_target_at_small_steps(name):
+    """Item embeddings at the noise's scale (the authors' N(0, 1)): at the first steps x_t is mostly x0, so the
+    reverse process has something to denoise towards. With a small init (xavier, std ~0.03 here) x_t was
+    nearly pure noise at every step."""
+    _, model, _, _ = build(name, hidden_size=64, n_heads=2)
+    items = model.item_embedding.weight[1:]
+    assert items.std().item() == pytest.approx(1.0, abs=0.05)
+    x0 = items[:256]
+    for step, least in ((0, 0.9), (3, 0.8)):
+        t = torch.full((len(x0),), step)
+        x_t = model.diffusion.q_sample(x0, t, torch.randn_like(x0))
+        assert torch.cosine_similarity(x_t, x0, dim=-1).mean().item() > least, step

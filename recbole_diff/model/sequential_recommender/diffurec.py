@@ -55,7 +55,15 @@ class ApproximatorBlock(nn.Module):
             h = h + self.dropout(attended)
         x = self.ln_attn(h)
         h = h + self.dropout(self.self_attn(x, x, x, key_padding_mask=pad_mask, need_weights=False)[0])
-        return h + self.dropout(self.ffn(self.ln_ffn(h)))
+        # the authors' blocks end with a dropout of the whole stream, residual included
+        return self.dropout(h + self.dropout(self.ffn(self.ln_ffn(h))))
+
+    def init_weights(self):
+        """As the authors' code: xavier on the FFN and on the attention output layers, torch's defaults
+        elsewhere."""
+        attention = [self.self_attn] + ([self.cross_attn] if self.cross_attn is not None else [])
+        for layer in [self.ffn[0], self.ffn[3]] + [a.out_proj for a in attention]:
+            nn.init.xavier_normal_(layer.weight)
 
 
 class DiffuRec(SequentialRecommender):
@@ -93,13 +101,18 @@ class DiffuRec(SequentialRecommender):
             ApproximatorBlock(self.hidden_size, config["n_heads"], config["dropout_prob"], cross)
             for _ in range(config["n_blocks"])
         )
+        self.out_dropout = nn.Dropout(config["dropout_prob"])  # the authors' dropout before the last LayerNorm
         self.out_norm = nn.LayerNorm(self.hidden_size)
         self.cross = cross
         # x0-parameterised with sigma_t^2 = beta_t, as DiffuRec samples.
         self.diffusion = GaussianDiffusion(config["noise_schedule"], steps, parameterization="x0",
                                            variance="fixed_large")
         self.loss_fct = nn.CrossEntropyLoss()
-        self.apply(self._init_weights)
+        # Item embeddings keep nn.Embedding's N(0, 1), as in the authors' code: x0 = E[target] then has the
+        # scale of the diffusion noise. A small init (xavier: std ~0.01 on 18k items) leaves x_t nearly pure
+        # noise at every step, and the reverse process carries no information about the target.
+        for block in self.blocks:
+            block.init_weights()
 
     @staticmethod
     def _check_choices(config):
@@ -111,13 +124,6 @@ class DiffuRec(SequentialRecommender):
             raise ValueError("inference_samples must be >= 1.")
         if config["hidden_size"] % config["n_heads"]:
             raise ValueError(f"hidden_size ({config['hidden_size']}) must be divisible by n_heads ({config['n_heads']}).")
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.xavier_normal_(module.weight)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     # ---- the denoiser --------------------------------------------------------------------------------
     def _trim(self, item_seq, item_seq_len):
@@ -158,7 +164,7 @@ class DiffuRec(SequentialRecommender):
             h = history + noised
             for block in self.blocks:
                 h = block(h, pad_mask)
-        return self.gather_indexes(self.out_norm(h), item_seq_len - 1)
+        return self.gather_indexes(self.out_norm(self.out_dropout(h)), item_seq_len - 1)
 
     # ---- training ------------------------------------------------------------------------------------
     def training_noise(self, shape, device):
