@@ -28,7 +28,8 @@ def main():
     out = {"dataset": args.dataset, "users": args.users, "threads": torch.get_num_threads(), "runs": {}}
     for guide in ("cg", "cf"):
         config, model, train, _, _ = build("DiffuASR", args.dataset, backbone=args.backbone, guide=guide,
-                                           MAX_ITEM_LIST_LENGTH=50, augmenter_epochs=args.augmenter_epochs)
+                                           MAX_ITEM_LIST_LENGTH=50, augmenter_epochs=args.augmenter_epochs,
+                                           augmenter_steps=None)
         trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
         model.freeze_backbone()  # an untrained backbone costs the same as a trained one
         seqs = training_sequences(train.dataset)

@@ -18,7 +18,7 @@ from recbole_diff.utils import get_model, get_trainer
 from conftest import DATA_PATH, SLICE, TINY
 
 ASR = dict(TINY, hidden_size=16, diffusion_embedding_size=16, unet_channels=[8, 16, 16], M=3, augmenter_epochs=2,
-           sampler="ddim", sample_steps=5, epochs=2)
+           augmenter_steps=None, sampler="ddim", sample_steps=5, epochs=2)
 
 
 def build(tmp_path, **overrides):
@@ -151,7 +151,7 @@ def test_classifier_guidance_raises_the_first_items_probability(tmp_path, backbo
 
 
 @pytest.mark.parametrize("choice,softmax", [("auto", True), ("softmax", True), ("sigmoid", False)])
-def test_classifier_reads_a_prefix_of_item_embeddings_as_the_backbone_reads_those_items(tmp_path, choice, softmax):
+def test_classifier_reads_a_generated_prefix_as_the_backbone_reads_those_items(tmp_path, choice, softmax):
     from recbole.data.interaction import Interaction
 
     _, model, _, _, _ = build(tmp_path, guide="cg", embedding_size=16, classifier_logprob=choice)
@@ -160,7 +160,9 @@ def test_classifier_reads_a_prefix_of_item_embeddings_as_the_backbone_reads_thos
     torch.manual_seed(1)
     prefix = torch.randint(2, model.n_items, (6, model.m))
     first = torch.randint(1, model.n_items, (6,))
-    x = model.backbone.item_embedding(prefix).detach()
+    model.init_embedding_from_backbone()
+    x = model.augmenter.embed(prefix).detach()  # the augmenter's space: the table at unit scale
+    assert x.std().item() == pytest.approx(1.0, rel=0.2)
     with torch.no_grad():
         got = model.first_item_log_prob(first)(x, None)
         scores = model.backbone.full_sort_predict(Interaction({
@@ -374,3 +376,38 @@ def test_bad_choices(tmp_path):
         build(tmp_path, augmenter="gan")
     with pytest.raises(ValueError, match="MAX_ITEM_LIST_LENGTH"):
         build(tmp_path, M=11)
+
+
+def test_x0_is_the_item_table_at_unit_scale_and_sampling_stays_in_its_range(tmp_path):
+    _, model, _, _, _ = build(tmp_path, guide="cf", embedding_size=16)
+    model.init_embedding_from_backbone()
+    aug = model.augmenter
+    table = aug.embedding.weight[1:].detach()
+    assert table.std().item() < 0.5  # a trained or RecBole-initialised table is far smaller than the noise
+    items = torch.arange(1, model.n_items)
+    x0 = aug.embed(items).detach()
+    assert x0.std().item() == pytest.approx(1.0, abs=1e-3)
+    # rounding is by cosine: the scale changes no item
+    assert torch.equal(model.round(x0[:60].view(20, 3, -1)), items[:60].view(20, 3))
+    bound = x0.abs().max().item()
+    with torch.no_grad():
+        out = aug.sample(torch.randn(8, model.d), gamma=1.0, sampler="ddim", steps=10)
+    assert out.abs().max().item() <= bound + 1e-6
+    aug.clip_x0 = False  # an untrained network's estimates leave the table's range without the clip
+    with torch.no_grad():
+        assert aug.sample(torch.randn(8, model.d), gamma=1.0, sampler="ddim", steps=10).abs().max() > bound
+
+
+def test_augmenter_steps_set_the_budget_in_updates(tmp_path):
+    from recbole_diff.trainer.diffuasr import DiffuASRTrainer
+
+    config, model, train, _, _ = build(tmp_path, guide="cf", augmenter_steps=5, augmenter_batch_size=16)
+    trainer = DiffuASRTrainer(config, model)
+    seqs = training_sequences(train.dataset)
+    users = augmenter_users(seqs, model.m, int(config["augmenter_min_raw"]))
+    calls = []
+    loss = model.augmenter.loss
+    model.augmenter.loss = lambda *a: calls.append(1) or loss(*a)
+    trainer.train_augmenter(seqs)
+    per_epoch = -(-len(users) // 16)
+    assert len(calls) == per_epoch * -(-5 // per_epoch) and len(calls) >= 5

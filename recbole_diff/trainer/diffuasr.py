@@ -55,6 +55,8 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
                                    f"(first {model.m} items generated from the rest)", "green"))
         opt = torch.optim.Adam([p for p in aug.parameters() if p.requires_grad], lr=float(c["augmenter_learning_rate"]))
         batch, epochs = int(c["augmenter_batch_size"]), int(c["augmenter_epochs"])
+        if c["augmenter_steps"]:  # a budget in updates: an epoch of a small dataset is one or two of them
+            epochs = math.ceil(int(c["augmenter_steps"]) / math.ceil(len(users) / batch))
         point = self._point("augmenter")
         first, total = self._resume_augmenter(point, opt)
         aug.train()
@@ -188,8 +190,8 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
             settings.update({k: c[k] for k in (
                 "embedding_init", "freeze_embedding", "condition", "p_uncond", "diffusion_steps", "noise_schedule",
                 "eta", "diffusion_embedding_size", "unet_channels", "unet_res_blocks", "unet_dropout",
-                "augmenter_epochs", "augmenter_learning_rate", "augmenter_batch_size", "augmenter_min_raw",
-                "classifier_logprob")})
+                "augmenter_epochs", "augmenter_steps", "augmenter_learning_rate", "augmenter_batch_size",
+                "augmenter_min_raw", "classifier_logprob", "x0_scale", "clip_x0")})
             # the backbone shapes what is generated (item space, classifier): two runs that differ only there
             # must not collide on one name
             settings["backbone"] = c["backbone_checkpoint"] or stage_key(c, self.model.backbone_name)["config"]
