@@ -198,15 +198,23 @@ def test_length_groups_change_nothing_but_cost():
 
 
 @pytest.mark.parametrize("name", ["DiffuRec", "DiffuRecSys"])
-def test_the_noised_target_carries_the_target_at_small_steps(name):
-    """Item embeddings at the noise's scale (the authors' N(0, 1)): at the first steps x_t is mostly x0, so the
-    reverse process has something to denoise towards. With a small init (xavier, std ~0.03 here) x_t was
-    nearly pure noise at every step."""
-    _, model, _, _ = build(name, hidden_size=64, n_heads=2)
-    items = model.item_embedding.weight[1:]
-    assert items.std().item() == pytest.approx(1.0, abs=0.05)
-    x0 = items[:256]
+@pytest.mark.parametrize("init,scale", [("xavier", "unit"), ("normal", "raw")])
+def test_the_noised_target_carries_the_target_at_small_steps(name, init, scale):
+    """x0 at the noise's scale (the authors' N(0, 1) table, or a xavier table divided by its std): at the first
+    steps x_t is mostly x0, so the reverse process has something to denoise towards."""
+    _, model, _, _ = build(name, hidden_size=64, n_heads=2, item_init=init, x0_scale=scale)
+    items = torch.arange(1, 257)
+    x0 = model.target_embedding(items).detach()
+    assert x0.std().item() == pytest.approx(1.0, abs=0.05)
     for step, least in ((0, 0.9), (3, 0.8)):
         t = torch.full((len(x0),), step)
         x_t = model.diffusion.q_sample(x0, t, torch.randn_like(x0))
         assert torch.cosine_similarity(x_t, x0, dim=-1).mean().item() > least, step
+
+
+def test_a_small_raw_table_leaves_the_noised_target_nearly_pure_noise():
+    _, model, _, _ = build(hidden_size=64, n_heads=2, item_init="xavier", x0_scale="raw")
+    x0 = model.target_embedding(torch.arange(1, 257)).detach()
+    assert x0.std().item() < 0.1
+    x_t = model.diffusion.q_sample(x0, torch.zeros(256, dtype=torch.long), torch.randn_like(x0))
+    assert torch.cosine_similarity(x_t, x0, dim=-1).mean().item() < 0.5

@@ -74,7 +74,7 @@ class DiffuRec(SequentialRecommender):
     REQUIRED = ("hidden_size", "n_blocks", "n_heads", "dropout_prob", "emb_dropout_prob", "diffusion_steps",
                 "noise_schedule", "lambda_mean", "lambda_std", "approximator", "offset_noise_mode",
                 "offset_scale", "offset_constant", "inference_samples", "position_embedding", "trim_padding",
-                "length_buckets")
+                "length_buckets", "item_init", "x0_scale")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -108,11 +108,16 @@ class DiffuRec(SequentialRecommender):
         self.diffusion = GaussianDiffusion(config["noise_schedule"], steps, parameterization="x0",
                                            variance="fixed_large")
         self.loss_fct = nn.CrossEntropyLoss()
-        # Item embeddings keep nn.Embedding's N(0, 1), as in the authors' code: x0 = E[target] then has the
-        # scale of the diffusion noise. A small init (xavier: std ~0.01 on 18k items) leaves x_t nearly pure
-        # noise at every step, and the reverse process carries no information about the target.
         for block in self.blocks:
             block.init_weights()
+        # The authors' N(0, 1) item table gives x0 = E[target] the noise's scale, but learns slowly (their
+        # budget: hundreds of epochs). A xavier table learns in a few epochs but is ~30x smaller than the
+        # noise, which leaves x_t nearly pure noise at every step: x0_scale: unit diffuses E[target] / std(E).
+        if config["item_init"] == "xavier":
+            nn.init.xavier_normal_(self.item_embedding.weight)
+            with torch.no_grad():
+                self.item_embedding.weight[0].zero_()
+        self.unit_x0 = config["x0_scale"] == "unit"
 
     @staticmethod
     def _check_choices(config):
@@ -120,6 +125,9 @@ class DiffuRec(SequentialRecommender):
             raise ValueError(f"approximator must be one of {APPROXIMATORS}, got '{config['approximator']}'.")
         if config["offset_noise_mode"] not in OFFSET_MODES:
             raise ValueError(f"offset_noise_mode must be one of {OFFSET_MODES}, got '{config['offset_noise_mode']}'.")
+        if config["item_init"] not in ("xavier", "normal") or config["x0_scale"] not in ("unit", "raw"):
+            raise ValueError(f"item_init must be xavier or normal and x0_scale unit or raw, got "
+                             f"'{config['item_init']}' and '{config['x0_scale']}'.")
         if config["inference_samples"] < 1:
             raise ValueError("inference_samples must be >= 1.")
         if config["hidden_size"] % config["n_heads"]:
@@ -166,6 +174,12 @@ class DiffuRec(SequentialRecommender):
                 h = block(h, pad_mask)
         return self.gather_indexes(self.out_norm(self.out_dropout(h)), item_seq_len - 1)
 
+    def target_embedding(self, items):
+        """x0: the items' embeddings, at unit per-element scale with ``x0_scale: unit`` (the scale of the noise,
+        and of the LayerNorm-ed x0 estimates the reverse process feeds back)."""
+        e = self.item_embedding(items)
+        return e / self.item_embedding.weight[1:].std().clamp(min=1e-8) if self.unit_x0 else e
+
     # ---- training ------------------------------------------------------------------------------------
     def training_noise(self, shape, device):
         return make_noise(shape, device, self.offset_noise_mode, self.offset_scale, self.offset_constant)
@@ -174,7 +188,7 @@ class DiffuRec(SequentialRecommender):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         target = interaction[self.POS_ITEM_ID]
         t = torch.randint(0, self.diffusion.num_steps, (target.shape[0],), device=target.device)
-        x0 = self.item_embedding(target)
+        x0 = self.target_embedding(target)
         x_t = self.diffusion.q_sample(x0, t, self.training_noise(x0.shape, x0.device))
         predictions, targets = [], []
         for rows in self._groups(item_seq_len):
