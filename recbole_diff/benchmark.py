@@ -180,9 +180,7 @@ def _note_attempt(directory, seconds, new=False):
         with open(path) as f:
             done = json.load(f)["seconds"]
     done = done + [seconds] if new or not done else done[:-1] + [seconds]
-    with open(path + ".tmp", "w") as f:
-        json.dump({"seconds": done}, f)
-    os.replace(path + ".tmp", path)
+    _write_atomically(path, json.dumps({"seconds": done}))
 
 
 def _launch(cell, directory, threads):

@@ -27,7 +27,7 @@ from recbole_diff.data.augment import (
 )
 from recbole_diff.evaluation import group_metrics
 from recbole_diff.trainer.backbone import BackboneStageMixin
-from recbole_diff.trainer.resume import data_files, plain_settings, resume_point, rng_state, set_rng_state
+from recbole_diff.trainer.resume import resume_point, rng_state, run_settings, set_rng_state
 from recbole_diff.trainer.stage_cache import stage_key
 from recbole_diff.trainer.trainer import Trainer, unique_checkpoint_path
 from recbole_diff.utils import get_model, get_trainer
@@ -86,8 +86,7 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
     def _point(self, what):
         """Resume point of one of this pipeline's own stages (the trainings through ``fit`` keep theirs)."""
         dataset = os.path.basename(str(self.config["dataset"]))
-        settings = dict(plain_settings(self.config), data_files=data_files(self.config))
-        return resume_point(self.resume_dir, f"DiffuASR-{what}-{dataset}", settings)
+        return resume_point(self.resume_dir, f"DiffuASR-{what}-{dataset}", run_settings(self.config))
 
     def _resume_augmenter(self, point, opt):
         """The epoch to start at and the running loss, from the resume point when there is one."""

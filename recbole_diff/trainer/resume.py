@@ -55,11 +55,12 @@ def plain_settings(config):
     return json.loads(json.dumps(values, sort_keys=True, default=_plain))
 
 
-def data_files(config):
-    """The size and time of the dataset's files: a point of other data is not resumed."""
+def run_settings(config):
+    """What a run's point is checked against: its config (see :func:`plain_settings`) and its data files' size
+    and time, so a point of other data is not resumed."""
     from recbole_diff.trainer.stage_cache import _data_files
 
-    return _data_files(config)
+    return dict(plain_settings(config), data_files=_data_files(config))
 
 
 class ResumePoint:

@@ -30,7 +30,7 @@ from recbole.model.abstract_recommender import AbstractRecommender
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import EvaluatorType, get_local_time
 
-from recbole_diff.trainer.resume import data_files, plain_settings, resume_point, rng_state, set_rng_state
+from recbole_diff.trainer.resume import resume_point, rng_state, run_settings, set_rng_state
 from recbole_diff.utils import load_checkpoint, seeded_numpy
 
 
@@ -117,8 +117,7 @@ class CompatMixin:
             return None
         dataset = os.path.basename(str(self.config["dataset"]))
         name = f"{type(self).__name__}-{type(self.model).__name__}-{dataset}"
-        settings = self.resume_settings or dict(plain_settings(self.config), data_files=data_files(self.config))
-        return resume_point(self.resume_dir, name, settings)
+        return resume_point(self.resume_dir, name, self.resume_settings or run_settings(self.config))
 
     def _training_state(self, train_data, epoch, done=False):
         return {"epoch": epoch, "done": done, "model": self.model.state_dict(),
