@@ -259,7 +259,7 @@ def test_hold_out_last_removes_each_users_latest_interactions():
 
 
 def test_diffusion_input_forms():
-    config, dataset, train, _, _ = build(y_form="topk", y_topk=3)
+    config, dataset, train, _, _ = build(y_form="topk", y_topk=3, y_scale="raw")
     model = get_model("GlobalDiff")(config, train.dataset)
     logits = torch.tensor([[0.1, 5.0, -1.0, 3.0, 2.0, float("-inf")]])
     assert torch.equal(model.diffusion_input(logits), torch.tensor([[0.0, 1.0, 0.0, 1.0, 1.0, 0.0]]))
@@ -267,6 +267,53 @@ def test_diffusion_input_forms():
     assert model.diffusion_input(logits).sum().item() == pytest.approx(1.0)
     model.y_form = "logits"
     assert torch.equal(model.diffusion_input(logits), logits)
+    # unit: the same direction on the unit sphere; a filtered item (-inf logit) counts as 0, not NaN
+    model.y_scale = "unit"
+    for form in ("topk", "softmax", "logits"):
+        model.y_form = form
+        unit = model.diffusion_input(logits)
+        assert torch.isfinite(unit).all() and unit.norm().item() == pytest.approx(1.0, abs=1e-6)
+        model.y_scale = "raw"
+        raw = torch.nan_to_num(model.diffusion_input(logits), neginf=0.0)
+        model.y_scale = "unit"
+        assert torch.allclose(unit, raw / raw.norm(), atol=1e-6)
+
+
+def test_mse_scores_the_unit_output_and_the_reverse_steps_use_it():
+    config, dataset, train, _, _ = build()
+    model = get_model("GlobalDiff")(config, train.dataset)
+    out = torch.randn(4, model.n_items) * 10
+    assert torch.allclose(model.x0_prediction(out).norm(dim=-1), torch.ones(4))
+    model.diffusion_loss = "ce"
+    assert torch.equal(model.x0_prediction(out), out)
+    model.diffusion_loss = "mse"
+    model.approximator.forward = lambda x_t, t, cond: torch.full_like(x_t, 7.0)  # any scale: steps see unit
+    model.eval()
+    x0_hat = model.denoise_scores(torch.zeros(2, model.n_items), None)
+    assert torch.allclose(x0_hat, torch.full_like(x0_hat, model.n_items ** -0.5))
+
+
+def test_the_approximator_reads_x_t_at_the_scale_of_its_other_inputs():
+    """Whatever y's form (a binary x0, a softmax, logits) and scale, x_t reaches the network with entries of order
+    one, like the condition and the step embedding it is joined with. A unit-norm input came out ~40x smaller and
+    the trained network ignored it."""
+    from recbole_diff.model.plugin.approximators import GlobalApproximator
+
+    torch.manual_seed(0)
+    m = 1683
+    net = GlobalApproximator(m, 64, 0, kind="mlp", dropout=0.0)
+    binary = (torch.rand(8, m) < 0.15).float()
+    forms = {"binary": binary, "softmax": torch.softmax(torch.randn(8, m) * 3, -1), "logits": torch.randn(8, m) * 5,
+             "scaled": binary * 1e-3}
+    seen = {}
+    net.w_in.register_forward_hook(lambda mod, args, out: seen.__setitem__("h", out))
+    for name, x in forms.items():
+        net(x, torch.zeros(8, dtype=torch.long))
+        assert 0.2 < seen["h"].std().item() < 2.0, name
+    net(binary * 1e-3, torch.zeros(8, dtype=torch.long))
+    small = seen["h"]
+    net(binary, torch.zeros(8, dtype=torch.long))
+    assert torch.allclose(small, seen["h"], atol=1e-5)  # only the direction over items counts
 
 
 @pytest.mark.parametrize("hide", [False, True])

@@ -34,8 +34,8 @@ class SmallUNet(nn.Module):
 class GlobalApproximator(nn.Module):
     """f(x_t, t, c) -> x0_hat over all M items.
 
-    The noisy item vector is L2-normalised over items (the authors normalise over a singleton axis, so their
-    network only sees sign(x_t)), projected to D, joined with the condition and a sinusoidal step embedding.
+    The noisy item vector is normalised over items to unit root-mean-square (the authors normalise over a
+    singleton axis, so their network only sees sign(x_t)), projected to D, joined with the condition and a sinusoidal step embedding.
     ``kind='unet'`` maps that to a 16 x 16 map through the small U-Net; ``kind='mlp'`` uses two layers.
     """
 
@@ -57,7 +57,10 @@ class GlobalApproximator(nn.Module):
         self.w_out = nn.Linear(hidden, n_items)
 
     def forward(self, x_t, t, cond=None):
-        h = self.dropout(self.w_in(F.normalize(x_t, dim=-1)))
+        # unit root-mean-square over items: the authors' input (sign(x_t), their normalisation bug) has entries of
+        # size 1, and a unit-norm vector (entries ~1/sqrt(M)) projected to D came out ~40x smaller than the
+        # condition and step embedding beside it, so the trained network ignored x_t and with it the backbone's y
+        h = self.dropout(self.w_in(F.normalize(x_t, dim=-1) * x_t.shape[-1] ** 0.5))
         parts = [h, timestep_embedding(t, self.step_dim)]
         if cond is not None:
             parts.insert(1, cond)

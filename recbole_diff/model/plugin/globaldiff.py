@@ -94,7 +94,7 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
                 "position_offset", "mask_samples", "similarity", "dense_memory_limit_gb", "diffusion_loss",
                 "diffusion_epochs", "diffusion_stopping_step", "diffusion_learning_rate", "diffusion_batch_size",
                 "diffusion_dropout",
-                "sampling_noise", "y_form", "x0_norm", "gamma", "eval_mode", "filter_history")
+                "sampling_noise", "y_form", "y_scale", "x0_norm", "gamma", "eval_mode", "filter_history")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -119,6 +119,7 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         self.sample_steps = config["sample_steps"]
         self.sampling_noise = bool(config["sampling_noise"])
         self.y_form, self.gamma = config["y_form"], float(config["gamma"])
+        self.y_scale = config["y_scale"]
         self.x0_norm = config["x0_norm"]
         self.y_topk = int(config["y_topk"] or 50)
         self.hide_target = bool(config["hide_target"])
@@ -133,7 +134,7 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
     @staticmethod
     def _check_choices(config):
         checks = {"guidance": GUIDANCE, "eval_mode": EVAL_MODES, "diffusion_loss": ("mse", "ce"),
-                  "y_form": ("softmax", "logits", "topk"), "x0_norm": ("softmax", "l1")}
+                  "y_form": ("softmax", "logits", "topk"), "y_scale": ("unit", "raw"), "x0_norm": ("softmax", "l1")}
         for key, allowed in checks.items():
             if config[key] not in allowed:
                 raise ValueError(f"GlobalDiff: {key} must be one of {allowed}, got '{config[key]}'.")
@@ -220,11 +221,19 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
             x_in[arange, masked] = 0.0
         out = self.approximator(self.diffusion.q_sample(x_in, t), t, cond)
         if self.diffusion_loss == "mse":
-            per_sample = ((out - x0) ** 2).mean(dim=-1)
+            per_sample = ((self.x0_prediction(out) - x0) ** 2).sum(dim=-1)
         else:
             per_sample = F.cross_entropy(out, masked, reduction="none")
         self.step_sampler.update(t, per_sample)
         return (per_sample * weights).mean()
+
+    def x0_prediction(self, out):
+        """The approximator's output as the x0 estimate the loss scores and the reverse steps use.
+
+        With ``diffusion_loss: mse`` that is the output L2-normalised over items, as the paper's loss reads it;
+        left raw, its norm (8-13 on ml-100k) swamped the backbone's y (~0.09) in every reverse step's posterior
+        mean, and x0_hat came out the same whatever y was."""
+        return F.normalize(out, dim=-1) if self.diffusion_loss == "mse" else out
 
     # ---- inference -----------------------------------------------------------------------------------
     def _history_mask(self, item_seq, n_items):
@@ -236,13 +245,18 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
     def diffusion_input(self, logits, y=None):
         """The backbone's prediction in the form the diffusion model starts from: its softmax (the paper), its
         raw logits (the authors' code), or a binary vector of its ``y_topk`` best items, the form of the
-        Bernoulli x0 the model is trained on."""
+        Bernoulli x0 the model is trained on. ``y_scale: unit`` puts it on the unit sphere the MSE-trained x0
+        estimates live on, so that it weighs in the reverse steps' posterior means as much as they do."""
         if self.y_form == "softmax":
-            return (torch.softmax(logits.double(), dim=-1) if y is None else y).float()
-        if self.y_form == "logits":
-            return logits
-        top = torch.topk(logits, min(self.y_topk, logits.shape[1]), dim=1).indices
-        return torch.zeros_like(logits).scatter_(1, top, 1.0)
+            x = (torch.softmax(logits.double(), dim=-1) if y is None else y).float()
+        elif self.y_form == "logits":
+            x = logits
+        else:
+            top = torch.topk(logits, min(self.y_topk, logits.shape[1]), dim=1).indices
+            x = torch.zeros_like(logits).scatter_(1, top, 1.0)
+        if self.y_scale == "unit":
+            x = F.normalize(torch.nan_to_num(x, neginf=0.0), dim=-1)  # filtered history (-inf logits) counts 0
+        return x
 
     def denoise_scores(self, y, cond, generator=None):
         """The backbone's y as the state at ``start_step``, noised on to the last step, reversed to x0_hat."""
@@ -255,7 +269,7 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
             x = self.diffusion.q_sample_from(y, s, t, torch.randn(y.shape, device=y.device, generator=generator))
 
         def model_fn(x_t, t):
-            return self.approximator(x_t, t, cond)
+            return self.x0_prediction(self.approximator(x_t, t, cond))
 
         return self.diffusion.sample(model_fn, x_T=x, steps=self.sample_steps, generator=generator,
                                      stochastic=self.sampling_noise)

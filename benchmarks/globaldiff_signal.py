@@ -1,0 +1,74 @@
+"""Does a trained GlobalDiff's diffusion output use what it is given: the backbone's y and the condition?
+
+For the test users of a saved GlobalDiff checkpoint, x0_hat is computed as the ensemble computes it, then again
+with each input taken from another user (the batch rolled by one) while the other input stays:
+
+* ``y_swap_top10``: the share of x0_hat's top-10 items kept when y is another user's (1.0: y is ignored);
+* ``cond_swap_top10``: the same with another user's condition;
+* ``users_top10``: the share of top-10 items two users' x0_hat have in common (1.0: one list for everyone);
+* ``ensemble_vs_backbone_top10``: the share of the backbone's top-10 the ensemble keeps (1.0: no vote);
+* ``popularity_top10``: the share of x0_hat's top-10 among the 10 most frequent training items.
+
+    python benchmarks/globaldiff_signal.py <saved GlobalDiff .pth> [--batches 4] [--out results.json]
+"""
+import argparse
+
+import torch
+
+from common import report
+
+
+def shared_top(a, b, k=10):
+    top_a, top_b = a.topk(k, dim=1).indices, b.topk(k, dim=1).indices
+    return (top_a[:, :, None] == top_b[:, None, :]).any(-1).float().mean().item()
+
+
+@torch.no_grad()
+def probe(model, inter, popular):
+    lens = inter[model.ITEM_SEQ_LEN]
+    logits, states = model.adapter.scores_and_states(inter)
+    cond = model.condition_from_states(states, lens - 1, lens)
+    y = torch.softmax(logits.double(), dim=-1)
+    x = model.diffusion_input(logits, y)
+    own = model.denoise_scores(x, cond)
+    other_y = model.denoise_scores(x.roll(1, dims=0), cond)
+    other_c = own if cond is None else model.denoise_scores(x, cond.roll(1, dims=0))
+    fused = model.full_sort_predict(inter)
+    if model.filter_history:  # the ensemble's ranking drops history items; compare with the backbone's that does
+        logits = logits.masked_fill(model._history_mask(inter[model.ITEM_SEQ], logits.shape[1]), float("-inf"))
+    pop = torch.zeros_like(own, dtype=torch.bool)
+    pop[:, popular] = True
+    return {"y_swap_top10": shared_top(own, other_y), "cond_swap_top10": shared_top(own, other_c),
+            "users_top10": shared_top(own, own.roll(1, dims=0)),
+            "ensemble_vs_backbone_top10": shared_top(fused, logits),
+            "popularity_top10": pop.gather(1, own.topk(10, dim=1).indices).float().mean().item()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint")
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from recbole_diff.quick_start import load_data_and_model
+
+    config, model, _, train, _, test = load_data_and_model(args.checkpoint)
+    model.eval()
+    counts = torch.bincount(torch.as_tensor(train.dataset.inter_feat[model.ITEM_ID]), minlength=model.n_items)
+    counts[0] = 0
+    popular = counts.topk(10).indices
+    rows = []
+    for i, batch in enumerate(test):
+        if i >= args.batches:
+            break
+        rows.append(probe(model, batch[0], popular))
+    out = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+    out.update(checkpoint=args.checkpoint, batches=len(rows),
+               config={k: config[k] for k in ("diffusion_loss", "y_form", "y_scale", "x0_norm", "guidance",
+                                              "approximator", "noise_max")})
+    report(out, args.out)
+
+
+if __name__ == "__main__":
+    main()
