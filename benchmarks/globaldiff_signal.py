@@ -30,9 +30,13 @@ def probe(model, inter, popular):
     cond = model.condition_from_states(states, lens - 1, lens)
     y = torch.softmax(logits.double(), dim=-1)
     x = model.diffusion_input(logits, y)
-    own = model.denoise_scores(x, cond)
-    other_y = model.denoise_scores(x.roll(1, dims=0), cond)
-    other_c = own if cond is None else model.denoise_scores(x, cond.roll(1, dims=0))
+
+    def denoise(x_in, c):  # the same noise for every variant, so only the swapped input differs
+        return model.denoise_scores(x_in, c, torch.Generator(device=x_in.device).manual_seed(model.eval_seed))
+
+    own = denoise(x, cond)
+    other_y = denoise(x.roll(1, dims=0), cond)
+    other_c = own if cond is None else denoise(x, cond.roll(1, dims=0))
     fused = model.full_sort_predict(inter)
     if model.filter_history:  # the ensemble's ranking drops history items; compare with the backbone's that does
         logits = logits.masked_fill(model._history_mask(inter[model.ITEM_SEQ], logits.shape[1]), float("-inf"))
@@ -66,7 +70,8 @@ def main():
     out = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
     out.update(checkpoint=args.checkpoint, batches=len(rows),
                config={k: config[k] for k in ("diffusion_loss", "y_form", "y_scale", "x0_norm", "guidance",
-                                              "approximator", "noise_max")})
+                                              "approximator", "noise_max")},
+               users=sum(len(b[0]) for i, b in zip(range(args.batches), test)))
     report(out, args.out)
 
 

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
@@ -265,32 +266,61 @@ def test_diffusion_input_forms():
     assert torch.equal(model.diffusion_input(logits), torch.tensor([[0.0, 1.0, 0.0, 1.0, 1.0, 0.0]]))
     model.y_form = "softmax"
     assert model.diffusion_input(logits).sum().item() == pytest.approx(1.0)
-    model.y_form = "logits"
-    assert torch.equal(model.diffusion_input(logits), logits)
-    # unit: the same direction on the unit sphere; a filtered item (-inf logit) counts as 0, not NaN
+    model.y_form = "logits"  # a filtered item (-inf) takes the row's lowest logit: finite, and still the lowest
+    assert torch.equal(model.diffusion_input(logits), torch.tensor([[0.1, 5.0, -1.0, 3.0, 2.0, -1.0]]))
+    # unit (with mse): each form at the training x0's length, same direction, filtered item lowest
     model.y_scale = "unit"
+    model.x0_length.fill_(4.0)
     for form in ("topk", "softmax", "logits"):
         model.y_form = form
         unit = model.diffusion_input(logits)
-        assert torch.isfinite(unit).all() and unit.norm().item() == pytest.approx(1.0, abs=1e-6)
+        assert torch.isfinite(unit).all() and unit.norm().item() == pytest.approx(4.0, abs=1e-5)
+        assert unit[0, 5] == unit.min()
         model.y_scale = "raw"
-        raw = torch.nan_to_num(model.diffusion_input(logits), neginf=0.0)
+        raw = model.diffusion_input(logits)
         model.y_scale = "unit"
-        assert torch.allclose(unit, raw / raw.norm(), atol=1e-6)
+        assert torch.cosine_similarity(unit, raw).item() == pytest.approx(1.0, abs=1e-6)
+    model.diffusion_loss = "ce"  # the ce model's x0 estimates are logits: y enters as formed
+    assert torch.equal(model.diffusion_input(logits), raw)
 
 
-def test_mse_scores_the_unit_output_and_the_reverse_steps_use_it():
+def test_mse_loss_scores_the_normalised_output_summed_over_items(monkeypatch):
+    import recbole_diff.model.plugin.globaldiff as gd
+
+    config, dataset, train, _, _ = build(step_sampler="uniform")
+    model = get_model("GlobalDiff")(config, train.dataset)
+    model.freeze_backbone()
+    batch = next(iter(model.build_training_data(train)))
+    x0 = torch.bernoulli(torch.full((len(batch), model.n_items), 0.2))
+    monkeypatch.setattr(gd, "bernoulli_targets", lambda q: x0)
+    seen = {}
+    model.approximator.register_forward_hook(lambda m, args, out: seen.__setitem__("out", out))
+    loss = model.calculate_loss(batch)
+    expected = ((F.normalize(seen["out"], dim=-1) - x0) ** 2).sum(-1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert model.x0_length.item() == pytest.approx(x0.norm(dim=-1).mean().item(), rel=1e-5)
+
+
+def test_the_reverse_steps_use_estimates_at_the_training_x0s_length():
+    """Whatever the output's scale, every reverse step's x0 estimate has the training x0's length, and so does
+    y: raw outputs of norm 8-13 used to swamp y (~0.09) in every posterior mean."""
     config, dataset, train, _, _ = build()
     model = get_model("GlobalDiff")(config, train.dataset)
-    out = torch.randn(4, model.n_items) * 10
-    assert torch.allclose(model.x0_prediction(out).norm(dim=-1), torch.ones(4))
-    model.diffusion_loss = "ce"
-    assert torch.equal(model.x0_prediction(out), out)
-    model.diffusion_loss = "mse"
-    model.approximator.forward = lambda x_t, t, cond: torch.full_like(x_t, 7.0)  # any scale: steps see unit
+    model.x0_length.fill_(5.0)
+    seen = []
+
+    def stub(x_t, t, cond):
+        seen.append(x_t.norm(dim=-1))
+        return torch.full_like(x_t, 7.0)
+
+    model.approximator.forward = stub
     model.eval()
-    x0_hat = model.denoise_scores(torch.zeros(2, model.n_items), None)
-    assert torch.allclose(x0_hat, torch.full_like(x0_hat, model.n_items ** -0.5))
+    y = model.diffusion_input(torch.randn(2, model.n_items))
+    x0_hat = model.denoise_scores(y, None)
+    assert torch.allclose(x0_hat, torch.full_like(x0_hat, 5.0 * model.n_items ** -0.5))
+    assert len(seen) == model.diffusion.num_steps
+    for norms in seen:  # posterior means of two length-5 vectors: never near 0 or the raw output's 7 * sqrt(M)
+        assert ((norms > 2.0) & (norms <= 5.0 + 1e-4)).all()
 
 
 def test_the_approximator_reads_x_t_at_the_scale_of_its_other_inputs():

@@ -120,6 +120,9 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         self.sampling_noise = bool(config["sampling_noise"])
         self.y_form, self.gamma = config["y_form"], float(config["gamma"])
         self.y_scale = config["y_scale"]
+        # the typical L2 length of the training x0 (a running mean): the scale of the x0 estimates and of y in
+        # the reverse process, so that the schedule's noise is as large against them as it was in training
+        self.register_buffer("x0_length", torch.zeros(()))
         self.x0_norm = config["x0_norm"]
         self.y_topk = int(config["y_topk"] or 50)
         self.hide_target = bool(config["hide_target"])
@@ -211,6 +214,8 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         q = reweighted_targets(self.similarity.rows(masked), seq, lens, positions, self.zeta, self.delta,
                                self.position_offset)
         x0 = bernoulli_targets(q)
+        if self.training:
+            self._track_x0_length(x0)
         cond = self.condition(seq, lens, positions)
         t, weights = self.step_sampler.sample(seq.shape[0], seq.device)
         x_in = x0
@@ -227,13 +232,26 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         self.step_sampler.update(t, per_sample)
         return (per_sample * weights).mean()
 
-    def x0_prediction(self, out):
-        """The approximator's output as the x0 estimate the loss scores and the reverse steps use.
+    @torch.no_grad()
+    def _track_x0_length(self, x0):
+        length = x0.norm(dim=-1).mean()
+        self.x0_length.copy_(length if self.x0_length == 0 else 0.99 * self.x0_length + 0.01 * length)
 
-        With ``diffusion_loss: mse`` that is the output L2-normalised over items, as the paper's loss reads it;
-        left raw, its norm (8-13 on ml-100k) swamped the backbone's y (~0.09) in every reverse step's posterior
-        mean, and x0_hat came out the same whatever y was."""
+    def x0_prediction(self, out):
+        """The approximator's output as the loss scores it: with ``diffusion_loss: mse`` L2-normalised over items
+        (the paper's loss), with ``ce`` the raw logits."""
         return F.normalize(out, dim=-1) if self.diffusion_loss == "mse" else out
+
+    def _mse_scale(self):
+        """The length the reverse process gives x0 estimates and y with ``mse``: the training x0's."""
+        return self.x0_length.item() if self.x0_length > 0 else 1.0
+
+    def x0_estimate(self, out):
+        """The x0 estimate of a reverse step: the normalised output at the training x0's length (``mse``). Left
+        raw, its norm (8-13 on ml-100k) swamped the backbone's y (~0.09) in every posterior mean."""
+        if self.diffusion_loss == "mse":
+            return F.normalize(out, dim=-1) * self._mse_scale()
+        return out
 
     # ---- inference -----------------------------------------------------------------------------------
     def _history_mask(self, item_seq, n_items):
@@ -245,17 +263,20 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
     def diffusion_input(self, logits, y=None):
         """The backbone's prediction in the form the diffusion model starts from: its softmax (the paper), its
         raw logits (the authors' code), or a binary vector of its ``y_topk`` best items, the form of the
-        Bernoulli x0 the model is trained on. ``y_scale: unit`` puts it on the unit sphere the MSE-trained x0
-        estimates live on, so that it weighs in the reverse steps' posterior means as much as they do."""
+        Bernoulli x0 the model is trained on. A filtered history item (-inf logit) takes its row's lowest finite
+        logit. With ``diffusion_loss: mse``, ``y_scale: unit`` gives y the length of the x0 estimates it is mixed
+        with in the reverse steps (the training x0's); with ``ce`` those are logits and y enters as formed."""
         if self.y_form == "softmax":
             x = (torch.softmax(logits.double(), dim=-1) if y is None else y).float()
         elif self.y_form == "logits":
-            x = logits
+            finite = torch.isfinite(logits)
+            lowest = logits.masked_fill(~finite, float("inf")).min(dim=-1, keepdim=True).values
+            x = torch.where(finite, logits, lowest)
         else:
             top = torch.topk(logits, min(self.y_topk, logits.shape[1]), dim=1).indices
             x = torch.zeros_like(logits).scatter_(1, top, 1.0)
-        if self.y_scale == "unit":
-            x = F.normalize(torch.nan_to_num(x, neginf=0.0), dim=-1)  # filtered history (-inf logits) counts 0
+        if self.y_scale == "unit" and self.diffusion_loss == "mse":
+            x = F.normalize(x, dim=-1) * self._mse_scale()
         return x
 
     def denoise_scores(self, y, cond, generator=None):
@@ -269,7 +290,7 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
             x = self.diffusion.q_sample_from(y, s, t, torch.randn(y.shape, device=y.device, generator=generator))
 
         def model_fn(x_t, t):
-            return self.x0_prediction(self.approximator(x_t, t, cond))
+            return self.x0_estimate(self.approximator(x_t, t, cond))
 
         return self.diffusion.sample(model_fn, x_T=x, steps=self.sample_steps, generator=generator,
                                      stochastic=self.sampling_noise)
@@ -295,8 +316,8 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
 
     def normalise(self, x0_hat, exclude=None):
         """x0_hat as a distribution over items. ``softmax`` suits logits (``diffusion_loss: ce``); an MSE-trained
-        x0_hat lies in about [0, 1], where a softmax is nearly flat and the diffusion side loses its vote in the
-        Borda count, so ``l1`` (clip at 0, divide by the sum) keeps its shape."""
+        x0_hat estimates a 0/1 vector (entries of at most ~1), whose softmax is nearly flat: the diffusion side
+        loses most of its vote in the Borda count, which ``l1`` (clip at 0, divide by the sum) keeps."""
         if self.x0_norm == "softmax":
             if exclude is not None:
                 x0_hat = x0_hat.masked_fill(exclude, float("-inf"))
