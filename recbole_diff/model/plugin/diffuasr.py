@@ -12,6 +12,8 @@ trained on the augmented data) and scores the original loaders' users by prepend
 every variant (none, random, random_seq, CG, CF) is evaluated on the same users, targets and sampled candidates.
 The pipeline is :class:`~recbole_diff.trainer.DiffuASRTrainer`; see ``docs/diffuasr.md``.
 """
+from logging import getLogger
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -126,6 +128,12 @@ class DiffuASR(FrozenBackboneMixin, SequentialRecommender):
         square_side(self.d)
         self.augmenter_kind = config["augmenter"]
         self.augmenter = Augmenter(self.n_items, self.m, self.d, config) if self.augmenter_kind == "diffusion" else None
+        if self.augmenter is not None and int(config["unet_channels"][0]) < self.m:
+            # measured on ml-100k (M = 10, the authors' first width 8): the network cannot pass x_t through, its
+            # eps loss stays ~0.24 even at large t where x_t is nearly eps, and the generated items are near random
+            getLogger().warning(f"DiffuASR: unet_channels starts at {config['unet_channels'][0]} channels for "
+                                f"M = {self.m} positions; the SU-Net cannot carry x_t through that first level. "
+                                f"Use a first width >= M (the default [16, 16, 16, 16]).")
         if self.augmenter is not None and config["embedding_init"] == "backbone":
             own = self.adapter.item_embeddings().shape[1]
             if own != self.d:
