@@ -35,7 +35,8 @@ class GlobalApproximator(nn.Module):
     """f(x_t, t, c) -> x0_hat over all M items.
 
     The noisy item vector is normalised over items to unit root-mean-square (the authors normalise over a
-    singleton axis, so their network only sees sign(x_t)), projected to D, joined with the condition and a sinusoidal step embedding.
+    singleton axis, so their network only sees sign(x_t)), projected to D, joined with the condition and a
+    sinusoidal step embedding.
     ``kind='unet'`` maps that to a 16 x 16 map through the small U-Net; ``kind='mlp'`` uses two layers.
     """
 
@@ -59,7 +60,7 @@ class GlobalApproximator(nn.Module):
     def forward(self, x_t, t, cond=None):
         # unit root-mean-square over items: the authors' input (sign(x_t), their normalisation bug) has entries of
         # size 1, and a unit-norm vector (entries ~1/sqrt(M)) projected to D came out ~40x smaller than the
-        # condition and step embedding beside it, so the trained network ignored x_t and with it the backbone's y
+        # condition and step embedding it is joined with
         h = self.dropout(self.w_in(F.normalize(x_t, dim=-1) * x_t.shape[-1] ** 0.5))
         parts = [h, timestep_embedding(t, self.step_dim)]
         if cond is not None:
