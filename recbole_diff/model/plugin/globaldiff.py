@@ -249,9 +249,8 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
     def x0_estimate(self, out):
         """The x0 estimate of a reverse step: the normalised output at the training x0's length (``mse``). Left
         raw, its norm (8-13 on ml-100k) swamped the backbone's y (~0.09) in every posterior mean."""
-        if self.diffusion_loss == "mse":
-            return F.normalize(out, dim=-1) * self._mse_scale()
-        return out
+        estimate = self.x0_prediction(out)
+        return estimate * self._mse_scale() if self.diffusion_loss == "mse" else estimate
 
     # ---- inference -----------------------------------------------------------------------------------
     def _history_mask(self, item_seq, n_items):
