@@ -12,6 +12,7 @@ from recbole_diff.quick_start import run_recbole_diff
 from recbole_diff.trainer.stage_cache import Stage, stage_key
 
 from conftest import SLICE
+from test_diffuasr import ASR
 from test_globaldiff import FAST
 from test_pdrec import PD
 
@@ -69,6 +70,32 @@ def test_pdrec_runs_share_tidiffrec_and_give_the_same_results(tmp_path):
     assert second["preference_store_reused"] is True and third["preference_store_reused"] is True
     assert first["preference_store"] == second["preference_store"] == third["preference_store"]
     assert os.path.dirname(first["preference_store"]) == str(tmp_path / "stages")
+    assert not glob.glob(str(tmp_path / "stages" / "*.lock"))
+
+
+def test_diffuasr_runs_that_differ_in_sampling_only_share_the_augmenter(tmp_path):
+    def run(cache, **overrides):
+        cfg = dict(ASR, epochs=1, checkpoint_dir=str(tmp_path / "saved"), **dict(dict(guide="cg", gamma=1.0), **overrides))
+        if cache:
+            cfg["stage_cache"] = str(tmp_path / "stages")
+        return run_recbole_diff("DiffuASR", SLICE, config_dict=cfg, cmd_line=False)
+
+    def stored():
+        return glob.glob(str(tmp_path / "stages" / "DiffuASR-augmenter-*.pth"))
+
+    first = run(True, sample_steps=5)
+    assert len(stored()) == 1 and "augmenter_stage" not in first
+    second = run(True, sample_steps=3, gamma=10.0)  # another sampler setting: the same augmenter, loaded
+    assert second["augmenter_stage"] == stored()[0]
+    assert second["augmenter_final_loss"] == first["augmenter_final_loss"]
+    # loading it gives what training it in the run gives
+    alone = run(False, sample_steps=3, gamma=10.0, augmented_data_path=str(tmp_path / "alone"))
+    assert "augmenter_stage" not in alone
+    for key in ("test_result", "best_valid_result"):
+        assert dict(second[key]) == pytest.approx(dict(alone[key]), abs=1e-6), key
+    # condition dropout is training: classifier-free guidance gets its own augmenter
+    cf = run(True, guide="cf", sample_steps=3)
+    assert "augmenter_stage" not in cf and len(stored()) == 2
     assert not glob.glob(str(tmp_path / "stages" / "*.lock"))
 
 

@@ -27,10 +27,26 @@ from recbole_diff.data.augment import (
 )
 from recbole_diff.evaluation import group_metrics
 from recbole_diff.trainer.backbone import BackboneStageMixin
-from recbole_diff.trainer.resume import resume_point, rng_state, run_settings, set_rng_state
-from recbole_diff.trainer.stage_cache import stage_key
+from recbole_diff.trainer.resume import plain_settings, resume_point, rng_state, run_settings, set_rng_state
+from recbole_diff.trainer.stage_cache import _data_files, shared_stage, stage_key
 from recbole_diff.trainer.trainer import Trainer, unique_checkpoint_path
-from recbole_diff.utils import get_model, get_trainer
+from recbole_diff.utils import get_model, get_trainer, load_checkpoint
+
+# keys read only when the trained augmenter is sampled or its items are used: runs that differ in these alone
+# (a grid's samplers, step counts, guidance strengths) share one augmenter through ``stage_cache``
+SAMPLING_KEYS = frozenset({
+    "gamma", "guide", "p_uncond", "sampler", "sample_steps", "eta", "classifier_logprob", "clip_x0",
+    "exclude_history", "generation_batch_size", "augmented_data_path", "eval_mode", "long_tail_bounds",
+})
+
+
+def augmenter_stage_key(config):
+    """What makes two runs' augmenters the same model: every other setting (the backbone's too, since its item
+    table is the augmenter's), the data files, and the condition dropout, the one thing ``guide`` changes in
+    training (``cf`` drops the condition with ``p_uncond``; ``cg`` and ``none`` train the same network)."""
+    values = {k: v for k, v in plain_settings(config).items() if k not in SAMPLING_KEYS}
+    values["condition_dropout"] = float(config["p_uncond"]) if config["guide"] == "cf" else 0.0
+    return {"stage_model": "DiffuASR-augmenter", "config": values, "data_files": _data_files(config)}
 
 
 class DiffuASRTrainer(BackboneStageMixin, Trainer):
@@ -42,7 +58,36 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
         self.info = {}
 
     # ---- stage 2: the augmenter --------------------------------------------------------------------------
-    def train_augmenter(self, sequences, show_progress=False):
+    def prepare_augmenter(self, sequences, show_progress=False):
+        """Train the augmenter, or load the one an earlier run with the same training settings stored in
+        ``stage_cache``."""
+        model = self.model
+        key = augmenter_stage_key(self.config)
+        with shared_stage(self.config, "DiffuASR-augmenter", None, self.logger, key=key) as stage:
+            if stage.hit:
+                if self.config["embedding_init"] == "backbone":
+                    model.init_embedding_from_backbone()  # the table's requires_grad, as training leaves it
+                model.augmenter.load_state_dict(load_checkpoint(stage.path, self.device))
+                model.augmenter.eval()
+                self.info.update(stage.meta, augmenter_stage=stage.path)
+                return
+            point = None
+            if stage.folder is not None and self.resume_dir:  # beside the stage: whichever run claims it goes on
+                dataset = os.path.basename(str(self.config["dataset"]))
+                settings = dict(key["config"], data_files=key["data_files"])
+                point = resume_point(stage.resume_dir, f"DiffuASR-augmenter-{dataset}", settings)
+            self.train_augmenter(sequences, show_progress, point if point is not None else self._point("augmenter"))
+            if stage.folder is not None:
+                tmp = f"{stage.path}.{os.getpid()}.src"
+                torch.save(model.augmenter.state_dict(), tmp)
+                try:
+                    stage.store(tmp, augmenter_seconds=self.info["augmenter_seconds"],
+                                augmenter_final_loss=self.info["augmenter_final_loss"])
+                finally:
+                    os.remove(tmp)
+
+    def train_augmenter(self, sequences, show_progress=False, point=None):
+        """The eps-loss training; ``point``: its resume point (default: the run's own, under ``resume_dir``)."""
         model, c = self.model, self.config
         aug = model.augmenter
         if c["embedding_init"] == "backbone":
@@ -57,7 +102,7 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
         batch, epochs = int(c["augmenter_batch_size"]), int(c["augmenter_epochs"])
         if c["augmenter_steps"]:  # a budget in updates: an epoch of a small dataset is one or two of them
             epochs = math.ceil(int(c["augmenter_steps"]) / math.ceil(len(users) / batch))
-        point = self._point("augmenter")
+        point = point if point is not None else self._point("augmenter")
         first, total = self._resume_augmenter(point, opt)
         aug.train()
         start = time.perf_counter()
@@ -246,7 +291,7 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
     def augment(self, valid_data, show_progress):
         """Stages 2-3: train the augmenter and generate (into ``model.prefix``); the users given items."""
         if self.model.augmenter is not None:
-            self.train_augmenter(self.sequences, show_progress)
+            self.prepare_augmenter(self.sequences, show_progress)
         users = self.augmentable_users(self.sequences, valid_data)
         self.logger.info(set_color(f"DiffuASR: generating {self.model.m} items for {len(users)} users "
                                    f"({self.config['augmenter']})", "green"))

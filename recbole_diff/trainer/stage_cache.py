@@ -7,8 +7,9 @@ Every run using the stage then compares against the very same model, and a grid 
 
 A stage counts as the same when its model, dataset (name, folder, and the size and time of its files), seed and
 the value of every key the stage model's own config has are equal. Keys only the plugin reads (``gamma``,
-``guide``, ``M``...) and bookkeeping (``checkpoint_dir``, ``device``...) do not count. Runs started together
-wait for the one training the stage (a lock file with its pid); a lock left by a dead process is taken over.
+``guide``, ``M``...) and bookkeeping (``checkpoint_dir``, ``device``...) do not count. DiffuASR's augmenter
+is a second stage of its own, keyed by everything but what only its sampling reads (see
+``recbole_diff.trainer.diffuasr.augmenter_stage_key``). Runs started together wait for the one training the stage (a lock file with its pid); a lock left by a dead process is taken over.
 """
 import glob
 import hashlib
@@ -79,14 +80,15 @@ def _plain(value):
 
 class Stage:
     """One stage's place in the cache: ``hit`` (a stored checkpoint at ``path`` and its ``meta``) or a claim
-    to train it and ``store`` the result."""
+    to train it and ``store`` the result. ``key`` replaces :func:`stage_key` for a stage that is not a whole
+    RecBole model (DiffuASR's augmenter)."""
 
-    def __init__(self, folder, name, config, model_name):
+    def __init__(self, folder, name, config, model_name, key=None):
         self.folder = folder
         self.hit, self.path, self.meta, self.resume_dir = False, None, {}, None
         if folder is None:
             return
-        self.key = stage_key(config, model_name)
+        self.key = key if key is not None else stage_key(config, model_name)
         digest = hashlib.sha1(json.dumps(self.key, sort_keys=True, default=_plain).encode()).hexdigest()[:12]
         base = os.path.join(folder, f"{name}-{os.path.basename(str(config['dataset']))}-seed{config['seed']}-{digest}")
         self.path, self._meta_path, self._lock = base + ".pth", base + ".json", base + ".lock"
@@ -135,10 +137,10 @@ class Stage:
 
 
 @contextmanager
-def shared_stage(config, name, model_name, logger):
-    """The stage ``name`` (model ``model_name``) in ``config['stage_cache']``; a plain miss that stores
-    nothing when no cache is configured. The claim is given up on leaving, stored or not."""
-    stage = Stage(config["stage_cache"], name, config, model_name)
+def shared_stage(config, name, model_name, logger, key=None):
+    """The stage ``name`` (model ``model_name``, or what ``key`` says) in ``config['stage_cache']``; a plain miss
+    that stores nothing when no cache is configured. The claim is given up on leaving, stored or not."""
+    stage = Stage(config["stage_cache"], name, config, model_name, key)
     try:
         yield stage.acquire(logger)
     finally:
