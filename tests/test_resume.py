@@ -127,9 +127,20 @@ def test_a_resume_point_of_other_settings_is_refused(tmp_path, monkeypatch):
         run("SASRec", dict(cfg, eval_batch_size=64, checkpoint_dir=str(tmp_path / "elsewhere")))
     assert epochs == [("SASRec", 1), ("SASRec", 2)]
 
-    # other data is another training
+    # a point of an older version kept the files' time: a new copy of the data (another time) is still resumed
     state = resume.load_checkpoint(point)
-    state["settings"]["data_files"][SLICE + ".inter"][0] += 1
+    files = state["settings"]["data_files"]
+    state["settings"]["data_files"] = {name: [size, 12345] for name, (size, _) in files.items()}
+    resume.torch.save(state, point)
+    assert resume.ResumePoint(os.path.dirname(point), os.path.basename(point)[:-4],
+                              dict(state["settings"], data_files=files)).load() is not None
+
+    # other data is another training
+    state["settings"]["data_files"] = dict(files, **{SLICE + ".inter": [files[SLICE + ".inter"][0] + 1, 12345]})
+    resume.torch.save(state, point)
+    with pytest.raises(ValueError, match="'data_files'"):
+        run("SASRec", cfg)
+    state["settings"]["data_files"] = dict(files, **{SLICE + ".inter": [files[SLICE + ".inter"][0], "0" * 16]})
     resume.torch.save(state, point)
     with pytest.raises(ValueError, match="'data_files'"):
         run("SASRec", cfg)

@@ -35,6 +35,21 @@ def test_the_stage_key_holds_the_backbones_keys_only():
     assert set(base["data_files"]) >= {os.path.basename(SLICE) + ".inter"}
 
 
+def test_data_files_count_by_content_not_by_time(tmp_path):
+    from recbole_diff.trainer.stage_cache import _data_files
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    data = folder / "d.inter"
+    data.write_text("user_id:token\titem_id:token\n1\t2\n")
+    before = _data_files({"data_path": str(folder)})
+    os.utime(data, (1, 1))  # provisioned again: same bytes, another time
+    assert _data_files({"data_path": str(folder)}) == before
+    data.write_text("user_id:token\titem_id:token\n1\t3\n")  # same size, other content
+    after = _data_files({"data_path": str(folder)})
+    assert after != before and after["d.inter"][0] == before["d.inter"][0]
+
+
 def test_globaldiff_runs_share_the_backbone_and_give_the_same_results(tmp_path):
     cfg = dict(FAST, checkpoint_dir=str(tmp_path / "saved"), stage_cache=str(tmp_path / "stages"))
     first = run_recbole_diff("GlobalDiff", SLICE, backbone="SASRec", config_dict=cfg, cmd_line=False)

@@ -11,7 +11,7 @@ training it again.
 
 A point keeps the settings it was made with; a run where a key has another value refuses it with an error
 that names the key, rather than continuing another training. Keys only one side has (a default a newer
-version added) do not count.
+version added) do not count. Data files count by size and content (older points kept their time: by size).
 """
 import json
 import os
@@ -76,14 +76,18 @@ class ResumePoint:
         if not os.path.isfile(self.path):
             return None
         state = load_checkpoint(self.path, "cpu")
-        saved = state.get("settings", {})
+        saved, mine = dict(state.get("settings", {})), self.settings
+        if _sizes_only(saved.get("data_files")) is not None and "data_files" in mine:
+            # a point from before data files were hashed kept their time, which a new copy changes: sizes then
+            saved["data_files"] = _sizes_only(saved["data_files"])
+            mine = dict(mine, data_files=_sizes_only(mine["data_files"], force=True))
         # keys on one side only are a newer or older version's defaults, not another training
-        differ = sorted(k for k in set(saved) & set(self.settings) if saved[k] != self.settings[k])
+        differ = sorted(k for k in set(saved) & set(mine) if saved[k] != mine[k])
         if differ:
             key = differ[0]
             raise ValueError(
                 f"Resume point '{self.path}' was saved by a run with other settings ('{key}': {saved[key]!r} "
-                f"there, {self.settings[key]!r} here). Delete it, or set another resume_dir, to train from the start."
+                f"there, {mine[key]!r} here). Delete it, or set another resume_dir, to train from the start."
             )
         return state
 
@@ -92,6 +96,13 @@ class ResumePoint:
         tmp = f"{self.path}.{os.getpid()}.tmp"
         torch.save(dict(state, settings=self.settings), tmp, pickle_protocol=4)
         os.replace(tmp, self.path)  # a point is either whole or the previous one
+
+
+def _sizes_only(files, force=False):
+    """``{name: size}`` for data files recorded as [size, time] (older points); None for hashed ones."""
+    if not isinstance(files, dict) or not files or not (force or all(isinstance(v[1], int) for v in files.values())):
+        return None
+    return {name: v[0] for name, v in files.items()}
 
 
 def resume_point(folder, name, settings):

@@ -5,7 +5,7 @@ many runs: a benchmark grid trains one backbone per seed for every augmenter, gu
 stage cache the first run trains it and stores the checkpoint (and its validation result); the others load it.
 Every run using the stage then compares against the very same model, and a grid costs one stage per seed.
 
-A stage counts as the same when its model, dataset (name, folder, and the size and time of its files), seed and
+A stage counts as the same when its model, dataset (name, folder, and the size and content of its files), seed and
 the value of every key the stage model's own config has are equal. Keys only the plugin reads (``gamma``,
 ``guide``, ``M``...) and bookkeeping (``checkpoint_dir``, ``device``...) do not count. DiffuASR's augmenter
 is a second stage of its own, keyed by everything but what only its sampling reads (see
@@ -44,9 +44,27 @@ def own_keys(model_name, dataset, data_path):
     return _OWN_KEYS[model_name, dataset, data_path]
 
 
+_DIGESTS = {}
+
+
+def file_digest(path):
+    """A short content hash of ``path``, computed once per process for each (size, mtime) the file has."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()[:16]
+    return _DIGESTS[key]
+
+
 def _data_files(config):
+    """Each data file's size and content hash. Not its time: a dataset copied or provisioned again (a shared
+    folder is, at every session here) is the same data, and a stage or a resume point must still match it."""
     folder = str(config["data_path"])  # RecBole's Config has joined the dataset's name on already
-    return {os.path.basename(p): [os.path.getsize(p), int(os.path.getmtime(p))]
+    return {os.path.basename(p): [os.path.getsize(p), file_digest(p)]
             for p in sorted(glob.glob(os.path.join(folder, "*"))) if os.path.isfile(p)}
 
 
