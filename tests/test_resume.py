@@ -136,7 +136,8 @@ def test_a_resume_point_of_other_settings_is_refused(tmp_path, monkeypatch):
                               dict(state["settings"], data_files=files)).load() is not None
 
     # other data is another training
-    state["settings"]["data_files"] = dict(files, **{SLICE + ".inter": [files[SLICE + ".inter"][0] + 1, 12345]})
+    old = {name: [size, 12345] for name, (size, _) in files.items()}
+    state["settings"]["data_files"] = dict(old, **{SLICE + ".inter": [files[SLICE + ".inter"][0] + 1, 12345]})
     resume.torch.save(state, point)
     with pytest.raises(ValueError, match="'data_files'"):
         run("SASRec", cfg)

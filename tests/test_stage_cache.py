@@ -103,11 +103,13 @@ def test_diffuasr_runs_that_differ_in_sampling_only_share_the_augmenter(tmp_path
     second = run(True, sample_steps=3, gamma=10.0)  # another sampler setting: the same augmenter, loaded
     assert second["augmenter_stage"] == stored()[0]
     assert second["augmenter_final_loss"] == first["augmenter_final_loss"]
+    assert second["augmenter_seconds"] == 0 and second["augmenter_trained_seconds"] == first["augmenter_seconds"]
     # loading it gives what training it in the run gives
     alone = run(False, sample_steps=3, gamma=10.0, augmented_data_path=str(tmp_path / "alone"))
     assert "augmenter_stage" not in alone
     for key in ("test_result", "best_valid_result"):
         assert dict(second[key]) == pytest.approx(dict(alone[key]), abs=1e-6), key
+    assert run(True, guide="none", sample_steps=3)["augmenter_stage"] == stored()[0]  # unguided: the same network
     # condition dropout is training: classifier-free guidance gets its own augmenter
     cf = run(True, guide="cf", sample_steps=3)
     assert "augmenter_stage" not in cf and len(stored()) == 2

@@ -40,12 +40,20 @@ SAMPLING_KEYS = frozenset({
 })
 
 
+# raised whenever what the augmenter's training does changes while its weights keep their shapes, so that a
+# stored augmenter of older code is not loaded as if it were this code's
+AUGMENTER_STAGE_VERSION = 1
+
+
 def augmenter_stage_key(config):
     """What makes two runs' augmenters the same model: every other setting (the backbone's too, since its item
     table is the augmenter's), the data files, and the condition dropout, the one thing ``guide`` changes in
     training (``cf`` drops the condition with ``p_uncond``; ``cg`` and ``none`` train the same network)."""
     values = {k: v for k, v in plain_settings(config).items() if k not in SAMPLING_KEYS}
     values["condition_dropout"] = float(config["p_uncond"]) if config["guide"] == "cf" else 0.0
+    # the backbone's whole key (a backbone may read a key named like a sampling one, e.g. KSR's gamma)
+    values["backbone_stage"] = config["backbone_checkpoint"] or stage_key(config, config["backbone"])["config"]
+    values["version"] = AUGMENTER_STAGE_VERSION
     return {"stage_model": "DiffuASR-augmenter", "config": values, "data_files": _data_files(config)}
 
 
@@ -69,7 +77,9 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
                     model.init_embedding_from_backbone()  # the table's requires_grad, as training leaves it
                 model.augmenter.load_state_dict(load_checkpoint(stage.path, self.device))
                 model.augmenter.eval()
-                self.info.update(stage.meta, augmenter_stage=stage.path)
+                # this run spent no time on it: cost tables would count the training twice
+                self.info.update(augmenter_final_loss=stage.meta["augmenter_final_loss"], augmenter_seconds=0.0,
+                                 augmenter_trained_seconds=stage.meta["augmenter_seconds"], augmenter_stage=stage.path)
                 return
             point = None
             if stage.folder is not None and self.resume_dir:  # beside the stage: whichever run claims it goes on

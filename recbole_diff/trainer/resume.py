@@ -57,7 +57,7 @@ def plain_settings(config):
 
 def run_settings(config):
     """What a run's point is checked against: its config (see :func:`plain_settings`) and its data files' size
-    and time, so a point of other data is not resumed."""
+    and content hash, so a point of other data is not resumed."""
     from recbole_diff.trainer.stage_cache import _data_files
 
     return dict(plain_settings(config), data_files=_data_files(config))
