@@ -12,7 +12,8 @@ export OMP_NUM_THREADS ?= 1
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first, from its pinned CPU wheel, so that nothing later makes pip pull a multi-GB CUDA build.
+# torch first, pinned, so that nothing later makes pip pick another torch (on the development machine pip serves
+# the CPU wheel; elsewhere install it from https://download.pytorch.org/whl/cpu first: docs/install.md).
 $(STAMP): setup.py | $(BIN)/python
 	$(BIN)/python -m pip install "torch==2.13.0"
 	$(BIN)/python -m pip install -e ".[tune,test]"

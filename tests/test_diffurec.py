@@ -67,14 +67,18 @@ def test_every_block_of_a_four_block_diffurecsys_learns():
             assert p.grad is not None and p.grad.abs().sum() > 0, f"block {k} {name} got no gradient"
 
 
-@pytest.mark.parametrize("mode,mean,var", [("none", 0.0, 1.0), ("constant", 0.1, 1.0), ("iid", 0.0, 1.01),
-                                           ("random", 0.0, 1.01)])
-def test_training_noise_modes(mode, mean, var):
+@pytest.mark.parametrize("mode,mean,var,shared", [("none", 0.0, 1.0, 0.0), ("constant", 0.1, 1.0, 0.0),
+                                                  ("iid", 0.0, 1.01, 0.0), ("random", 0.0, 1.01, 0.01)])
+def test_training_noise_modes(mode, mean, var, shared):
     _, model, _, _ = build("DiffuRecSys", offset_noise_mode=mode)
     torch.manual_seed(0)
-    eps = model.training_noise((4000, 64), "cpu")
+    h = 64
+    eps = model.training_noise((4000, h), "cpu")
     assert eps.mean().item() == pytest.approx(mean, abs=0.01)
     assert eps.var().item() == pytest.approx(var, abs=0.03)
+    # what tells random from iid: random's shift is one draw per sample shared by its H dimensions, so a row's
+    # mean varies by offset_scale^2 = 0.01 beyond the 1/H of independent noise; iid's shifts average out
+    assert eps.mean(dim=1).var().item() - 1 / h == pytest.approx(shared, abs=0.004)
 
 
 @pytest.mark.parametrize("name", ["DiffuRec", "DiffuRecSys"])

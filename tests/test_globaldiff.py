@@ -142,17 +142,29 @@ def test_backbone_is_bit_identical_after_globaldiff_training(tiny):
 
 
 def test_checkpoint_round_trip_and_consistent_predict(tiny):
-    result = run_recbole_diff("GlobalDiff", SLICE, backbone="GRU4Rec", cmd_line=False,
-                              config_dict=dict(FAST, checkpoint_dir=tiny["checkpoint_dir"]))
+    result = run_recbole_diff("GlobalDiff", SLICE, backbone="GRU4Rec", cmd_line=False, config_dict=dict(
+        FAST, checkpoint_dir=tiny["checkpoint_dir"], report_diffusion_only=True, filter_history=True))
     config, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     assert isinstance(trainer, GlobalDiffTrainer)
     assert dict(trainer.evaluate(test_data, load_best_model=False)) == pytest.approx(
         dict(result["test_result"]), abs=1e-4)
+    with model.evaluating("diffusion_only"):
+        assert dict(trainer.evaluate(test_data, load_best_model=False)) == pytest.approx(
+            dict(result["diffusion_only_test_result"]), abs=1e-4)
     model.eval()
     inter = next(iter(test_data))[0]
     with torch.no_grad():
         full = model.full_sort_predict(inter)
+        # the ensemble is the Borda count of the backbone's (history-filtered) softmax and the diffusion
+        # model's distribution, which is what eval_mode diffusion_only scores
+        with model.evaluating("diffusion_only"):
+            d = model.full_sort_predict(inter)
+        with model.evaluating("backbone"):
+            y = torch.softmax(model.full_sort_predict(inter).double(), dim=-1)
+        history = model._history_mask(inter[model.ITEM_SEQ], d.shape[1])
+        assert torch.allclose(d.sum(dim=1), torch.ones(len(d), dtype=d.dtype)) and (d[history] == 0).all()
+        assert torch.equal(full, borda_fuse(y, d, model.gamma))
         items = torch.randint(1, model.n_items, (inter[model.ITEM_SEQ].shape[0],))
         inter.update(type(inter)({model.ITEM_ID: items}))
         # float32 for RecBole's sampled evaluation, in exactly the full-sort order (places, best = n_items)
@@ -214,6 +226,43 @@ def test_condition_never_sees_the_masked_item_with_a_causal_backbone():
     assert torch.allclose(model.condition(seq, lens, pos), model.condition(changed, lens, pos))
 
 
+@pytest.mark.parametrize("guidance", ["full", "target", "none"])
+def test_guidance_sets_what_the_approximator_is_conditioned_on(guidance):
+    config, _, train, _, _ = build(guidance=guidance)
+    model = get_model("GlobalDiff")(config, train.dataset)
+    states = torch.randn(3, 5, 16)
+    pick, count = torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5])
+    cond = model.condition_from_states(states, pick, count)
+    h = states[torch.arange(3), pick]
+    mean = torch.stack([states[b, :c].mean(0) for b, c in enumerate(count.tolist())])
+    expected = {"full": torch.cat([h, mean], dim=-1), "target": h, "none": None}[guidance]
+    if expected is None:
+        assert cond is None
+    else:
+        assert torch.allclose(cond, expected, atol=1e-6)
+        later = states.clone()
+        later[0, 1:] = 99.0  # states past a sequence's end never enter its condition
+        assert torch.allclose(model.condition_from_states(later, pick, count)[0], cond[0])
+    model.eval()
+    out = model.approximator(torch.rand(3, model.n_items), torch.tensor([1, 2, 3]), cond)
+    assert out.shape == (3, model.n_items)
+
+
+def test_each_sequence_is_masked_mask_samples_times_per_epoch():
+    from recbole_diff.data.globaldiff import UserSequenceLoader
+
+    users = torch.tensor([4, 7, 9])
+    seqs, lens = torch.arange(15).view(3, 5), torch.tensor([5, 3, 2])
+    loader = UserSequenceLoader(None, users, seqs, lens, 4, 3, "user_id", "seq", "len")
+    batches = list(loader)
+    assert len(batches) == len(loader) == 3  # 9 rows in batches of 4
+    seen = torch.cat([b["user_id"] for b in batches])
+    assert sorted(seen.tolist()) == [4, 4, 4, 7, 7, 7, 9, 9, 9]
+    for b in batches:  # each row keeps its own user's sequence
+        rows = torch.searchsorted(users, b["user_id"])
+        assert torch.equal(b["seq"], seqs[rows]) and torch.equal(b["len"], lens[rows])
+
+
 def test_backbones_without_position_states_are_refused():
     config, dataset, train, _, _ = build("CORE")
     with pytest.raises(ValueError, match="per-position states.*'CORE'"):
@@ -239,6 +288,39 @@ def test_long_term_evaluation_p1_matches_recbole_and_later_targets_are_held_out(
     assert list(long_term) == ["P1", "P2", "P3", "P4"]
     assert long_term["P1"]["hit@20"] == pytest.approx(result["test_result"]["hit@20"], abs=1e-4)
     assert long_term["P1"]["ndcg@20"] == pytest.approx(result["test_result"]["ndcg@20"], abs=1e-4)
+
+
+def test_long_term_evaluation_scores_the_p_th_held_out_item_of_each_user():
+    from recbole_diff.evaluation import long_term_evaluate
+
+    config = Config(model="SASRec", dataset=SLICE, config_dict=dict(TINY), cmd_line=False)
+    _, _, test = data_preparation(config, create_dataset(config))
+    n = test.dataset.item_num
+
+    class Scorer(torch.nn.Module):
+        """Scores that depend on the user and the item, so a target taken from another user or position ranks
+        elsewhere."""
+        USER_ID, ITEM_ID, device = "user_id", "item_id", torch.device("cpu")
+
+        def full_sort_predict(self, interaction):
+            u = interaction["user_id"][:, None]
+            return -((torch.arange(n)[None, :] * 7 + u * 13) % n).double()
+
+    users = torch.unique(torch.as_tensor(test.dataset.inter_feat["user_id"])).tolist()
+    # three held-out items for most users, one for every fifth: P4 counts only the others
+    held = {u: [(u * 3 + p * 11) % (n - 1) + 1 for p in range(1 if u % 5 == 0 else 3)] for u in users}
+    k = n // 2  # about half the targets within the top k
+    result = long_term_evaluate(Scorer(), test, held, k=k)
+
+    scores = Scorer().full_sort_predict({"user_id": torch.tensor(users)})
+    scores[:, 0] = float("-inf")
+    for p in (2, 3, 4):
+        ranks = [int((scores[b] > scores[b, held[u][p - 2]]).sum())
+                 for b, u in enumerate(users) if len(held[u]) >= p - 1]
+        hit = np.mean([r < k for r in ranks])
+        ndcg = np.mean([1 / np.log2(r + 2) if r < k else 0.0 for r in ranks])
+        assert 0.2 < hit < 0.8
+        assert result[f"P{p}"] == pytest.approx({f"hit@{k}": hit, f"ndcg@{k}": ndcg}, abs=1e-9), p
 
 
 def test_hold_out_last_removes_each_users_latest_interactions():

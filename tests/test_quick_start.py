@@ -228,3 +228,28 @@ def test_sampled_evaluation_draws_the_same_candidates_and_leaves_trainings_rando
     second = trainer.evaluate(test_data, load_best_model=False)
     # GAUC reads every candidate's rank, so other candidates would move it
     assert dict(first) == dict(second) == pytest.approx(dict(result["test_result"]), abs=1e-6)
+
+
+def test_no_arguments_run_the_globaldiff_demo_and_print_backbone_ensemble_and_diffusion_side_by_side(
+        monkeypatch, capsys):
+    import yaml
+
+    import recbole_diff.quick_start as quick_start
+
+    seen = {}
+    metrics = {"hit@10": 0.1, "ndcg@10": 0.05}
+
+    def fake_run(**kwargs):
+        seen.update(kwargs)
+        return {"model": "GlobalDiff", "backbone": "SASRec", "test_result": dict(metrics, **{"hit@10": 0.2}),
+                "backbone_test_result": metrics, "diffusion_only_test_result": dict(metrics, **{"hit@10": 0.3})}
+
+    monkeypatch.setattr(quick_start, "run_recbole_diff", fake_run)
+    main([])
+    (demo,) = seen["config_file_list"]
+    settings = yaml.safe_load(open(demo))
+    assert (settings["model"], settings["backbone"], settings["dataset"]) == ("GlobalDiff", "SASRec", "ml-100k")
+    assert settings["report_diffusion_only"] is True
+    header, first = [line.split() for line in capsys.readouterr().out.strip().splitlines()[:2]]
+    assert "(backbone)" in header and header.index("GlobalDiff") < header.index("diffusion")
+    assert first == ["hit@10", "0.1000", "0.2000", "0.3000"]  # backbone, ensemble, diffusion alone
