@@ -6,10 +6,11 @@ batch of the same backbone on the same batches.
 
 Preference cost does not depend on how well TI-DiffRec is trained, so an untrained one of the authors' size
 (``dims_dnn: [1000]``) is used. The one-user loop runs over the first ``--loop-users`` users only and is
-reported as users/s.
+reported as users/s. Peak memory is the kernel's resident-set peak over each step (Linux).
 """
 import argparse
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -18,6 +19,25 @@ from recbole_diff.config import stage_config
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import TrainingItems, compute_preference_store
 from recbole_diff.utils import get_model
+
+
+def _status_mb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+@contextmanager
+def peak_rss(out, key):
+    """``out[key]``: how far the process's resident memory peaked above where it stood on entry (MB), measured
+    by the kernel: the peak mark is reset on entry (``/proc/self/clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_mb("VmRSS")
+    yield
+    out[key] = _status_mb("VmHWM") - before
 
 
 def stage2(tidiffrec, training, users, batch_size, args):
@@ -59,13 +79,17 @@ def main():
 
     with torch.no_grad():
         loop_store, out["one_user_loop"] = stage2(tidiffrec, training, args.loop_users, 1, args)
-        store, out["batched"] = stage2(tidiffrec, training, ds.user_num, args.chunk, args)
+        with peak_rss(out, "batched_peak_rss_mb"):
+            store, out["batched"] = stage2(tidiffrec, training, ds.user_num, args.chunk, args)
     out["batched_vs_loop"] = out["batched"]["users_per_s"] / out["one_user_loop"]["users_per_s"]
     same = torch.equal(loop_store.topm, store.topm[:args.loop_users])
     out["loop_and_batched_agree"] = bool(same)
     out["store_mb"] = store.nbytes() / 2 ** 20
     out["dense_matrix_mb"] = ds.user_num * ds.item_num * 4 / 2 ** 20
     out["authors_two_dense_matrices_mb"] = 2 * out["dense_matrix_mb"]
+    with peak_rss(out, "dense_matrix_peak_rss_mb"):  # what keeping every user's preferences takes, measured
+        dense = torch.ones(ds.user_num, ds.item_num)
+        del dense
 
     model.set_store(store)
     plain = build("PDRec", args.dataset, use_hbr=False, use_nns=False, use_dpa=False, **common)[1]
