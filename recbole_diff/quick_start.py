@@ -157,6 +157,9 @@ def load_data_and_model(model_file, config_dict=None):
     """
     checkpoint = load_checkpoint(model_file)
     config = checkpoint["config"]
+    # RecBole's metrics use numpy aliases (np.float in NDCG) that only a new Config puts back; an unpickled
+    # one does not, so a fresh process that loads a checkpoint and evaluates would fail (RecBole's own loader too)
+    config.compatibility_settings()
     for key, value in (config_dict or {}).items():
         config[key] = value
     set_threads(config["threads"])

@@ -1,5 +1,8 @@
 """End to end through the CLI path: train, save, reload, same scores; checkpoints never collide."""
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,6 +31,20 @@ def test_cli_trains_saves_and_the_reloaded_model_scores_the_same(tiny, capsys):
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     reloaded = trainer.evaluate(test_data, load_best_model=False)
     assert dict(reloaded) == pytest.approx(dict(result["test_result"]), abs=1e-4)
+
+    # ... and in a new process, which has built no Config (RecBole's metrics need its numpy aliases)
+    code = ("import json, sys, numpy\n"
+            "from recbole_diff.quick_start import load_data_and_model\n"
+            "from recbole_diff.utils import get_trainer\n"
+            "assert not hasattr(numpy, 'float')\n"
+            "config, model, _, _, _, test = load_data_and_model(sys.argv[1])\n"
+            "trainer = get_trainer(config['MODEL_TYPE'], config['model'])(config, model)\n"
+            "print(json.dumps(dict(trainer.evaluate(test, load_best_model=False))))\n")
+    done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, cwd=os.getcwd(),
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    fresh = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fresh == pytest.approx(dict(result["test_result"]), abs=1e-4)
 
 
 def test_a_trained_sasrec_beats_random_ranking(tiny):
