@@ -10,6 +10,10 @@ with each input taken from another user (the batch rolled by one) while the othe
 * ``popularity_top10``: the share of x0_hat's top-10 among the 10 most frequent training items.
 
     python benchmarks/globaldiff_signal.py <saved GlobalDiff .pth> [--batches 4] [--out results.json]
+        [--y-forms softmax topk:50 topk:240 logits] [--evaluate]
+
+``--y-forms`` probes the same trained model with each form of y (an inference setting), and ``--evaluate``
+adds the test HR@10 / NDCG@10 of the ensemble and of the diffusion model alone under each.
 """
 import argparse
 
@@ -48,11 +52,34 @@ def probe(model, inter, popular):
             "popularity_top10": pop.gather(1, own.topk(10, dim=1).indices).float().mean().item()}
 
 
+def measure(model, test, popular, batches):
+    rows = []
+    for i, batch in enumerate(test):
+        if i >= batches:
+            break
+        rows.append(probe(model, batch[0], popular))
+    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+
+
+def evaluate(config, model, test):
+    from recbole_diff.utils import get_trainer
+
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    out = {}
+    for mode in ("ensemble", "diffusion_only", "backbone"):
+        with model.evaluating(mode):
+            result = trainer.evaluate(test, load_best_model=False)
+        out[f"{mode}_test"] = {m: result[m] for m in ("hit@10", "ndcg@10")}
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--y-forms", nargs="*", default=None, help="e.g. softmax topk:240 logits")
+    parser.add_argument("--evaluate", action="store_true")
     args = parser.parse_args()
 
     from recbole_diff.quick_start import load_data_and_model
@@ -62,13 +89,16 @@ def main():
     counts = torch.bincount(torch.as_tensor(train.dataset.inter_feat[model.ITEM_ID]), minlength=model.n_items)
     counts[0] = 0
     popular = counts.topk(10).indices
-    rows = []
-    for i, batch in enumerate(test):
-        if i >= args.batches:
-            break
-        rows.append(probe(model, batch[0], popular))
-    out = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
-    out.update(checkpoint=args.checkpoint, batches=len(rows),
+    out = measure(model, test, popular, args.batches)
+    if args.evaluate:
+        out.update(evaluate(config, model, test))
+    for form in args.y_forms or []:
+        model.y_form, _, k = form.partition(":")
+        model.y_topk = int(k) if k else model.y_topk
+        out[f"y_form={form}"] = measure(model, test, popular, args.batches)
+        if args.evaluate:
+            out[f"y_form={form}"].update(evaluate(config, model, test))
+    out.update(checkpoint=args.checkpoint, batches=args.batches,
                config={k: config[k] for k in ("diffusion_loss", "y_form", "y_scale", "x0_norm", "guidance",
                                               "approximator", "noise_max")},
                users=sum(len(b[0]) for i, b in zip(range(args.batches), test)))
