@@ -32,6 +32,8 @@ def main():
                                            augmenter_steps=None)
         trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
         model.freeze_backbone()  # an untrained backbone costs the same as a trained one
+        out["config"] = {k: config[k] for k in ("M", "diffusion_embedding_size", "unet_channels", "unet_res_blocks",
+                                                "x0_scale", "diffusion_steps", "generation_batch_size")}
         seqs = training_sequences(train.dataset)
         start = time.perf_counter()
         trainer.train_augmenter(seqs)
