@@ -98,7 +98,7 @@ def main():
         out[f"y_form={form}"] = measure(model, test, popular, args.batches)
         if args.evaluate:
             out[f"y_form={form}"].update(evaluate(config, model, test))
-    out.update(checkpoint=args.checkpoint, batches=args.batches,
+    out.update(checkpoint=args.checkpoint, batches=min(args.batches, len(test)),
                config={k: config[k] for k in ("diffusion_loss", "y_form", "y_scale", "x0_norm", "guidance",
                                               "approximator", "noise_max")},
                users=sum(len(b[0]) for i, b in zip(range(args.batches), test)))

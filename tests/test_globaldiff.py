@@ -262,6 +262,11 @@ def test_each_sequence_is_masked_mask_samples_times_per_epoch():
         rows = torch.searchsorted(users, b["user_id"])
         assert torch.equal(b["seq"], seqs[rows]) and torch.equal(b["len"], lens[rows])
 
+    # the config key reaches the loader GlobalDiff trains on
+    config, _, train, _, _ = build(mask_samples=3)
+    once = get_model("GlobalDiff")(config, train.dataset).build_training_data(train)
+    assert once.mask_samples == 3 and len(once) == -(-3 * len(once.users) // once.batch_size)
+
 
 def test_backbones_without_position_states_are_refused():
     config, dataset, train, _, _ = build("CORE")

@@ -48,9 +48,10 @@ _DIGESTS = {}
 
 
 def file_digest(path):
-    """A short content hash of ``path``, computed once per process for each (size, mtime) the file has."""
+    """A short content hash of ``path``, computed once per process for each version of the file (inode, size,
+    modification and change times: a file replaced or rewritten gets another)."""
     stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    key = (os.path.abspath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if key not in _DIGESTS:
         h = hashlib.sha1()
         with open(path, "rb") as f:
