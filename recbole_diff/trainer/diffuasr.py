@@ -70,7 +70,7 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
         """Train the augmenter, or load the one an earlier run with the same training settings stored in
         ``stage_cache``."""
         model = self.model
-        key = augmenter_stage_key(self.config)
+        key = augmenter_stage_key(self.config) if self.config["stage_cache"] else None  # hashes the data files
         with shared_stage(self.config, "DiffuASR-augmenter", None, self.logger, key=key) as stage:
             if stage.hit:
                 if self.config["embedding_init"] == "backbone":
