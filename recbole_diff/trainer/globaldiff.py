@@ -1,7 +1,7 @@
 """GlobalDiffTrainer: backbone stage (RecBole's own recipe, or a checkpoint), then the diffusion stage on the
 frozen backbone through RecBole's ``Trainer.fit``, then backbone-alone and ensemble results on one split."""
 import torch
-from recbole.utils import set_color
+from recbole.utils import dict2str, set_color
 
 from recbole_diff.trainer.backbone import BackboneStageMixin
 from recbole_diff.trainer.trainer import Trainer
@@ -28,6 +28,9 @@ class GlobalDiffTrainer(BackboneStageMixin, Trainer):
         if valid_data is not None:  # scored as the ensemble is (history filtering), not by the backbone's trainer
             with self.model.evaluating("backbone"):
                 self.backbone_valid_result = super().evaluate(valid_data, load_best_model=False)
+            # the figure the ensemble's validations compare with (the backbone's own training validated unfiltered)
+            self.logger.info(set_color("GlobalDiff: the backbone's validation, scored as the ensemble's", "blue")
+                             + f": {dict2str(self.backbone_valid_result)}")
         loader = self.model.build_training_data(train_data, self.logger)
         self.logger.info(set_color("GlobalDiff: training the diffusion model on the frozen backbone", "green"))
         return super().fit(loader, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
