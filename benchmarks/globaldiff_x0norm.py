@@ -15,16 +15,18 @@ from common import report
 
 @torch.no_grad()
 def top10(trainer, model, valid, batches):
-    hits = ndcg = users = 0
+    from recbole_diff.evaluation import target_hits_and_gains
+
+    hits, gains = [], []
     for i, batch in enumerate(valid):
         if i >= batches:
             break
         _, scores, pu, pi = trainer._full_sort_batch_eval(batch)
-        rank = (scores[pu] > scores[pu, pi][:, None]).sum(1).float()
-        hits += (rank < 10).sum().item()
-        ndcg += torch.where(rank < 10, 1 / torch.log2(rank + 2), torch.zeros_like(rank)).sum().item()
-        users += len(pu)
-    return {"hit@10": hits / users, "ndcg@10": ndcg / users, "users": users}
+        hit, gain = target_hits_and_gains(scores, pu, pi, 10)
+        hits.append(hit)
+        gains.append(gain)
+    hits, gains = torch.cat(hits), torch.cat(gains)
+    return {"hit@10": hits.mean().item(), "ndcg@10": gains.mean().item(), "users": len(hits)}
 
 
 def main():

@@ -72,6 +72,15 @@ def long_term_evaluate(model, test_data, held_out, k=20, device=None):
 
 
 @torch.no_grad()
+def target_hits_and_gains(scores, positive_u, positive_i, k):
+    """Per target row: hit@k and its NDCG gain, the rank counting the items scored strictly higher (items tied
+    with the target rank below it)."""
+    target = scores[positive_u, positive_i]
+    rank = (scores[positive_u] > target[:, None]).sum(1).cpu()
+    gain = torch.where(rank < k, 1.0 / torch.log2(rank.float() + 2), torch.zeros_like(rank, dtype=torch.float))
+    return (rank < k).float(), gain
+
+
 def group_metrics(trainer, eval_data, user_lengths, bounds=(5, 20), k=10):
     """HR@k and NDCG@k per user group by sequence length (the long-tail report): groups ``[3, b1]``,
     ``[b1 + 1, b2]``, ..., ``> b_last`` of ``user_lengths[user]``. Scores come from the trainer's own batch
@@ -95,11 +104,10 @@ def group_metrics(trainer, eval_data, user_lengths, bounds=(5, 20), k=10):
             else:  # one score row per user of the batch; row_idx maps interaction rows to those rows
                 row_users = torch.zeros(int(positive_u[-1]) + 1, dtype=torch.long)
                 row_users[batched[1].cpu()] = interaction[uid].cpu()
-            target = scores[positive_u, positive_i]
-            rank = (scores[positive_u] > target[:, None]).sum(1).cpu()
+            hit, gain = target_hits_and_gains(scores, positive_u, positive_i, k)
             users.append(row_users[positive_u.cpu()].cpu())
-            hits.append((rank < k).float())
-            gains.append(torch.where(rank < k, 1.0 / torch.log2(rank.float() + 2), torch.zeros_like(rank, dtype=torch.float)))
+            hits.append(hit)
+            gains.append(gain)
     users, hits, gains = torch.cat(users), torch.cat(hits), torch.cat(gains)
     lengths = torch.as_tensor(user_lengths)[users]
     edges = [3] + [b + 1 for b in bounds]
