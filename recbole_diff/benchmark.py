@@ -168,9 +168,10 @@ def _earlier_seconds(directory):
 
 
 def _write_atomically(path, text):
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # two bench processes sharing a grid never share a temporary file
+    with open(tmp, "w") as f:
         f.write(text)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def _note_attempt(directory, seconds, new=False):
@@ -260,6 +261,10 @@ def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print, methods=None, see
             status = f"{status} ({how})" if how else status
             if code:
                 failed.append(cell)
+            else:
+                # the tables hold every finished cell at any moment, so a grid cut short (a session's end, a
+                # machine that is replaced) leaves its summary with what it finished
+                summarise(spec, out_dir)
             log(f"[bench] {k}/{len(todo)} {cell['dataset']} {cell['label']} seed {cell['seed']}: "
                 f"{status} in {seconds:.0f}s")
     wall = time.time() - start
@@ -320,14 +325,15 @@ def summarise(spec, out_dir):
     metrics = _metric_names(spec, rows)
     _write_csv(rows, metrics, os.path.join(out_dir, "results.csv"))
     table = _aggregate(spec, rows, metrics)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(_markdown(spec, table, metrics))
+    _write_atomically(os.path.join(out_dir, "results.md"), _markdown(spec, table, metrics))
     _plots(table, metrics, out_dir)
     return table
 
 
 def _write_csv(rows, metrics, path):
-    with open(path, "w", newline="") as f:
+    # atomically: two bench processes sharing a grid both rewrite it as their cells finish
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["dataset", "method", "backbone", "seed", "seconds"] + [f"test_{m}" for m in metrics]
                         + [f"backbone_test_{m}" for m in metrics])
@@ -336,6 +342,7 @@ def _write_csv(rows, metrics, path):
             writer.writerow([c["dataset"], c["method"], c["backbone"] or "", c["seed"], f"{r['seconds']:.1f}"]
                             + [_blank(metric_value(r, m)) for m in metrics]
                             + [_blank(metric_value(r, m, "backbone_test_result")) for m in metrics])
+    os.replace(tmp, path)
 
 
 def _blank(value):

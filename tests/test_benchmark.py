@@ -29,9 +29,17 @@ def write_grid(tmp_path, **extra):
 
 def test_two_cells_give_csv_markdown_plots_and_resume(tmp_path):
     grid, out = write_grid(tmp_path), os.path.relpath(tmp_path / "out")  # a relative --out must work too
-    messages = []
-    table, failed = run_grid(grid, out, jobs=2, log=messages.append)
+    messages, rows_when_told = [], []
+
+    def log(message):
+        messages.append(message)
+        if " seed " in message:  # a cell's outcome: the table already holds it
+            with open(os.path.join(out, "results.csv")) as f:
+                rows_when_told.append(len(list(csv.DictReader(f))))
+
+    table, failed = run_grid(grid, out, jobs=2, log=log)
     assert not failed and "2 cells, 0 already finished, 2 to run" in messages[0]
+    assert len(rows_when_told) == 2 and rows_when_told[0] >= 1 and rows_when_told[1] == 2
     with open(os.path.join(out, "results.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and {r["seed"] for r in rows} == {"1", "2"}
