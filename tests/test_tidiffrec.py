@@ -95,7 +95,9 @@ def test_sampled_predict_reads_one_reverse_run_per_user():
     with torch.no_grad():
         full = model.full_sort_predict(Interaction({"user_id": users}))
         got = model.predict(Interaction({"user_id": users, "item_id": items}))
-    assert torch.equal(got, full[torch.arange(5), items])
+    # the same numbers up to float rounding: the reverse run of 2 unique users and of 5 rows are matrix products
+    # of other shapes, which this CPU's kernels may sum in another order
+    torch.testing.assert_close(got, full[torch.arange(5), items], rtol=1e-5, atol=1e-7)
     history = model.history_item_id[3][model.history_item_value[3] > 0]
     assert torch.isinf(full[0, history]).all()  # mask_history ranks training items last
 
