@@ -13,7 +13,8 @@ A preset yaml::
     metrics: [hit@10, ndcg@10]          # reported columns (default: all test metrics)
     methods:
       - {name: SASRec, model: SASRec}
-      - {name: DiffuRecSys-V1, model: DiffuRecSys, config: {offset_noise_mode: none}}
+      - {name: DiffuRecSys-V1, model: DiffuRecSys, config: {offset_noise_mode: none},
+         versus: [DiffuRec]}            # lifts against these methods too, besides the baseline
       - {name: GlobalDiff, model: GlobalDiff, backbones: [SASRec, GRU4Rec]}
 
 A finished cell (its ``result.json`` exists) is skipped when the grid is run again, and a cell that another
@@ -65,7 +66,19 @@ def load_grid(path):
     names = [m["name"] for m in spec["methods"]]
     if spec.get("baseline") and spec["baseline"] not in names:
         raise BenchmarkError(f"{path}: baseline '{spec['baseline']}' is not one of the methods ({', '.join(names)}).")
+    _check_versus(spec["methods"], names, path)
     return spec
+
+
+def _check_versus(methods, names, path):
+    for m in methods:
+        versus = m.setdefault("versus", [])
+        if isinstance(versus, str):
+            versus = m["versus"] = [versus]
+        for other in versus:
+            if other not in names or other == m["name"]:
+                raise BenchmarkError(f"{path}: method '{m['name']}' has versus '{other}', which is not another "
+                                     f"method of this grid ({', '.join(names)}).")
 
 
 def _resolve_paths(config, base):
@@ -425,7 +438,8 @@ def _markdown(spec, table, metrics):
                 row += [f"{_mean_std(own[m])[0]:.4f} +- {_mean_std(own[m])[1]:.4f}" for m in metrics] + [""]
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-        lift_rows = _lifts(table, dataset, baseline, metrics)
+        versus = {m["name"]: m.get("versus") or [] for m in spec.get("methods", [])}
+        lift_rows = _lifts(table, dataset, baseline, metrics, versus)
         if lift_rows:
             lines += ["Lift:", "", "| method | versus | " + " | ".join(metrics) + " |",
                       "|---|---|" + "---|" * len(metrics)]
@@ -433,9 +447,10 @@ def _markdown(spec, table, metrics):
     return "\n".join(lines) + "\n"
 
 
-def _lifts(table, dataset, baseline, metrics):
-    """Each method against its own backbone (a plugin's same-run result) and against the baseline method: the
-    baseline on the same backbone (``<baseline>@<backbone>``) when the grid has it, else ``<baseline>``."""
+def _lifts(table, dataset, baseline, metrics, versus=None):
+    """Each method against its own backbone (a plugin's same-run result), against the baseline method and
+    against the methods its ``versus`` names: each on the same backbone (``<other>@<backbone>``) when the grid
+    has it, else ``<other>``."""
     out = []
     for (d, label), e in table.items():
         if d != dataset:
@@ -443,13 +458,14 @@ def _lifts(table, dataset, baseline, metrics):
         comparisons = []
         if e["backbone"]:
             comparisons.append(("its backbone", {"seeds": e["seeds"], **e["backbone"]}))
-        if baseline:
-            base_label = baseline
-            if "@" in label and (dataset, f"{baseline}@{label.split('@', 1)[1]}") in table:
-                base_label = f"{baseline}@{label.split('@', 1)[1]}"
-            base = table.get((dataset, base_label))
-            if base is not None and label != base_label:
-                comparisons.append((base_label, base))
+        others = ([baseline] if baseline else []) + list((versus or {}).get(label.split("@", 1)[0], []))
+        for other_name in dict.fromkeys(others):
+            other_label = other_name
+            if "@" in label and (dataset, f"{other_name}@{label.split('@', 1)[1]}") in table:
+                other_label = f"{other_name}@{label.split('@', 1)[1]}"
+            other = table.get((dataset, other_label))
+            if other is not None and label != other_label:
+                comparisons.append((other_label, other))
         for name, other in comparisons:
             parts = []
             for m in metrics:

@@ -85,6 +85,8 @@ def test_bad_grids_are_refused(tmp_path):
         load_grid(write_grid(tmp_path, methods=[{"model": "SASRec"}, {"model": "SASRec"}]))
     with pytest.raises(BenchmarkError, match="does not exist"):
         load_grid(str(tmp_path / "missing.yaml"))
+    with pytest.raises(BenchmarkError, match="versus 'DiffuRec', which is not another method"):
+        load_grid(write_grid(tmp_path, methods=[{"model": "SASRec", "versus": "DiffuRec"}]))
 
 
 def test_cells_locked_by_a_live_process_are_left_alone_and_stale_locks_taken_over(tmp_path):
@@ -169,3 +171,23 @@ def test_a_plugins_first_stage_gets_a_row_of_its_own_once_per_seed():
     labels = {label for _, label in _aggregate(spec, other, metrics)}
     assert {'TIDiffRec (PDRec\'s stage 1) {"tidiffrec_epochs": 1000}',
             'TIDiffRec (PDRec\'s stage 1) {"tidiffrec_epochs": 60}'} <= labels
+
+
+def test_versus_adds_paired_lifts_against_the_named_methods_only():
+    from recbole_diff.benchmark import _aggregate, _markdown
+
+    def row(method, seed, ndcg):
+        return {"cell": {"dataset": "d", "label": method, "method": method, "seed": seed, "backbone": None,
+                         "config": {}}, "seconds": 60.0, "test_result": {"ndcg@10": ndcg}}
+
+    rows = [row("SASRec", 1, 0.20), row("SASRec", 2, 0.22), row("DiffuRec", 1, 0.25), row("DiffuRec", 2, 0.25),
+            row("V1", 1, 0.30), row("V1", 2, 0.26), row("V2", 1, 0.28)]
+    spec = {"name": "g", "datasets": ["d"], "baseline": "SASRec",
+            "methods": [{"name": "SASRec"}, {"name": "DiffuRec"}, {"name": "V1", "versus": ["DiffuRec"]},
+                        {"name": "V2", "versus": ["DiffuRec", "SASRec"]}]}
+    md = _markdown(spec, _aggregate(spec, rows, ["ndcg@10"]), ["ndcg@10"])
+    lifts = [line for line in md.splitlines() if line.count("|") == 4 and "%" in line]
+    # two seeds, t = 4, 2.33, 1.5 on one degree of freedom; V2 is paired on the one seed it shares (no p), and
+    # the baseline in its versus is not listed twice
+    assert lifts == ["| DiffuRec | SASRec | +19.0% (p=0.156) |", "| V1 | SASRec | +33.3% (p=0.258) |",
+                     "| V1 | DiffuRec | +12.0% (p=0.374) |", "| V2 | SASRec | +40.0% |", "| V2 | DiffuRec | +12.0% |"]
