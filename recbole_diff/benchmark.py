@@ -323,13 +323,16 @@ def _mean_std(values):
 
 
 def _paired_p(a, b):
-    """Two-sided paired t-test p-value across seeds (None with fewer than two pairs)."""
+    """Two-sided paired t-test p-value across seeds; None with fewer than two pairs, and None when every seed
+    shows the same non-zero difference: the metrics are rounded (RecBole's 4 decimals), so the t of infinity
+    that scipy's p = 0 stands for is an artefact of the rounding, not a certain difference."""
     from scipy import stats
 
     if len(a) < 2 or len(a) != len(b):
         return None
-    if all(x == y for x, y in zip(a, b)):
-        return 1.0
+    diffs = {round(x - y, 9) for x, y in zip(a, b)}
+    if len(diffs) == 1:
+        return 1.0 if diffs == {0.0} else None
     return float(stats.ttest_rel(a, b).pvalue)
 
 

@@ -191,3 +191,12 @@ def test_versus_adds_paired_lifts_against_the_named_methods_only():
     # the baseline in its versus is not listed twice
     assert lifts == ["| DiffuRec | SASRec | +19.0% (p=0.156) |", "| V1 | SASRec | +33.3% (p=0.258) |",
                      "| V1 | DiffuRec | +12.0% (p=0.374) |", "| V2 | SASRec | +40.0% |", "| V2 | DiffuRec | +12.0% |"]
+
+
+def test_a_constant_difference_between_rounded_metrics_gets_no_p_value():
+    from recbole_diff.benchmark import _paired_p
+
+    # 0.0779 - 0.0781 and 0.0826 - 0.0828 differ only in float error: scipy would say p = 0
+    assert _paired_p([0.0779, 0.0826], [0.0781, 0.0828]) is None
+    assert _paired_p([0.05, 0.06], [0.05, 0.06]) == 1.0
+    assert 0.0 < _paired_p([0.0779, 0.0826], [0.0781, 0.0822]) < 1.0
