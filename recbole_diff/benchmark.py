@@ -75,6 +75,8 @@ def _check_versus(methods, names, path):
         versus = m.setdefault("versus", [])
         if isinstance(versus, str):
             versus = m["versus"] = [versus]
+        if not isinstance(versus, list):
+            raise BenchmarkError(f"{path}: method '{m['name']}' has versus {versus!r}; give a list of method names.")
         for other in versus:
             if other not in names or other == m["name"]:
                 raise BenchmarkError(f"{path}: method '{m['name']}' has versus '{other}', which is not another "
@@ -419,6 +421,7 @@ def _paired(entry, other, m):
 
 def _markdown(spec, table, metrics):
     baseline = spec.get("baseline")
+    versus = {m["name"]: m.get("versus") or [] for m in spec.get("methods", [])}
     lines = [f"# {spec.get('name', 'benchmark')}", ""]
     for dataset in spec["datasets"]:
         entries = [(label, e) for (d, label), e in table.items() if d == dataset]
@@ -441,7 +444,6 @@ def _markdown(spec, table, metrics):
                 row += [f"{_mean_std(own[m])[0]:.4f} +- {_mean_std(own[m])[1]:.4f}" for m in metrics] + [""]
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-        versus = {m["name"]: m.get("versus") or [] for m in spec.get("methods", [])}
         lift_rows = _lifts(table, dataset, baseline, metrics, versus)
         if lift_rows:
             lines += ["Lift:", "", "| method | versus | " + " | ".join(metrics) + " |",

@@ -87,6 +87,8 @@ def test_bad_grids_are_refused(tmp_path):
         load_grid(str(tmp_path / "missing.yaml"))
     with pytest.raises(BenchmarkError, match="versus 'DiffuRec', which is not another method"):
         load_grid(write_grid(tmp_path, methods=[{"model": "SASRec", "versus": "DiffuRec"}]))
+    with pytest.raises(BenchmarkError, match="give a list of method names"):
+        load_grid(write_grid(tmp_path, methods=[{"model": "SASRec", "versus": 3}]))
 
 
 def test_cells_locked_by_a_live_process_are_left_alone_and_stale_locks_taken_over(tmp_path):
