@@ -12,8 +12,11 @@ product with every item embedding (cross-entropy in training, RecBole's full sor
 * ``offset_noise_mode`` (DiffuRecSys): training noise ``N(offset_scale * offset_constant, I)`` (``constant``,
   the paper's Eq. 17), or ``random`` / ``iid`` / ``none`` for comparison.
 
-Padding is never computed: every batch is cut to its longest real sequence, and a key-padding mask keeps
-padded positions out of attention, so results do not depend on ``MAX_ITEM_LIST_LENGTH``'s padding.
+Padding is never computed on the CPU: every batch is cut to its longest real sequence (in groups of similar
+length), and a key-padding mask keeps padded positions out of attention, so results do not depend on
+``MAX_ITEM_LIST_LENGTH``'s padding. Cutting needs the lengths on the host; on a GPU, where that read would stall
+the device on every batch and padded positions cost parallel work only, batches run at full width under the
+same mask (:func:`recbole_diff.device.host_fast_path`).
 """
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
+from recbole_diff.device import host_fast_path
 from recbole_diff.diffusion import OFFSET_MODES, GaussianDiffusion, StepEmbedding, make_noise
 from recbole_diff.model.padding import length_groups
 from recbole_diff.utils import eval_generator, predict_from_full_sort, require_keys
@@ -135,14 +139,15 @@ class DiffuRec(SequentialRecommender):
 
     # ---- the denoiser --------------------------------------------------------------------------------
     def _trim(self, item_seq, item_seq_len):
-        if not self.trim_padding:
+        if not self.trim_padding or not host_fast_path(item_seq_len):
             return item_seq
         return item_seq[:, : int(item_seq_len.max())]
 
     def _groups(self, item_seq_len):
         """Row groups of similar length, each later cut to its own longest sequence (see
         ``recbole_diff.model.padding``)."""
-        if not self.trim_padding or self.length_buckets <= 1 or item_seq_len.shape[0] < 2 * self.length_buckets:
+        if (not self.trim_padding or self.length_buckets <= 1 or item_seq_len.shape[0] < 2 * self.length_buckets
+                or not host_fast_path(item_seq_len)):
             return [None]
         return length_groups(item_seq_len, self.length_buckets)
 
