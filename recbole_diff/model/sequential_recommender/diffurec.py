@@ -30,6 +30,7 @@ from recbole_diff.model.padding import length_groups
 from recbole_diff.utils import eval_generator, predict_from_full_sort, require_keys
 
 APPROXIMATORS = ("add", "cross_attention")
+SAMPLERS = ("ancestral", "ddim")
 
 
 class ApproximatorBlock(nn.Module):
@@ -78,7 +79,7 @@ class DiffuRec(SequentialRecommender):
     REQUIRED = ("hidden_size", "n_blocks", "n_heads", "dropout_prob", "emb_dropout_prob", "diffusion_steps",
                 "noise_schedule", "lambda_mean", "lambda_std", "approximator", "offset_noise_mode",
                 "offset_scale", "offset_constant", "inference_samples", "position_embedding", "trim_padding",
-                "length_buckets", "item_init", "x0_scale")
+                "length_buckets", "item_init", "x0_scale", "sampler")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -93,6 +94,9 @@ class DiffuRec(SequentialRecommender):
         self.length_buckets = int(config["length_buckets"])
         self.eval_seed = int(config["seed"])
         steps = int(config["diffusion_steps"])
+        # reverse steps at inference: None runs all T; k < T runs k evenly spaced ones (the respaced process)
+        self.sample_steps = None if config["sample_steps"] is None else int(config["sample_steps"])
+        self.sampler = config["sampler"]
 
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
         self.position_embedding = (nn.Embedding(self.max_seq_length, self.hidden_size)
@@ -134,6 +138,12 @@ class DiffuRec(SequentialRecommender):
                              f"'{config['item_init']}' and '{config['x0_scale']}'.")
         if config["inference_samples"] < 1:
             raise ValueError("inference_samples must be >= 1.")
+        if config["sampler"] not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got '{config['sampler']}'.")
+        steps = config["sample_steps"]
+        if steps is not None and not (isinstance(steps, int) and 1 <= steps <= int(config["diffusion_steps"])):
+            raise ValueError(f"sample_steps must be an integer in [1, diffusion_steps = {config['diffusion_steps']}] "
+                             f"or ~ (all steps), got {steps!r}.")
         if config["hidden_size"] % config["n_heads"]:
             raise ValueError(f"hidden_size ({config['hidden_size']}) must be divisible by n_heads ({config['n_heads']}).")
 
@@ -207,14 +217,15 @@ class DiffuRec(SequentialRecommender):
 
     # ---- inference -----------------------------------------------------------------------------------
     def reverse(self, item_seq, item_seq_len, generator):
-        """One full reverse run (T steps) -> x0_hat [B, H]."""
+        """One reverse run (``sample_steps`` of the T steps; all by default) -> x0_hat [B, H]."""
         history, pad_mask = self.encode_history(item_seq)
         x_T = torch.randn(item_seq.shape[0], self.hidden_size, device=item_seq.device, generator=generator)
 
         def model_fn(x_t, t):
             return self.denoise(history, pad_mask, item_seq_len, x_t, t, generator)
 
-        return self.diffusion.sample(model_fn, x_T=x_T, sampler="ancestral", generator=generator)
+        return self.diffusion.sample(model_fn, x_T=x_T, steps=self.sample_steps, sampler=self.sampler,
+                                     generator=generator)
 
     def _reverse_grouped(self, item_seq, item_seq_len, generator):
         groups = self._groups(item_seq_len)
