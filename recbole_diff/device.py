@@ -9,6 +9,8 @@ host. :func:`device_path` forces that path on the CPU too, so that a CPU-only te
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+import torch
+
 _FORCED = ContextVar("recbole_diff_device_path", default=False)
 
 
@@ -27,3 +29,28 @@ def device_path():
         yield
     finally:
         _FORCED.reset(token)
+
+
+PRECISIONS = ("none", "bf16")
+
+
+def _key(config, key):
+    try:
+        return config[key]
+    except KeyError:
+        return None
+
+
+def mixed_precision(config, device):
+    """``torch.autocast`` for the config's ``mixed_precision`` (``bf16``) on ``device``, or a disabled one.
+
+    On the CPU autocast stays off unless ``mixed_precision_on_cpu`` is set (CPU bf16 kernels are slower than fp32
+    on most CPUs; the option exists to test the bf16 path without a GPU). A model whose yamls do not declare the
+    key runs in fp32. An unknown value raises here, before any compute."""
+    mode = _key(config, "mixed_precision") or "none"
+    if mode not in PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got '{mode}'. Set mixed_precision: bf16 for "
+                         "bfloat16 autocast on a GPU, or none.")
+    device = torch.device(device)
+    enabled = mode == "bf16" and (device.type != "cpu" or bool(_key(config, "mixed_precision_on_cpu")))
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)

@@ -82,3 +82,52 @@ def test_ddim_is_deterministic_given_x_T():
 def test_bad_step_settings_are_refused(key, value, match):
     with pytest.raises(ValueError, match=match):
         build(**{key: value})
+
+
+# ---- mixed_precision: bf16 ------------------------------------------------------------------------------------
+def fit(name, tmp_path, **overrides):
+    from recbole_diff.utils import get_trainer
+
+    config, model, train, test = build(name, checkpoint_dir=str(tmp_path), epochs=3, **overrides)
+    trainer = get_trainer(config["MODEL_TYPE"], name)(config, model)
+    dtypes = []
+    model.blocks[0].ffn[0].register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    trainer.fit(train, saved=False)
+    trained = list(dtypes)
+    result = trainer.evaluate(test, load_best_model=False)
+    return result, set(trained), set(dtypes[len(trained):])
+
+
+@pytest.mark.parametrize("name", ["DiffuRec", "DiffuRecSys"])
+def test_bf16_autocast_keeps_metrics_within_tolerance_of_fp32(name, tmp_path):
+    """Trained and evaluated under CPU bf16 autocast from the same initial weights: test NDCG@10 and HR@10
+    within 0.02 (absolute; the slice's 120 users give steps of 1/120 = 0.008 in HR) of the fp32 run's."""
+    fp32, train32, eval32 = fit(name, tmp_path / "fp32")
+    bf16, train16, eval16 = fit(name, tmp_path / "bf16", mixed_precision="bf16", mixed_precision_on_cpu=True)
+    assert train32 == eval32 == {torch.float32}
+    assert train16 == eval16 == {torch.bfloat16}  # autocast reached the training and the evaluation steps
+    for metric in ("ndcg@10", "hit@10"):
+        assert abs(bf16[metric] - fp32[metric]) <= 0.02, (metric, fp32[metric], bf16[metric])
+
+
+def test_bf16_is_off_on_the_cpu_unless_asked(tmp_path):
+    _, train16, eval16 = fit("DiffuRec", tmp_path, mixed_precision="bf16")
+    assert train16 == eval16 == {torch.float32}
+
+
+def test_bf16_scores_are_ranked_in_fp32():
+    from recbole_diff.device import mixed_precision
+
+    config, model, _, test = build(mixed_precision="bf16", mixed_precision_on_cpu=True)
+    model.eval()
+    with torch.no_grad(), mixed_precision(config, "cpu"):
+        scores = model.full_sort_predict(first_batch(test))
+    assert scores.dtype == torch.float32
+
+
+def test_an_unknown_mixed_precision_is_refused_before_training(tmp_path):
+    from recbole_diff.utils import get_trainer
+
+    config, model, _, _ = build(checkpoint_dir=str(tmp_path), mixed_precision="fp16")
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        get_trainer(config["MODEL_TYPE"], "DiffuRec")(config, model)

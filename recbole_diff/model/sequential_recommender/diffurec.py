@@ -231,10 +231,11 @@ class DiffuRec(SequentialRecommender):
         groups = self._groups(item_seq_len)
         if groups == [None]:
             return self.reverse(self._trim(item_seq, item_seq_len), item_seq_len, generator)
-        x0_hat = torch.empty(item_seq.shape[0], self.hidden_size, device=item_seq.device)
-        for rows in groups:
-            lengths = item_seq_len[rows]
-            x0_hat[rows] = self.reverse(self._trim(item_seq[rows], lengths), lengths, generator)
+        parts = [self.reverse(self._trim(item_seq[rows], item_seq_len[rows]), item_seq_len[rows], generator)
+                 for rows in groups]
+        x0_hat = torch.empty(item_seq.shape[0], self.hidden_size, device=item_seq.device, dtype=parts[0].dtype)
+        for rows, part in zip(groups, parts):
+            x0_hat[rows] = part
         return x0_hat
 
     def item_distribution(self, interaction):
@@ -242,13 +243,17 @@ class DiffuRec(SequentialRecommender):
         the log of the average of the S runs' softmax distributions (the DiffuRecSys paper's Algorithm 3)."""
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         generator = eval_generator(self.eval_seed, interaction, self.USER_ID, item_seq.device)
-        weight = self.item_embedding.weight
         if self.inference_samples == 1:
-            return self._reverse_grouped(item_seq, item_seq_len, generator) @ weight.t()
+            return self._item_scores(self._reverse_grouped(item_seq, item_seq_len, generator))
         probs = 0
         for _ in range(self.inference_samples):
-            probs = probs + F.softmax(self._reverse_grouped(item_seq, item_seq_len, generator) @ weight.t(), dim=-1)
+            probs = probs + F.softmax(self._item_scores(self._reverse_grouped(item_seq, item_seq_len, generator)), dim=-1)
         return torch.log(probs / self.inference_samples)
+
+    def _item_scores(self, x0_hat):
+        # fp32 even under bf16 autocast: bf16's 8-bit mantissa would tie many items' scores and blur the ranking
+        with torch.autocast(x0_hat.device.type, enabled=False):
+            return x0_hat.float() @ self.item_embedding.weight.float().t()
 
     def full_sort_predict(self, interaction):
         return self.item_distribution(interaction)
