@@ -10,6 +10,8 @@ import torch
 from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
 
+from recbole_diff.device import host_fast_path
+
 # RecBole 1.2.1's sine.py calls torch.autograd.set_detect_anomaly(True) when its sequential models are
 # imported, which slows every backward pass of every model (SASRec: 1.75x per batch here). The import above
 # makes that happen now, once; we switch anomaly detection back off for the whole process.
@@ -153,8 +155,10 @@ def seeded_numpy(seed):
 
 def eval_generator(seed, interaction, user_field, device):
     """Noise for inference, seeded by the run's seed and the batch's first user: evaluation is reproducible
-    run to run and does not depend on how much random state training consumed."""
-    first = int(interaction[user_field][0]) if user_field in interaction.interaction else 0
+    run to run and does not depend on how much random state training consumed. Off the CPU the user is not read
+    (a device-to-host copy per batch): every batch's noise starts from the run's seed, still reproducible."""
+    users = interaction.interaction.get(user_field)
+    first = int(users[0]) if users is not None and host_fast_path(users) else 0
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed) * 1_000_003 + first)
     return generator

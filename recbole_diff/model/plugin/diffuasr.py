@@ -71,7 +71,7 @@ class Augmenter(nn.Module):
         [-1, 1]: an unclipped estimate's error grows step by step (measured: x0 ~1000x the items' scale)."""
         if not self.clip_x0:
             return None
-        bound = (self.embedding.weight[1:] / self.scale()).abs().max().item()
+        bound = (self.embedding.weight[1:] / self.scale()).abs().max()  # kept on the device
         return lambda x0: x0.clamp(-bound, bound)
 
     def loss(self, s_aug, flat_raw, raw_offsets):
