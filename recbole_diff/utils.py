@@ -52,6 +52,21 @@ def recbole_model_names():
     return sorted(set(names))
 
 
+def sequential_model_names():
+    """Models a plugin can take as its backbone: RecBole's sequential models and ours that are not plugins."""
+    from recbole.utils import ModelType
+
+    pkg = importlib.import_module("recbole.model.sequential_recommender")
+    names = [name for name in dir(pkg) if isinstance(getattr(pkg, name), type)
+             and getattr(getattr(pkg, name), "type", None) == ModelType.SEQUENTIAL
+             and hasattr(getattr(pkg, name), "calculate_loss")]
+    for name in our_model_names():
+        model = get_model(name)
+        if model.type == ModelType.SEQUENTIAL and not getattr(model, "is_plugin", False):
+            names.append(name)
+    return sorted(set(names))
+
+
 def our_model_names():
     return sorted(_available_our_models())
 
