@@ -326,10 +326,9 @@ class Config(RecBoleConfig):
                 f"Set --data_path to the folder that contains '{name}/' (RecBole atomic files); "
                 "recbole-diff never downloads datasets."
             )
-        needs_time = (
-            self.final_config_dict.get("MODEL_TYPE") == ModelType.SEQUENTIAL
-            and self.final_config_dict["eval_args"].get("order") == "TO"
-        ) or getattr(self.model_class, "needs_timestamp", False)
+        # RecBole's split in time order ('TO') sorts by TIME_FIELD for every model type
+        needs_time = (self.final_config_dict["eval_args"].get("order") == "TO"
+                      or getattr(self.model_class, "needs_timestamp", False))
         for f in wanted:
             self._check_atomic_file(os.path.join(path, f))
         if needs_time:

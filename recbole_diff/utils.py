@@ -108,6 +108,26 @@ def clean_argv():
         sys.argv = saved
 
 
+def init_logger(config):
+    """RecBole's ``init_logger``, with a log file no other run shares. RecBole names the file by model, dataset,
+    the second and a hash of the config, so two identical runs started together would write into one file; here
+    the pid and a random part follow the time. Returns the file's path."""
+    import logging
+    import uuid
+
+    from recbole.utils import logger as recbole_logger
+
+    local_time = recbole_logger.get_local_time
+    stamp = f"{local_time()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    recbole_logger.get_local_time = lambda: stamp
+    try:
+        recbole_logger.init_logger(config)
+    finally:
+        recbole_logger.get_local_time = local_time
+    files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    return next((f for f in files if stamp in f), None)
+
+
 def set_threads(n):
     """One torch thread per process by default: on small shared machines two threads made an epoch ~7x
     slower, and two single-threaded processes side by side beat one with two threads."""
