@@ -158,12 +158,8 @@ def select(grid_cells, methods=None, seeds=None):
 def check_cells(grid_cells, out_dir):
     """Every distinct cell config through a run's own checks (known keys, types, data files, writable folders)
     before the first cell starts. Returns the warnings, each once."""
-    from recbole_diff.config import Config, UnknownKeyWarning, check_writable
+    from recbole_diff.config import Config, UnknownKeyWarning
 
-    try:
-        check_writable(out_dir, "--out")
-    except OSError as e:
-        raise BenchmarkError(str(e)) from e
     seen, notes = set(), {}
     for cell in grid_cells:
         settings = {k: v for k, v in cell["config"].items() if k != "seed"}
@@ -298,6 +294,12 @@ def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print, methods=None, see
     spec = load_grid(spec_path)
     chosen = select(cells(spec), methods, seeds)
     out_dir = os.path.abspath(out_dir)  # cells run with their own folder as working directory
+    from recbole_diff.config import check_writable
+
+    try:
+        check_writable(out_dir, "--out")
+    except OSError as e:
+        raise BenchmarkError(str(e)) from e
     os.makedirs(out_dir, exist_ok=True)
     todo, done = [], 0
     for cell in chosen:
