@@ -29,7 +29,7 @@ BOOKKEEPING = frozenset({
     "model", "checkpoint_dir", "device", "gpu_id", "use_gpu", "worker", "threads", "show_progress", "state",
     "log_wandb", "wandb_project", "eval_batch_size", "extra_test_modes", "loss_decimal_place", "metric_decimal_place", "save_dataset", "save_dataloaders", "dataset_save_path",
     "dataloaders_save_path", "local_rank", "nproc", "world_size", "offset", "ip", "port", "stage_cache",
-    "fast_sampled_eval", "resume_dir",
+    "fast_sampled_eval", "resume_dir", "strict_keys",
 })
 
 _OWN_KEYS = {}

@@ -33,7 +33,7 @@ from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import EvaluatorType, get_local_time
 
 from recbole_diff.device import mixed_precision
-from recbole_diff.trainer.resume import resume_point, rng_state, run_settings, set_rng_state
+from recbole_diff.trainer.resume import point_name, resume_point, rng_state, run_settings, set_rng_state
 from recbole_diff.utils import load_checkpoint, seeded_numpy
 
 
@@ -124,8 +124,7 @@ class CompatMixin:
             self.logger.warning(f"resume_dir: {base.__name__} is not covered by resume points; it trains from the "
                                 "start")
             return None
-        dataset = os.path.basename(str(self.config["dataset"]))
-        name = f"{type(self).__name__}-{type(self.model).__name__}-{dataset}"
+        name = point_name(self.config, f"{type(self).__name__}-{type(self.model).__name__}", self.resume_settings)
         return resume_point(self.resume_dir, name, self.resume_settings or run_settings(self.config))
 
     def _training_state(self, train_data, epoch, done=False):

@@ -40,6 +40,7 @@ class PDRec(SequentialRecommender):
 
     input_type = InputType.PAIRWISE  # RecBole's loader samples the uniform negative (NEG_ITEM_ID)
     is_plugin = True
+    needs_timestamp = True  # stage 1 is TI-DiffRec (checked at config time)
     default_backbone = "SASRec"
 
     REQUIRED = ("backbone", "use_hbr", "use_dpa", "use_nns", "omega_r", "c_w", "omega_f", "omega_m", "dpa_m",

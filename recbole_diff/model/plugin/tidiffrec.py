@@ -83,6 +83,7 @@ class TIDiffRec(DiffRec):
     r"""DiffRec on time-interval weighted user vectors; see the module docstring."""
 
     dataloader_as = "DiffRec"  # RecBole picks its user-level loader by model name
+    needs_timestamp = True  # its weights follow each user's interactions in time (checked at config time)
     # DiffRec's importance-sampling history is kept in plain tensors, outside the state dict: without this a
     # checkpoint or a resume point would restart it from zero
     other_parameter_name = ["Lt_history", "Lt_count"]
