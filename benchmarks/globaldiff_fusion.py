@@ -1,9 +1,10 @@
 """A saved GlobalDiff, evaluated in one run: full-ranking validation and test with the exact top-k fusion and
 with the whole Borda ranking (the metrics must be identical: the script fails otherwise), the share of rows the
 fusion certified, evaluation time of the backbone alone, the diffusion model alone and the ensemble both ways,
-and the ensemble's validation with ``x0_norm`` l1 and softmax (an inference setting: one trained model answers).
+the ensemble's validation with ``x0_norm`` l1 and softmax, and with fewer reverse steps (``--steps``): inference
+settings, so one trained model answers.
 
-    python benchmarks/globaldiff_fusion.py <saved GlobalDiff .pth> [--users 5000] [--out results.json]
+    python benchmarks/globaldiff_fusion.py <saved GlobalDiff .pth> [--users 5000] [--steps 5 2 1] [--out results.json]
 """
 import argparse
 import time
@@ -34,6 +35,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
     parser.add_argument("--users", type=int, default=None, help="evaluate this many users of each split (seeded)")
+    parser.add_argument("--steps", type=int, nargs="*", default=[5, 2, 1], help="reverse-step counts to compare")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -65,6 +67,14 @@ def main():
             print(name, part["ensemble_over_backbone"], flush=True)
         out["valid"]["x0_norm"] = {norm: timed_eval(trainer, valid, model, "ensemble", x0_norm=norm)["result"]
                                    for norm in ("l1", "softmax")}
+        out["valid"]["sample_steps"] = {}
+        base = out["valid"]["backbone"]["seconds"]
+        for steps in args.steps:
+            model.sample_steps = steps
+            run = timed_eval(trainer, valid, model, "ensemble")
+            out["valid"]["sample_steps"][steps] = {"result": run["result"], "over_backbone": run["seconds"] / base}
+            print("sample_steps", steps, out["valid"]["sample_steps"][steps], flush=True)
+        model.sample_steps = config["sample_steps"]
     report(out, args.out)
 
 
