@@ -21,8 +21,10 @@ import shutil
 import time
 from contextlib import contextmanager
 
+import torch
+
 from recbole_diff.trainer.resume import clear
-from recbole_diff.utils import claim_lock
+from recbole_diff.utils import claim_lock, load_checkpoint
 
 # keys that cannot change what a stage learns
 BOOKKEEPING = frozenset({
@@ -139,11 +141,19 @@ class Stage:
         return self
 
     def store(self, checkpoint_file, **meta):
-        """Keep a copy of the trained stage's checkpoint and ``meta`` (json) for the next runs. True if stored."""
+        """Keep a copy of the trained stage's checkpoint and ``meta`` (json) for the next runs. True if stored.
+
+        The copy leaves out the optimiser's state, which no later run reads (a stored stage is loaded, never
+        trained on): it is two thirds of an Adam checkpoint, and stages are small enough to commit without it."""
         if self.folder is None or self.hit:
             return False
         tmp = self.path + f".{os.getpid()}.tmp"
-        shutil.copyfile(checkpoint_file, tmp)
+        checkpoint = load_checkpoint(checkpoint_file, "cpu")
+        if isinstance(checkpoint, dict) and "optimizer" in checkpoint:
+            checkpoint.pop("optimizer")
+            torch.save(checkpoint, tmp)
+        else:
+            shutil.copyfile(checkpoint_file, tmp)
         os.replace(tmp, self.path)
         with open(self._meta_path + ".tmp", "w") as f:
             json.dump({"key": self.key, "meta": meta, "trained_as": checkpoint_file}, f, indent=1, default=_plain)
