@@ -182,7 +182,7 @@ def test_pdrec_resumes_tidiffrec_with_its_importance_sampling_history(tmp_path, 
     cfg = dict(base, checkpoint_dir=str(tmp_path / "b"), resume_dir=str(tmp_path / "rb"))
     with killed_after_point(monkeypatch, "TIDiffRec", epoch=6):
         run("PDRec", cfg)
-    (point,) = glob.glob(os.path.join(cfg["resume_dir"], f"Trainer-TIDiffRec-{SLICE}-seed*.pth"))
+    (point,) = glob.glob(os.path.join(cfg["resume_dir"], f"*-TIDiffRec-{SLICE}-seed*.pth"))
     state = resume.load_checkpoint(point)
     assert int(state["other_parameter"]["Lt_count"].min()) >= 10
     with killed_after_point(monkeypatch, "PDRec", epoch=1):  # stage 3 (BCE + HBR + NNS + DPA)
