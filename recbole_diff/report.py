@@ -28,9 +28,10 @@ from its name: superseded grids stay on disk beside their reruns)::
     superseded: {diffurec-ml-100k: why}
 
 A dataset's entry under ``ours`` may quote another of the paper's figures (``paper_dataset``, ``before``,
-``after``: the paper's dataset closest to ours). ``versus: backbone`` compares with the plugin's backbone tested in the same runs; any other value is a row
-label of the same grid. Lifts and paired p-values are those of the grid's own ``results.md``
-(``benchmark.lift_and_p``); CPU-hours are the cells' recorded seconds (one thread per cell) summed over seeds.
+``after``: the paper's dataset closest to ours). ``versus: backbone`` compares with the plugin's backbone
+tested in the same runs; any other value is a row label of the same grid. Lifts and paired p-values are
+those of the grid's own ``results.md`` (``benchmark.lift_and_p``); CPU-hours are the cells' recorded seconds
+(one thread per cell) summed over seeds.
 """
 import argparse
 import glob
@@ -118,31 +119,31 @@ class Grids:
         return table[dataset, label]
 
     def protocol(self, grid, metric):
+        """The ranking protocol of a grid's metric: ``mode:metric`` names it, else the cells' eval mode
+        (full ranking unless a cell's config sets ``eval_args.mode``, as in properties/overall.yaml)."""
         if ":" in metric:
             return metric.split(":", 1)[0]
         config = self.rows(grid)[0]["cell"].get("config") or {}
         return (config.get("eval_args") or {}).get("mode", "full")
 
 
-def reference(grids, grid, dataset, entry, versus, metric):
+def reference(grids, grid, dataset, label, versus, metric):
     """The entry a row is compared with, and the row (and its label) whose CPU-hours it is set against: None
     when the grid has no such row (a plugin's backbone trained only inside its own cells)."""
+    entry = grids.entry(grid, dataset, label, metric)
     if versus != "backbone":
         other = grids.entry(grid, dataset, versus, metric)
         return other, other, versus
     if not entry["backbone"]:
-        raise ReportError(f"Grid '{grid}': '{entry['method']}' has no backbone result; versus: backbone needs "
-                          "a plugin row.")
-    backbone = _backbone_name(grids, grid, entry)
+        raise ReportError(f"Grid '{grid}': '{label}' has no backbone result; versus: backbone needs a plugin row.")
+    backbone = _backbone_name(label)
     cost = grids.table(grid, metric).get((dataset, backbone)) if backbone else None
     return {"seeds": entry["seeds"], **entry["backbone"]}, cost, backbone if cost else None
 
 
-def _backbone_name(grids, grid, entry):
-    for row in grids.rows(grid):
-        if row["cell"]["method"] == entry["method"] and row["cell"].get("backbone"):
-            return row["cell"]["backbone"]
-    return None
+def _backbone_name(label):
+    """A plugin row's backbone, from bench's ``<method>@<backbone>`` label; None for a model alone."""
+    return label.partition("@")[2] or None
 
 
 # ---- figures ------------------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def claim_rows(spec, grids):
             if ours.get("grid"):
                 grid = ours["grid"]
                 entry = grids.entry(grid, dataset, ours["label"], metric)
-                other, cost_other, cost_label = reference(grids, grid, dataset, entry, ours["versus"], metric)
+                other, cost_other, cost_label = reference(grids, grid, dataset, ours["label"], ours["versus"], metric)
                 lift, p, pairs = lift_and_p(entry, other, metric)
                 mine, theirs = _paired(entry, other, metric)
                 row.update(label=ours["label"], versus=ours["versus"], lift=lift, p=p, pairs=pairs,
@@ -219,7 +220,7 @@ def baseline_rows(spec, grids):
         entry = table[dataset, label]
         if not entry["seconds"]:
             continue  # a stage row (another method's first stage) costs nothing of its own
-        backbone = _backbone_name(grids, grid, entry)
+        backbone = _backbone_name(label)
         cost_other = table.get((dataset, backbone)) if backbone else table[dataset, b["cost_reference"]]
         versus = {}
         for name in b["versus"]:

@@ -77,7 +77,7 @@ def test_tune_runs_its_trials_in_a_ray_cluster_started_with_ray_start(ray_head, 
     port, temp_dir = ray_head
     space = tmp_path / "space.yaml"
     space.write_text("learning_rate: {grid: [0.001, 0.01]}\n")
-    keys = [f"--{k}={v}" for k, v in dict(TINY, epochs=2, data_path=DATA_PATH).items()]
+    keys = [f"--{k}={v}" for k, v in dict(TINY, epochs=1, data_path=DATA_PATH).items()]
     out = tmp_path / "runs"
     done = subprocess.run(
         [sys.executable, "-m", "recbole_diff.cli", "tune", "--model", "SASRec", "--dataset", SLICE, "--space",
