@@ -25,6 +25,7 @@ from its name: superseded grids stay on disk beside their reruns)::
       cost_reference: SASRec            # relative CPU-hours of rows that have no backbone
       tuning: {SASRec-tuned: {summary: tune-baselines-ml-100k/summary_SASRec.json, cpus: 1}}
       notes: {DiffuRec: a caveat printed beside the row}
+      pending: {GRU4Rec-tuned: why}     # baselines without cells yet: a "not yet measured" row
     superseded: {diffurec-ml-100k: why}
 
 A dataset's entry under ``ours`` may quote another of the paper's figures (``paper_dataset``, ``before``,
@@ -314,6 +315,8 @@ def _baselines_markdown(spec, grids):
              "the search's.", "",
              "| method | seeds | " + metric + " | " + " | ".join(f"vs {v}" for v in b["versus"])
              + " | CPU-h | x ref | note |", "|---|---|---|" + "---|" * len(b["versus"]) + "---|---|---|"]
+    for label, why in (b.get("pending") or {}).items():
+        lines.append("| " + " | ".join([label] + [""] * (len(b["versus"]) + 4) + [f"not yet measured: {why}"]) + " |")
     for r in baseline_rows(spec, grids):
         vs = [("" if r["versus"][v] is None else _lift_text(*r["versus"][v][:2])) for v in b["versus"]]
         hours = _hours(r["cpu_hours"]) + (f" + {r['tuning_hours']:.2f} tuning" if r["tuning_hours"] else "")

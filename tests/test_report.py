@@ -68,7 +68,7 @@ def spec_path(tmp_path):
         ],
         "baselines": {"grid": "g", "dataset": "d", "metric": "ndcg@10", "versus": ["Base", "Base-tuned"],
                       "cost_reference": "Base", "tuning": {"Base-tuned": {"summary": "tune/summary.json", "cpus": 2}},
-                      "notes": {"M": "a caveat"}},
+                      "notes": {"M": "a caveat"}, "pending": {"Other-tuned": "its search ran out of time"}},
         "superseded": {"g-old": "why"},
     }
     path = tmp_path / "report.yaml"
@@ -141,6 +141,9 @@ def test_the_page_shows_the_figures(spec_path, tmp_path):
     tuned = next(line for line in text.splitlines() if line.startswith("| Base-tuned |"))
     assert "1.50 + 1.00 tuning" in tuned and "0.5x Base" in tuned
     assert "[g-old](../benchmarks/results/g-old/results.md): why" in text
+    pending = next(line for line in text.splitlines() if line.startswith("| Other-tuned |"))
+    assert pending.endswith("| not yet measured: its search ran out of time |")
+    assert pending.count("|") == tuned.count("|")  # as many columns as a measured row
 
 
 @pytest.mark.parametrize("change,match", [
