@@ -316,6 +316,9 @@ def _baselines_markdown(spec, grids):
              "| method | seeds | " + metric + " | " + " | ".join(f"vs {v}" for v in b["versus"])
              + " | CPU-h | x ref | note |", "|---|---|---|" + "---|" * len(b["versus"]) + "---|---|---|"]
     for label, why in (b.get("pending") or {}).items():
+        if (b["dataset"], label) in grids.table(b["grid"], metric):
+            raise ReportError(f"baselines: '{label}' is pending but {b['grid']} has its cells now; move it to "
+                              "'versus' (and 'tuning') and rebuild.")
         lines.append("| " + " | ".join([label] + [""] * (len(b["versus"]) + 4) + [f"not yet measured: {why}"]) + " |")
     for r in baseline_rows(spec, grids):
         vs = [("" if r["versus"][v] is None else _lift_text(*r["versus"][v][:2])) for v in b["versus"]]

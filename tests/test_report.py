@@ -153,6 +153,7 @@ def test_the_page_shows_the_figures(spec_path, tmp_path):
     (lambda s: s["claims"][0]["ours"].update(z={"grid": "g"}), "dataset 'z', which is not in 'datasets'"),
     (lambda s: s["claims"][0]["ours"]["d"].update(versus="backbone"), "has no backbone result"),
     (lambda s: s["baselines"]["tuning"]["Base-tuned"].update(summary="nope.json"), "nope.json' does not exist"),
+    (lambda s: s["baselines"]["pending"].update({"Base-tuned": "x"}), "'Base-tuned' is pending but g has its cells"),
 ])
 def test_bad_report_files_are_refused_naming_the_fix(spec_path, change, match):
     spec = yaml.safe_load(open(spec_path))
