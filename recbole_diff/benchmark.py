@@ -1,6 +1,7 @@
 """Benchmark grids: methods x backbones x datasets x seeds from one yaml, each cell its own process.
 
     recbole-diff bench --config properties/bench/diffurec_ml-100k.yaml --out runs/diffurec [--jobs 2]
+    recbole-diff bench --report [benchmarks/report.yaml] [--out docs/results.md]    # the results page
 
 A preset yaml::
 
@@ -528,16 +529,24 @@ def _lifts(table, dataset, baseline, metrics, versus=None):
         for name, other in comparisons:
             parts = []
             for m in metrics:
-                a, b = _paired(e, other, m)
-                if not a:
+                lift, p, pairs = lift_and_p(e, other, m)
+                if not pairs:
                     parts.append("n/a")
                     continue
-                mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
-                lift = 100.0 * (mean_a - mean_b) / mean_b if mean_b else float("nan")
-                p = _paired_p(a, b)
                 parts.append(f"{lift:+.1f}%" + (f" (p={p:.3f})" if p is not None else ""))
             out.append(f"| {label} | {name} | " + " | ".join(parts) + " |")
     return out
+
+
+def lift_and_p(entry, other, m):
+    """Lift of ``entry`` over ``other`` in % of the other's mean on the seeds both have, the paired p-value,
+    and the number of pairs (lift and p are None without pairs)."""
+    a, b = _paired(entry, other, m)
+    if not a:
+        return None, None, 0
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    lift = 100.0 * (mean_a - mean_b) / mean_b if mean_b else float("nan")
+    return lift, _paired_p(a, b), len(a)
 
 
 def _plots(table, metrics, out_dir):
@@ -584,6 +593,10 @@ def _plots(table, metrics, out_dir):
 
 # ---- entry points ------------------------------------------------------------------------------------
 def bench_command(argv):
+    if "--report" in argv:  # the results page from the committed grids (recbole_diff/report.py)
+        from recbole_diff.report import report_command
+
+        return report_command(argv)
     parser = argparse.ArgumentParser(prog="recbole-diff bench", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="benchmark preset yaml (see properties/bench/)")
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/runs/<name>)")
