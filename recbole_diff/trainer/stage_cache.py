@@ -138,12 +138,22 @@ class Stage:
             logger.info(f"stage_cache: using the stored stage {self.path}")
         return self
 
-    def store(self, checkpoint_file, **meta):
-        """Keep a copy of the trained stage's checkpoint and ``meta`` (json) for the next runs. True if stored."""
+    def store(self, checkpoint_file, drop=(), **meta):
+        """Keep a copy of the trained stage's checkpoint and ``meta`` (json) for the next runs. True if stored.
+        ``drop``: checkpoint keys left out of the copy (a stage is loaded for its weights; Adam's state would
+        triple the file that a grid carries to the next machine)."""
         if self.folder is None or self.hit:
             return False
         tmp = self.path + f".{os.getpid()}.tmp"
-        shutil.copyfile(checkpoint_file, tmp)
+        if drop:
+            import torch
+
+            from recbole_diff.utils import load_checkpoint
+
+            state = load_checkpoint(checkpoint_file)
+            torch.save({k: v for k, v in state.items() if k not in drop}, tmp)
+        else:
+            shutil.copyfile(checkpoint_file, tmp)
         os.replace(tmp, self.path)
         with open(self._meta_path + ".tmp", "w") as f:
             json.dump({"key": self.key, "meta": meta, "trained_as": checkpoint_file}, f, indent=1, default=_plain)
