@@ -35,9 +35,13 @@ def closeness(generated, real, table):
 
 
 @torch.no_grad()
-def generate_from_raw(trainer, sequences, users, batch=256):
+def generate_from_raw(trainer, sequences, users, batch=256, exclude=False):
     """M items per user from S_raw, guided as configured (``cg`` scores S_raw's first item, the real item right
-    after the generated ones), with the sampled x0's scale."""
+    after the generated ones), with the sampled x0's scale. ``exclude``: round as ``exclude_history: True`` does
+    in generation, skipping the items the user is conditioned on (S_raw here, the whole training part there)
+    and repeats."""
+    from recbole_diff.data.augment import history_mask
+
     model, c = trainer.model, trainer.config
     aug = model.augmenter
     generator = torch.Generator().manual_seed(int(c["seed"]))
@@ -51,7 +55,7 @@ def generate_from_raw(trainer, sequences, users, batch=256):
             x0 = aug.sample(cond, float(c["gamma"]), c["sampler"], c["sample_steps"], float(c["eta"]), log_prob,
                             generator)
         stds.append(x0.std().item())
-        out.append(model.round(x0))
+        out.append(model.round(x0, history_mask(sequences, b, model.n_items, start=model.m) if exclude else None))
     return torch.cat(out), sum(stds) / len(stds)
 
 

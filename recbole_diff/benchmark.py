@@ -11,7 +11,8 @@ A preset yaml::
     config: {epochs: 20, ...}           # keys for every cell
     dataset_config: {sports: {data_path: ../shared/data}}   # relative paths are relative to the yaml
     baseline: SASRec                    # lift and paired t-test of every method against this one
-    metrics: [hit@10, ndcg@10]          # reported columns (default: all test metrics)
+    metrics: [hit@10, ndcg@10]          # reported columns (default: all test metrics); full:ndcg@10 for an
+                                        # extra_test_modes mode, group:6-20:ndcg@10 for a long-tail user group
     methods:
       - {name: SASRec, model: SASRec}
       - {name: DiffuRecSys-V1, model: DiffuRecSys, config: {offset_noise_mode: none},
@@ -364,7 +365,14 @@ def _metric_names(spec, rows):
 
 def metric_value(result, metric, key="test_result"):
     """A metric of a cell's result: ``ndcg@10`` from ``test_result``, ``full:ndcg@10`` from the extra test of
-    another evaluation mode (``test_result_full``, see ``extra_test_modes``). None if the result lacks it."""
+    another evaluation mode (``test_result_full``, see ``extra_test_modes``), ``group:6-20:ndcg@10`` from a
+    user group of the long-tail report (``long_tail_result``; the backbone's ``backbone_long_tail_result``).
+    None if the result lacks it (or the group has no user)."""
+    if metric.startswith("group:"):
+        _, group, metric = metric.split(":", 2)
+        groups = result.get(key.replace("test_result", "long_tail_result")) or {}
+        value = (groups.get(group) or {}).get(metric)
+        return None if value is None else float(value)
     if ":" in metric:
         mode, metric = metric.split(":", 1)
         key = f"{key}_{mode}"

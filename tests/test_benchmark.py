@@ -202,3 +202,23 @@ def test_a_constant_difference_between_rounded_metrics_gets_no_p_value():
     assert _paired_p([0.0779, 0.0826], [0.0781, 0.0828]) is None
     assert _paired_p([0.05, 0.06], [0.05, 0.06]) == 1.0
     assert 0.0 < _paired_p([0.0779, 0.0826], [0.0781, 0.0822]) < 1.0
+
+
+def test_long_tail_groups_are_metrics_of_the_cell_and_of_its_backbone():
+    from recbole_diff.benchmark import _aggregate, _markdown, metric_value
+
+    def row(seed, ndcg):
+        return {"cell": {"dataset": "d", "label": "A@SASRec", "method": "A", "seed": seed, "backbone": "SASRec",
+                         "config": {}}, "seconds": 60.0, "test_result": {"ndcg@10": ndcg},
+                "backbone_test_result": {"ndcg@10": ndcg - 0.1},
+                "long_tail_result": {"3-5": {"users": 0, "ndcg@10": None}, ">20": {"users": 4, "ndcg@10": ndcg / 2}},
+                "backbone_long_tail_result": {">20": {"users": 4, "ndcg@10": ndcg / 4}}}
+
+    assert metric_value(row(1, 0.4), "group:>20:ndcg@10") == 0.2
+    assert metric_value(row(1, 0.4), "group:>20:ndcg@10", "backbone_test_result") == 0.1
+    assert metric_value(row(1, 0.4), "group:3-5:ndcg@10") is None  # an empty group
+    spec = {"name": "g", "datasets": ["d"]}
+    metrics = ["ndcg@10", "group:>20:ndcg@10"]
+    md = _markdown(spec, _aggregate(spec, [row(1, 0.4), row(2, 0.6)], metrics), metrics)
+    assert "| A@SASRec | 2 | 0.5000 +- 0.1414 | 0.2500 +- 0.0707 |" in md
+    assert "| A@SASRec (its backbone, same run) | 2 | 0.4000 +- 0.1414 | 0.1250 +- 0.0354 |" in md

@@ -236,6 +236,36 @@ def test_random_baselines():
     assert all(len(set(row.tolist())) == 6 for row in uni)  # distinct within a prefix
 
 
+@pytest.mark.parametrize("exclude", [True, False])
+def test_exclude_history_decides_if_own_items_may_be_generated_and_padding_never_is(tmp_path, exclude):
+    config, model, train, _, _ = build(tmp_path, guide="cf", exclude_history=exclude)
+    trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
+    sequences = training_sequences(train.dataset)
+    users = torch.nonzero(sequences.lengths >= model.m).flatten()[:8]
+    own = sequences.heads(users, model.m - 1)
+    table = model.augmenter.embedding.weight.detach()
+    table[0] = 5 * torch.randn(model.d)  # a padding row that a position points at exactly
+
+    def sample(c, *args, **kwargs):  # position 0 aims at padding, the others at the user's own first items
+        return torch.cat([table[0].expand(len(c), 1, -1), table[own]], dim=1)
+
+    model.augmenter.sample = sample
+    prefix = trainer.generate(sequences, users)
+    assert (prefix > 0).all()
+    history = history_mask(sequences, users, model.n_items)
+    if exclude:
+        assert not history.gather(1, prefix).any()
+        assert all(len(set(row.tolist())) == model.m for row in prefix)
+    else:
+        assert torch.equal(prefix[:, 1:], own)
+
+
+def test_history_mask_from_a_position_on():
+    seqs = Sequences(torch.tensor([0, 3, 7]), torch.tensor([4, 5, 6, 1, 2, 3, 9]))
+    mask = history_mask(seqs, torch.tensor([0, 1]), 10, start=2)
+    assert mask[0].nonzero().flatten().tolist() == [0, 6] and mask[1].nonzero().flatten().tolist() == [0, 3, 9]
+
+
 def test_augmenter_sees_training_items_only(tmp_path):
     _, _, train, valid, test = build(tmp_path)
     seqs = training_sequences(train.dataset)

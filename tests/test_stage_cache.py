@@ -11,6 +11,7 @@ import torch
 from recbole_diff.config import Config
 from recbole_diff.quick_start import run_recbole_diff
 from recbole_diff.trainer.stage_cache import Stage, stage_key
+from recbole_diff.utils import load_checkpoint
 
 from conftest import SLICE
 from test_diffuasr import ASR
@@ -109,6 +110,10 @@ def test_diffuasr_runs_that_differ_in_sampling_only_share_the_augmenter(tmp_path
 
     first = run(True, sample_steps=5)
     assert len(stored()) == 1 and "augmenter_stage" not in first
+    # stored small enough to carry: the frozen item table is the backbone's, and a stage needs no optimiser state
+    assert "embedding.weight" not in load_checkpoint(stored()[0]) and "null" in load_checkpoint(stored()[0])
+    backbone_stage = glob.glob(str(tmp_path / "stages" / "SASRec-backbone-*.pth"))
+    assert len(backbone_stage) == 1 and "optimizer" not in load_checkpoint(backbone_stage[0])
     second = run(True, sample_steps=3, gamma=10.0)  # another sampler setting: the same augmenter, loaded
     assert second["augmenter_stage"] == stored()[0]
     assert second["augmenter_final_loss"] == first["augmenter_final_loss"]
@@ -119,6 +124,9 @@ def test_diffuasr_runs_that_differ_in_sampling_only_share_the_augmenter(tmp_path
     for key in ("test_result", "best_valid_result"):
         assert dict(second[key]) == pytest.approx(dict(alone[key]), abs=1e-6), key
     assert run(True, guide="none", sample_steps=3)["augmenter_stage"] == stored()[0]  # unguided: the same network
+    # rounding with or without the user's own items: the same augmenter
+    for exclude in (True, False):
+        assert run(True, exclude_history=exclude, sample_steps=4)["augmenter_stage"] == stored()[0]
     # condition dropout is training: classifier-free guidance gets its own augmenter
     cf = run(True, guide="cf", sample_steps=3)
     assert "augmenter_stage" not in cf and len(stored()) == 2

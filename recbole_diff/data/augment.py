@@ -61,11 +61,12 @@ def augmenter_users(sequences, m, min_raw):
     return torch.nonzero(sequences.lengths >= m + min_raw).flatten()
 
 
-def history_mask(sequences, users, n_items):
+def history_mask(sequences, users, n_items, start=0):
+    """[B, n_items]: True at each user's items from position ``start`` on, and at padding (item 0)."""
     mask = torch.zeros(len(users), n_items, dtype=torch.bool)
-    counts = sequences.lengths[users]
+    flat, offsets = sequences.bags(users, start=start)
+    counts = torch.diff(offsets, append=torch.tensor([len(flat)]))
     rows = torch.repeat_interleave(torch.arange(len(users)), counts)
-    flat, _ = sequences.bags(users)
     mask[rows, flat] = True
     mask[:, 0] = True
     return mask

@@ -24,7 +24,7 @@ class BackboneStageMixin:
                 else:
                     self.train_backbone(train_data, valid_data, verbose, saved, show_progress, stage)
                     if self.backbone_checkpoint:
-                        stage.store(self.backbone_checkpoint, valid_result=self.backbone_valid_result)
+                        stage.store(self.backbone_checkpoint, drop=("optimizer",), valid_result=self.backbone_valid_result)
         self.model.freeze_backbone()
         # the next stages draw the same random numbers whether the backbone was trained here or loaded
         init_seed(self.config["seed"], self.config["reproducibility"])

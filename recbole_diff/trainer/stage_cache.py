@@ -140,18 +140,18 @@ class Stage:
             logger.info(f"stage_cache: using the stored stage {self.path}")
         return self
 
-    def store(self, checkpoint_file, **meta):
+    def store(self, checkpoint_file, drop=("optimizer",), **meta):
         """Keep a copy of the trained stage's checkpoint and ``meta`` (json) for the next runs. True if stored.
 
-        The copy leaves out the optimiser's state, which no later run reads (a stored stage is loaded, never
-        trained on): it is two thirds of an Adam checkpoint, and stages are small enough to commit without it."""
+        ``drop``: checkpoint keys left out of the copy. By default the optimiser's state, which no later run reads
+        (a stored stage is loaded, never trained on): it is two thirds of an Adam checkpoint, and stages are small
+        enough to commit without it."""
         if self.folder is None or self.hit:
             return False
         tmp = self.path + f".{os.getpid()}.tmp"
-        checkpoint = load_checkpoint(checkpoint_file, "cpu")
-        if isinstance(checkpoint, dict) and "optimizer" in checkpoint:
-            checkpoint.pop("optimizer")
-            torch.save(checkpoint, tmp)
+        checkpoint = load_checkpoint(checkpoint_file, "cpu") if drop else None
+        if isinstance(checkpoint, dict) and any(k in checkpoint for k in drop):
+            torch.save({k: v for k, v in checkpoint.items() if k not in drop}, tmp)
         else:
             shutil.copyfile(checkpoint_file, tmp)
         os.replace(tmp, self.path)
