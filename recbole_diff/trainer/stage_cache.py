@@ -140,11 +140,11 @@ class Stage:
             logger.info(f"stage_cache: using the stored stage {self.path}")
         return self
 
-    def store(self, checkpoint_file, drop=("optimizer",), **meta):
+    def store(self, checkpoint_file, drop=(), **meta):
         """Keep a copy of the trained stage's checkpoint and ``meta`` (json) for the next runs. True if stored.
 
-        ``drop``: checkpoint keys left out of the copy. By default the optimiser's state, which no later run reads
-        (a stored stage is loaded, never trained on): it is two thirds of an Adam checkpoint, and stages are small
+        ``drop``: checkpoint keys left out of the copy, e.g. the optimiser's state, which no later run reads (a
+        stored stage is loaded, never trained on): it is two thirds of an Adam checkpoint, and stages are small
         enough to commit without it."""
         if self.folder is None or self.hit:
             return False
