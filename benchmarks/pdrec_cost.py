@@ -48,7 +48,7 @@ def peak_rss(out, key):
 def stage2(tidiffrec, training, users, batch_size, args):
     sub = TrainingItems(users, training.n_items, training.offsets[:users + 1], training.items[:int(training.offsets[users])])
     start = time.perf_counter()
-    store = compute_preference_store(tidiffrec.preferences, sub, args.m, args.pool, 0.5, batch_size=batch_size)
+    store = compute_preference_store(tidiffrec.preferences, sub, args.m, 0.5, batch_size=batch_size)
     seconds = time.perf_counter() - start
     # the chunk's transient tensors: scores, masked scores (float32), argsort (int64), mask (bool)
     working = batch_size * training.n_items * (4 + 4 + 8 + 1)
@@ -63,7 +63,6 @@ def main():
     parser.add_argument("--max-len", type=int, default=50)
     parser.add_argument("--dims", type=int, default=1000)
     parser.add_argument("--m", type=int, default=50)
-    parser.add_argument("--pool", type=int, default=100)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--loop-users", type=int, default=300)
     parser.add_argument("--batches", type=int, default=30)
@@ -71,7 +70,7 @@ def main():
     args = parser.parse_args()
 
     common = dict(backbone=args.backbone, MAX_ITEM_LIST_LENGTH=args.max_len, hidden_size=64, embedding_size=64,
-                  train_batch_size=256, dpa_m=args.m, nns_pool_size=args.pool)
+                  train_batch_size=256, dpa_m=args.m)
     config, model, train, _, _ = build("PDRec", args.dataset, **common)
     ds = train.dataset
     sub = stage_config(config, "TIDiffRec", {"dims_dnn": [args.dims], "mask_history": True})
@@ -80,7 +79,7 @@ def main():
     users, items = training_interactions(ds)
     training = TrainingItems.from_pairs(users, items, ds.user_num, ds.item_num)
     out = {"dataset": args.dataset, "users": ds.user_num, "items": ds.item_num, "dims_dnn": args.dims,
-           "m": args.m, "pool": args.pool, "threads": torch.get_num_threads()}
+           "m": args.m, "threads": torch.get_num_threads()}
 
     with torch.no_grad():
         loop_store, out["one_user_loop"] = stage2(tidiffrec, training, args.loop_users, 1, args)

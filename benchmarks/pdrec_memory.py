@@ -28,7 +28,7 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    config, _, train, _, _ = build("PDRec", args.dataset, backbone="SASRec", dpa_m=50, nns_pool_size=100)
+    config, _, train, _, _ = build("PDRec", args.dataset, backbone="SASRec", dpa_m=50)
     ds = train.dataset
     sub = stage_config(config, "TIDiffRec", {"dims_dnn": [1000], "mask_history": True})
     torch.manual_seed(0)
@@ -40,7 +40,7 @@ def main():
         for n in args.users:
             part = TrainingItems(n, training.n_items, training.offsets[:n + 1], training.items[:int(training.offsets[n])])
             with peak_rss(out["peak_rss_mb"], str(n)):
-                store = compute_preference_store(tidiffrec.preferences, part, 50, 100, 0.5, batch_size=args.chunk)
+                store = compute_preference_store(tidiffrec.preferences, part, 50, 0.5, batch_size=args.chunk)
             out.setdefault("store_mb", {})[str(n)] = store.nbytes() / 2 ** 20
     report(out, args.out)
 

@@ -1,8 +1,14 @@
-"""Is PDRec's stage 1 trained enough? TI-DiffRec trained on a dataset's training split, checked at several
-epochs for what PDRec reads from it: stage 1's validation (RecBole's uni100 NDCG@10 on the sequential split,
-history masked, as inside PDRec) and, per user, the Spearman correlation of the preferences at the user's
-training items with their recency (HBR up-weights the items TI-DiffRec prefers; the time-interval input gives
-recent items the larger weight, so a trained model should prefer them).
+"""Is PDRec's stage 1 trained enough, and does it know more than popularity? TI-DiffRec trained on a dataset's
+training split, checked at several epochs for what PDRec reads from it:
+
+* stage 1's validation (RecBole's uni100 NDCG@10 on the sequential split, history masked, as inside PDRec);
+* its own ranking of each user's held-out next item (the validation item) against a popularity ranking (training
+  counts), both with the user's training items removed: full-ranking NDCG@10 / HR@10, the same over the item and
+  100 uniform non-interacted items (the same draws for both rankers), and the next item's AUC (the share of
+  the user's non-interacted items it is preferred to: how well the preferences correlate with what comes next);
+* per user, the Spearman correlation of the whole preference vector with popularity (is it popularity?) and of
+  the preferences at the user's training items with their recency (HBR up-weights the items TI-DiffRec prefers;
+  the time-interval input gives recent items the larger weight, so a trained model should prefer them).
 
     python benchmarks/pdrec_stage1.py --dataset ml-100k --lr 5e-5 --checks 20,60,150,300,600 [--out f.json]
 """
@@ -24,6 +30,59 @@ def per_user_spearman(users, values, positions, min_items=5):
         if m.sum() >= min_items:
             rho.append(spearmanr(values[m], positions[m]).correlation)
     return np.array(rho, dtype=float)
+
+
+def next_item_metrics(scores, train_users, train_items, next_users, next_items, negatives):
+    """Ranking of each user's next item by ``scores`` [U, I] with the user's training items (and item 0)
+    removed: full-ranking NDCG@10 / HR@10, the same among the item and its 100 ``negatives`` [n, 100], and AUC."""
+    scores = np.array(scores, dtype=np.float64)
+    scores[train_users, train_items] = -np.inf
+    scores[:, 0] = -np.inf
+    s = scores[next_users]
+    target = s[np.arange(len(next_users)), next_items][:, None]
+    finite = np.isfinite(s).sum(1)
+    above = (s > target).sum(1)
+    ties = (s == target).sum(1) - 1  # ties count half, so a constant ranker scores AUC 0.5
+    rank_full = above + 0.5 * ties
+    auc = 1 - rank_full / np.maximum(finite - 1, 1)
+    neg = s[np.arange(len(next_users))[:, None], negatives]
+    rank100 = (neg > target).sum(1) + 0.5 * (neg == target).sum(1)
+
+    def ndcg_hr(rank):
+        hit = rank < 10
+        return float(np.mean(np.where(hit, 1 / np.log2(rank + 2), 0))), float(np.mean(hit))
+
+    out = {}
+    out["full_ndcg@10"], out["full_hit@10"] = ndcg_hr(rank_full)
+    out["uni100_ndcg@10"], out["uni100_hit@10"] = ndcg_hr(rank100)
+    out["auc"] = float(np.mean(auc))
+    return out
+
+
+def sample_negatives(train_users, train_items, next_users, next_items, n_items, k=100, seed=0):
+    """k uniform items per row, none a training item of the user, the next item or item 0."""
+    rng = np.random.default_rng(seed)
+    seen = set(zip(train_users.tolist(), train_items.tolist()))
+    out = np.empty((len(next_users), k), dtype=np.int64)
+    for row, (u, target) in enumerate(zip(next_users.tolist(), next_items.tolist())):
+        picks = []
+        while len(picks) < k:
+            i = int(rng.integers(1, n_items))
+            if i != target and (u, i) not in seen:
+                picks.append(i)
+        out[row] = picks
+    return out
+
+
+def per_user_spearman_rows(a, b):
+    """Spearman correlation of rows of ``a`` [U, I] with vector ``b`` [I] (item 0 left out)."""
+    from scipy.stats import rankdata
+
+    ra = rankdata(a[:, 1:], axis=1)
+    rb = rankdata(b[1:])
+    ra -= ra.mean(1, keepdims=True)
+    rb = rb - rb.mean()
+    return (ra @ rb) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum())
 
 
 def main():
@@ -60,7 +119,17 @@ def main():
         positions[k] = seen.get(u, 0)
         seen[u] = positions[k] + 1
 
-    out = {"dataset": args.dataset, "learning_rate": args.lr, "seed": args.seed, "checks": []}
+    vd = valid.dataset.inter_feat
+    next_users, next_items = vd[ds.uid_field].numpy(), vd[ds.iid_field].numpy()
+    popularity = np.bincount(items, minlength=ds.item_num).astype(np.float64)
+    negatives = sample_negatives(users, items, next_users, next_items, ds.item_num, seed=args.seed)
+    pop_scores = np.tile(popularity, (ds.user_num, 1))
+    out = {"dataset": args.dataset, "learning_rate": args.lr, "seed": args.seed, "users": int(len(next_users)),
+           "items": int(ds.item_num),
+           "popularity": next_item_metrics(pop_scores, users, items, next_users, next_items, negatives),
+           "checks": []}
+    print("popularity", out["popularity"], flush=True)
+    del pop_scores
     start = time.time()
     for epoch in range(checks[-1]):
         trainer._train_epoch(loader, epoch, show_progress=False)
@@ -72,7 +141,12 @@ def main():
         rho = per_user_spearman(users, pref[users, items], positions)
         valid_result = trainer.evaluate(valid, load_best_model=False)
         model.train()
-        out["checks"].append({"epoch": epoch + 1, "median_spearman_recency": float(np.nanmedian(rho)),
+        own = next_item_metrics(pref.astype(np.float64), users, items, next_users, next_items, negatives)
+        rho_pop = per_user_spearman_rows(pref[next_users], popularity)
+        out["checks"].append({"epoch": epoch + 1, "next_item": own,
+                              "beats_popularity": {k: own[k] > out["popularity"][k] for k in own},
+                              "median_spearman_with_popularity": float(np.median(rho_pop)),
+                              "median_spearman_recency": float(np.nanmedian(rho)),
                               "users_positive": float(np.nanmean(rho > 0)),
                               "valid_ndcg@10": float(valid_result["ndcg@10"]), "seconds": time.time() - start})
         print(out["checks"][-1], flush=True)

@@ -1,6 +1,7 @@
 """Benchmark grids: methods x backbones x datasets x seeds from one yaml, each cell its own process.
 
     recbole-diff bench --config properties/bench/diffurec_ml-100k.yaml --out runs/diffurec [--jobs 2]
+    recbole-diff bench --report [benchmarks/report.yaml] [--out docs/results.md]    # the results page
 
 A preset yaml::
 
@@ -40,14 +41,29 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 
 PATH_KEYS = ("data_path", "checkpoint_dir", "backbone_checkpoint", "tidiffrec_checkpoint")
 
 
+PRESET_KEYS = ("name", "datasets", "seeds", "config", "dataset_config", "baseline", "metrics", "methods")
+METHOD_KEYS = ("name", "model", "config", "backbones", "versus")
+
+
 class BenchmarkError(ValueError):
     pass
+
+
+def _check_names(keys, allowed, where):
+    import difflib
+
+    for key in keys:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise BenchmarkError(f"{where}: unknown key '{key}'; {hint}known keys: {', '.join(allowed)}.")
 
 
 # ---- the grid ----------------------------------------------------------------------------------------
@@ -57,6 +73,7 @@ def load_grid(path):
     spec = read_yaml(path, "Benchmark file", BenchmarkError, BenchmarkError)
     if not isinstance(spec, dict):
         raise BenchmarkError(f"Benchmark file '{path}' must be a mapping with 'datasets', 'seeds', 'methods'.")
+    _check_names(spec, PRESET_KEYS, f"Benchmark file '{path}'")
     for key in ("datasets", "seeds", "methods"):
         if not spec.get(key):
             raise BenchmarkError(f"Benchmark file '{path}' needs a non-empty '{key}' list.")
@@ -99,6 +116,7 @@ def _check_methods(methods, path):
     for m in methods:
         if not isinstance(m, dict) or "model" not in m:
             raise BenchmarkError(f"{path}: every method needs 'model' (and optionally name, config, backbones): {m!r}")
+        _check_names(m, METHOD_KEYS, f"{path}: method {m.get('name', m['model'])}")
         get_model(m["model"])  # unknown names fail here, with the list of known ones
         for b in m.get("backbones") or []:
             get_model(b)
@@ -137,6 +155,31 @@ def select(grid_cells, methods=None, seeds=None):
             raise BenchmarkError(f"--seeds: {unknown[0]} is not in this grid; choose from {sorted(known)}.")
         grid_cells = [c for c in grid_cells if c["seed"] in {int(s) for s in seeds}]
     return grid_cells
+
+
+def check_cells(grid_cells, out_dir):
+    """Every distinct cell config through a run's own checks (known keys, types, data files, writable folders)
+    before the first cell starts. Returns the warnings, each once."""
+    from recbole_diff.config import Config, UnknownKeyWarning
+
+    seen, notes = set(), {}
+    for cell in grid_cells:
+        settings = {k: v for k, v in cell["config"].items() if k != "seed"}
+        key = json.dumps([cell["model"], cell["backbone"], cell["dataset"], settings], sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UnknownKeyWarning)
+            try:
+                Config(model=cell["model"], dataset=cell["dataset"], backbone=cell["backbone"], cmd_line=False,
+                       config_dict=dict(cell["config"], checkpoint_dir=os.path.join(out_dir, "cells")))
+            except (KeyError, TypeError, ValueError, OSError) as e:
+                raise BenchmarkError(f"method {cell['label']} on {cell['dataset']}: {e}") from e
+        for w in caught:
+            if issubclass(w.category, UnknownKeyWarning):
+                notes.setdefault(f"{cell['label']}: {w.message}")
+    return list(notes)
 
 
 def cell_dir(out_dir, cell):
@@ -200,7 +243,7 @@ def _note_attempt(directory, seconds, new=False):
     _write_atomically(path, json.dumps({"seconds": done}))
 
 
-def _launch(cell, directory, threads):
+def _launch(cell, directory, threads, log=print):
     from recbole_diff.utils import claim_lock
 
     os.makedirs(directory, exist_ok=True)
@@ -214,6 +257,7 @@ def _launch(cell, directory, threads):
         return cell, "skipped, another bench process finished it", 0.0
     with open(os.path.join(directory, "cell.json"), "w") as f:
         json.dump(cell, f, indent=1)
+    log(f"[bench] starting {cell['dataset']} {cell['label']} (seed {cell['seed']}); log: {directory}/log.txt")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     # an attempt that started and left no result was killed (or failed): this one goes on from its points
     resumed = os.path.isfile(os.path.join(directory, "attempts.json"))
@@ -252,6 +296,12 @@ def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print, methods=None, see
     spec = load_grid(spec_path)
     chosen = select(cells(spec), methods, seeds)
     out_dir = os.path.abspath(out_dir)  # cells run with their own folder as working directory
+    from recbole_diff.config import check_writable
+
+    try:
+        check_writable(out_dir, "--out")
+    except OSError as e:
+        raise BenchmarkError(str(e)) from e
     os.makedirs(out_dir, exist_ok=True)
     todo, done = [], 0
     for cell in chosen:
@@ -262,11 +312,16 @@ def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print, methods=None, see
             done += 1
         else:
             todo.append((cell, directory))
+    notes = check_cells([cell for cell, _ in todo], out_dir)
     log(f"[bench] {spec.get('name', spec_path)}: {len(todo) + done} cells, {done} already finished, "
         f"{len(todo)} to run with {jobs} job(s)")
+    for note in notes:
+        log(f"[bench] warning: {note}")
+    if done:
+        summarise(spec, out_dir)  # a restarted grid shows what it finished before, not after its next cell
     start, failed = time.time(), []
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(_launch, cell, d, threads) for cell, d in todo]
+        futures = [pool.submit(_launch, cell, d, threads, log) for cell, d in todo]
         for k, future in enumerate(futures, 1):
             cell, code, seconds = future.result()
             if isinstance(code, str):  # not run here: why
@@ -482,16 +537,24 @@ def _lifts(table, dataset, baseline, metrics, versus=None):
         for name, other in comparisons:
             parts = []
             for m in metrics:
-                a, b = _paired(e, other, m)
-                if not a:
+                lift, p, pairs = lift_and_p(e, other, m)
+                if not pairs:
                     parts.append("n/a")
                     continue
-                mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
-                lift = 100.0 * (mean_a - mean_b) / mean_b if mean_b else float("nan")
-                p = _paired_p(a, b)
                 parts.append(f"{lift:+.1f}%" + (f" (p={p:.3f})" if p is not None else ""))
             out.append(f"| {label} | {name} | " + " | ".join(parts) + " |")
     return out
+
+
+def lift_and_p(entry, other, m):
+    """Lift of ``entry`` over ``other`` in % of the other's mean on the seeds both have, the paired p-value,
+    and the number of pairs (lift and p are None without pairs)."""
+    a, b = _paired(entry, other, m)
+    if not a:
+        return None, None, 0
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    lift = 100.0 * (mean_a - mean_b) / mean_b if mean_b else float("nan")
+    return lift, _paired_p(a, b), len(a)
 
 
 def _plots(table, metrics, out_dir):
@@ -538,6 +601,10 @@ def _plots(table, metrics, out_dir):
 
 # ---- entry points ------------------------------------------------------------------------------------
 def bench_command(argv):
+    if "--report" in argv:  # the results page from the committed grids (recbole_diff/report.py)
+        from recbole_diff.report import report_command
+
+        return report_command(argv)
     parser = argparse.ArgumentParser(prog="recbole-diff bench", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="benchmark preset yaml (see properties/bench/)")
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/runs/<name>)")
@@ -558,8 +625,11 @@ def bench_command(argv):
         summarise(spec, out)
         print(open(os.path.join(out, "results.md")).read())
         return
-    _, failed = run_grid(args.config, out, jobs=args.jobs, threads=args.threads, methods=args.methods,
-                         seeds=args.seeds)
+    try:
+        _, failed = run_grid(args.config, out, jobs=args.jobs, threads=args.threads, methods=args.methods,
+                             seeds=args.seeds, log=lambda line: print(line, flush=True))
+    except BenchmarkError as e:
+        raise SystemExit(f"recbole-diff bench: {e}")
     print(open(os.path.join(out, "results.md")).read())
     if failed:
         raise SystemExit(f"{len(failed)} cell(s) failed; their logs are under {out}/cells/.")
@@ -567,7 +637,9 @@ def bench_command(argv):
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--cell":
-        with open(os.path.join(sys.argv[2], "cell.json")) as f:
+        from recbole_diff.cli import recbole_warnings_hidden
+
+        with open(os.path.join(sys.argv[2], "cell.json")) as f, recbole_warnings_hidden():
             run_cell(json.load(f), sys.argv[2])
     else:
         bench_command(sys.argv[1:])

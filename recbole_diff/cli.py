@@ -1,16 +1,28 @@
-"""The ``recbole-diff`` command and ``run_recbole_diff.py``.
+"""The ``recbole-diff`` command, ``python -m recbole_diff`` and ``run_recbole_diff.py``.
 
-    recbole-diff                                   the demo on ml-100k
-    recbole-diff --model=SASRec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
-    recbole-diff doctor                            versions that matter, and known-broken combinations
-    recbole-diff bench --config <preset.yaml> [--out DIR] [--jobs N]
-    recbole-diff tune --model M --dataset D --space <space.yaml> --samples N [--address ray://host:port]
+usage: recbole-diff [run] --model=M --dataset=D [--config_files="a.yaml b.yaml"] [--key=value ...]
+       recbole-diff <command> [--help] ...
+
+commands:
+  run       train and test one model (the default when the first word is an option)
+  demo      a small GlobalDiff run on RecBole's bundled ml-100k (also: recbole-diff with no arguments)
+  doctor    versions that matter, and known-broken combinations
+  bench     a benchmark grid from a preset:  bench --config <preset.yaml> [--out DIR] [--jobs N]
+  tune      a Ray Tune search:  tune --model M --dataset D --space <space.yaml> --samples N
+
+options:
+  -h, --help     this help; `recbole-diff <command> --help` for a command's options
+  -V, --version  the installed version
+
+Exit status: 0 when the command succeeded, non-zero when it failed. Results go to stdout, logs to stderr.
 """
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 
-from recbole_diff import properties_dir
+from recbole_diff import __version__, properties_dir
 
 SUBCOMMANDS = ("run", "doctor", "demo", "bench", "tune")
 
@@ -53,8 +65,19 @@ def run_command(argv):
 
 def demo_command(argv):
     """The default demo: a small, fast configuration on RecBole's bundled ml-100k."""
+    parser = argparse.ArgumentParser(prog="recbole-diff demo", description="A small GlobalDiff run on RecBole's "
+                                     "bundled ml-100k (properties/demo.yaml); --key=value words override it.")
+    _, rest = parser.parse_known_args(argv)
     demo_yaml = os.path.join(properties_dir(), "demo.yaml")
-    return run_command(["--config_files=" + demo_yaml] + list(argv))
+    return run_command(["--config_files=" + demo_yaml] + list(rest))
+
+
+def doctor_command(argv):
+    from recbole_diff.doctor import doctor
+
+    argparse.ArgumentParser(prog="recbole-diff doctor", description="Print the versions that matter and flag "
+                            "known-broken combinations; exit status 1 when one is found.").parse_args(argv)
+    return doctor()
 
 
 def print_result_table(result):
@@ -72,31 +95,42 @@ def print_result_table(result):
     print("\n".join(lines), flush=True)
 
 
+@contextlib.contextmanager
+def recbole_warnings_hidden():
+    """RecBole 1.2.1 calls pandas and torch APIs that print blocks of FutureWarnings on every run; our entry
+    points hide those (only those: a user's own code importing recbole_diff keeps its warnings)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
+        yield
+
+
 def main(argv=None):
+    """Run a command; returns the process exit status (0 on success)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        return demo_command([])
-    if argv[0] in SUBCOMMANDS:
-        command, argv = argv[0], argv[1:]
-    else:
-        command = "run"
-    if command == "doctor":
-        from recbole_diff.doctor import doctor
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.split("\n", 2)[2].strip())
+        return 0
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"recbole-diff {__version__}")
+        return 0
+    command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else ("run" if argv else "demo")
+    with recbole_warnings_hidden():
+        if command == "doctor":
+            return doctor_command(argv)
+        if command == "demo":
+            demo_command(argv)
+        elif command == "tune":
+            from recbole_diff.tune import tune_command
 
-        sys.exit(doctor())
-    if command == "demo":
-        return demo_command(argv)
-    if command == "tune":
-        from recbole_diff.tune import tune_command
+            tune_command(argv)
+        elif command == "bench":
+            from recbole_diff.benchmark import bench_command
 
-        return tune_command(argv)
-    if command == "bench":
-        from recbole_diff.benchmark import bench_command
-
-        return bench_command(argv)
-
-    return run_command(argv)
+            bench_command(argv)
+        else:
+            run_command(argv)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

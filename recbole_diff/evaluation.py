@@ -5,6 +5,8 @@ Each user's last ``horizon - 1`` interactions are held out before RecBole splits
 leave-one-out split trains on everything up to L-5, validates on L-4 and tests on L-3 (P = 1). The held-out
 items are then the targets for P = 2..4, scored from the same input as P = 1.
 """
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
@@ -36,6 +38,13 @@ def hold_out_last(dataset, n):
     return held
 
 
+def ranked_to(model, k):
+    """A block in which the model's full-sort scores order its items down to place ``k`` at least: a model that
+    scores only its best items (GlobalDiff's top-k fusion) widens that to k."""
+    depth = getattr(model, "ranking_depth", None)
+    return depth(k) if depth is not None else nullcontext()
+
+
 @torch.no_grad()
 def long_term_evaluate(model, test_data, held_out, k=20, device=None):
     """HR@k and NDCG@k for P = 1 (RecBole's test target) and P = 2.. (the held-out items), full ranking."""
@@ -49,7 +58,8 @@ def long_term_evaluate(model, test_data, held_out, k=20, device=None):
     uid = model.USER_ID
     for interaction, _, _, positive_i in test_data:
         interaction = interaction.to(device or model.device)
-        scores = model.full_sort_predict(interaction).view(len(interaction), -1).double()
+        with ranked_to(model, k):
+            scores = model.full_sort_predict(interaction).view(len(interaction), -1).double()
         scores[:, 0] = float("-inf")
         users = interaction[uid].tolist()
         targets = [[int(t)] + held_out.get(u, []) for u, t in zip(users, interaction[model.ITEM_ID].tolist())]
@@ -96,7 +106,7 @@ def group_metrics(trainer, eval_data, user_lengths, bounds=(5, 20), k=10):
         trainer.start_sampled_eval(eval_data)
     uid = eval_data._dataset.uid_field
     users, hits, gains = [], [], []
-    with seeded_numpy(trainer.config["seed"]):  # the candidates the trainer's evaluate scores
+    with seeded_numpy(trainer.config["seed"]), ranked_to(model, k):  # the candidates the trainer's evaluate scores
         for batched in eval_data:
             interaction, scores, positive_u, positive_i = batch_eval(batched)
             if full:

@@ -8,11 +8,11 @@ from contextlib import contextmanager
 from logging import getLogger
 
 from recbole.data import create_dataset, data_preparation
-from recbole.utils import init_logger, init_seed, set_color
+from recbole.utils import init_seed, set_color
 
 from recbole_diff.config import Config
 from recbole_diff.evaluation import hold_out_last, long_term_evaluate
-from recbole_diff.utils import get_model, get_trainer, load_checkpoint, set_threads
+from recbole_diff.utils import get_model, get_trainer, init_logger, load_checkpoint, set_threads
 
 
 def build_config(model=None, dataset=None, config_file_list=None, config_dict=None, backbone=None, cmd_line=True):

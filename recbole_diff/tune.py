@@ -93,10 +93,10 @@ def trainable(params, base):
     import torch
 
     torch.set_num_threads(1)
-    from recbole.utils import init_logger, init_seed
+    from recbole.utils import init_seed
 
     from recbole_diff.quick_start import build_config, prepare_data
-    from recbole_diff.utils import get_model, get_trainer
+    from recbole_diff.utils import get_model, get_trainer, init_logger
 
     trial_dir = os.getcwd()  # Tune runs each trial in its own folder
     # each trial trains once, reporting every validation to the scheduler: no resume points shared by trials
@@ -154,6 +154,20 @@ def trial_summary(results, metric, scheduler, wall, bigger=True):
             "stopped_early": sum(not t["finished"] and not t["error"] for t in trials), "per_trial": trials}
 
 
+def fixed_settings(config_files, config_dict, loader):
+    """What every trial shares, as one mapping: the config files' content in order (read with RecBole's yaml
+    ``loader``, which reads ``1e-4`` as a number), then the fixed overrides. ``best.yaml`` starts from it, so
+    that running it trains the model the best trial trained."""
+    fixed = {}
+    for path in config_files or []:
+        with open(path, encoding="utf-8") as f:
+            fixed.update(yaml.load(f.read(), Loader=loader) or {})
+    fixed.update(config_dict or {})
+    if isinstance(fixed.get("data_path"), str):
+        fixed["data_path"] = os.path.abspath(fixed["data_path"])
+    return fixed
+
+
 def run_tune(model, dataset, space_path, samples, config_dict=None, config_files=None, backbone=None,
              address=None, cpus=None, scheduler="asha", out_dir="tune_runs", name=None, metric=None, log=print,
              search_seed=None):
@@ -163,7 +177,14 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
     space = load_space(space_path)
     from recbole_diff.config import Config
 
-    # Fail on a bad model/dataset/key here, not inside every trial.
+    # Fail on a bad model/dataset/key here, not inside every trial: the space's keys (with a value of each
+    # distribution) go through the same key and type checks as a run's.
+    sample = {k: args[0] for k, (dist, args) in space.items()}
+    try:
+        Config(model=model, dataset=dataset, config_file_list=config_files, config_dict=dict(config_dict or {}, **sample),
+               backbone=backbone, cmd_line=False)
+    except (KeyError, TypeError) as e:
+        raise SearchSpaceError(f"{space_path}: {e}") from e
     probe = Config(model=model, dataset=dataset, config_file_list=config_files, config_dict=config_dict,
                    backbone=backbone, cmd_line=False)
     metric = metric or f"valid/{probe['valid_metric'].lower()}"
@@ -204,7 +225,7 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
     best = results.get_best_result(metric=metric, mode=mode, scope="all")
     best_params = {k: best.config[k] for k in space}
     best_yaml = os.path.join(os.path.abspath(out_dir), name, "best.yaml")
-    written = dict(config_dict, **best_params, model=model, dataset=dataset)
+    written = dict(fixed_settings(files, config_dict, probe.yaml_loader), **best_params, model=model, dataset=dataset)
     if backbone:
         written["backbone"] = backbone
     best_value = peak(best, metric, bigger)

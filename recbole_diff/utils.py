@@ -10,6 +10,8 @@ import torch
 from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
 
+from recbole_diff.device import host_fast_path
+
 # RecBole 1.2.1's sine.py calls torch.autograd.set_detect_anomaly(True) when its sequential models are
 # imported, which slows every backward pass of every model (SASRec: 1.75x per batch here). The import above
 # makes that happen now, once; we switch anomaly detection back off for the whole process.
@@ -52,6 +54,21 @@ def recbole_model_names():
     return sorted(set(names))
 
 
+def sequential_model_names():
+    """Models a plugin can take as its backbone: RecBole's sequential models and ours that are not plugins."""
+    from recbole.utils import ModelType
+
+    pkg = importlib.import_module("recbole.model.sequential_recommender")
+    names = [name for name in dir(pkg) if isinstance(getattr(pkg, name), type)
+             and getattr(getattr(pkg, name), "type", None) == ModelType.SEQUENTIAL
+             and hasattr(getattr(pkg, name), "calculate_loss")]
+    for name in our_model_names():
+        model = get_model(name)
+        if model.type == ModelType.SEQUENTIAL and not getattr(model, "is_plugin", False):
+            names.append(name)
+    return sorted(set(names))
+
+
 def our_model_names():
     return sorted(_available_our_models())
 
@@ -91,6 +108,26 @@ def clean_argv():
         yield
     finally:
         sys.argv = saved
+
+
+def init_logger(config):
+    """RecBole's ``init_logger``, with a log file no other run shares. RecBole names the file by model, dataset,
+    the second and a hash of the config, so two identical runs started together would write into one file; here
+    the pid and a random part follow the time. Returns the file's path."""
+    import logging
+    import uuid
+
+    from recbole.utils import logger as recbole_logger
+
+    local_time = recbole_logger.get_local_time
+    stamp = f"{local_time()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    recbole_logger.get_local_time = lambda: stamp
+    try:
+        recbole_logger.init_logger(config)
+    finally:
+        recbole_logger.get_local_time = local_time
+    files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    return next((f for f in files if stamp in f), None)
 
 
 def set_threads(n):
@@ -153,8 +190,10 @@ def seeded_numpy(seed):
 
 def eval_generator(seed, interaction, user_field, device):
     """Noise for inference, seeded by the run's seed and the batch's first user: evaluation is reproducible
-    run to run and does not depend on how much random state training consumed."""
-    first = int(interaction[user_field][0]) if user_field in interaction.interaction else 0
+    run to run and does not depend on how much random state training consumed. Off the CPU the user is not read
+    (a device-to-host copy per batch): every batch's noise starts from the run's seed, still reproducible."""
+    users = interaction.interaction.get(user_field)
+    first = int(users[0]) if users is not None and host_fast_path(users) else 0
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed) * 1_000_003 + first)
     return generator

@@ -44,7 +44,7 @@ def test_plugin_gets_its_backbones_recbole_yaml():
 
 
 def test_plugin_backbone_errors_name_the_choices():
-    with pytest.raises(ValueError, match="Unknown model 'NoSuchRec'.*SASRec"):
+    with pytest.raises(ValueError, match="Unknown backbone .NoSuchRec.*SASRec"):
         Config(model=ToyPlugin, dataset=SLICE, config_dict=dict(TINY), backbone="NoSuchRec", cmd_line=False)
     with pytest.raises(ValueError, match="sequential RecBole backbone.*'BPR' is a general"):
         Config(model=ToyPlugin, dataset=SLICE, config_dict=dict(TINY), backbone="BPR", cmd_line=False)

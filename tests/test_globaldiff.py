@@ -10,7 +10,7 @@ from recbole_diff.config import Config
 from recbole_diff.data.globaldiff import (
     ItemSimilarity, bernoulli_targets, reweighted_targets, sample_mask_positions, training_pairs, user_sequences,
 )
-from recbole_diff.model.plugin.globaldiff import borda_fuse, descending_order
+from recbole_diff.model.plugin.globaldiff import borda_fuse, descending_order, fused_topk
 from recbole_diff.quick_start import load_data_and_model, run_recbole_diff
 from recbole_diff.trainer import GlobalDiffTrainer
 from recbole_diff.utils import get_model, get_trainer
@@ -284,6 +284,152 @@ def test_bad_choices_are_refused():
     with pytest.raises(ValueError, match="guidance"):
         config, dataset, train, _, _ = build(guidance="half")
         get_model("GlobalDiff")(config, train.dataset)
+    with pytest.raises(ValueError, match="similarity_window must be one of \\('last', 'all'\\), got 'recent'"):
+        config, dataset, train, _, _ = build(similarity_window="recent")
+        get_model("GlobalDiff")(config, train.dataset)
+    with pytest.raises(ValueError, match="diffusion_valid_signal"):
+        config, dataset, train, _, _ = build(diffusion_valid_signal="loss")
+        GlobalDiffTrainer(config, get_model("GlobalDiff")(config, train.dataset))
+
+
+def test_similarity_window_last_uses_only_each_users_last_items():
+    """Hand-built: user 1's training items are 1..6 in time order, user 2's are 5, 6, 7; with a window of 3 the
+    similarity sees (1: 4, 5, 6) and (2: 5, 6, 7) only."""
+    from recbole.data.interaction import Interaction
+
+    from recbole_diff.data.globaldiff import window_pairs
+
+    # the latest training row of each user (its history and target), as user_sequences reads it
+    rows = {"user_id": torch.tensor([1, 1, 2]), "item_id_list": torch.tensor([[1, 2, 3, 4, 0], [1, 2, 3, 4, 5],
+                                                                                [5, 6, 0, 0, 0]]),
+            "item_length": torch.tensor([4, 5, 2]), "item_id": torch.tensor([5, 6, 7])}
+
+    class Data:
+        inter_feat = Interaction(rows)
+
+    u, seqs, lens = user_sequences(Data(), "user_id", "item_id", "item_id_list", "item_length", max_len=3)
+    assert torch.equal(seqs, torch.tensor([[4, 5, 6], [5, 6, 7]])) and lens.tolist() == [3, 3]
+    users, items = window_pairs(u, seqs, lens)
+    assert sorted(zip(users.tolist(), items.tolist())) == [(1, 4), (1, 5), (1, 6), (2, 5), (2, 6), (2, 7)]
+    sim = ItemSimilarity(users, items, 3, 8)
+    rows = sim.rows(torch.arange(8))
+    assert rows[1].sum() == 0 and rows[2].sum() == 0 and rows[3].sum() == 0  # outside every window
+    assert rows[4, 7] == 0 and rows[5, 6] == pytest.approx(1.0) and rows[4, 5] == pytest.approx(1 / 2 ** 0.5)
+
+    # on the slice, the window's pairs are a subset of all training pairs, and at most L per user
+    config, dataset, train, _, _ = build(MAX_ITEM_LIST_LENGTH=5)
+    args = (train.dataset, "user_id", "item_id", "item_id_list", "item_length")
+    every = set(zip(*[a.tolist() for a in training_pairs(*args)]))
+    users, items = window_pairs(*user_sequences(*args, max_len=5))
+    assert set(zip(users.tolist(), items.tolist())) <= every and np.bincount(users).max() <= 5
+    model = get_model("GlobalDiff")(config, train.dataset)
+    model.build_training_data(train)
+    assert int(model.similarity.crow[-1]) < len(every)  # fewer co-occurrences than from every interaction
+
+
+def _borda_topk_reference(y, d, gamma, k):
+    """The full Borda ranking's top k (items and scores)."""
+    full = borda_fuse(y, d, gamma)
+    return torch.topk(full, k, dim=1)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 0.8, 1.0])
+def test_topk_fusion_equals_the_full_borda_ranking(gamma):
+    gen = torch.Generator().manual_seed(1)
+    b, m, k = 64, 400, 20
+    y = torch.softmax(torch.randn(b, m, generator=gen, dtype=torch.float64) * 3, dim=-1)
+    d = torch.softmax(torch.randn(b, m, generator=gen, dtype=torch.float64) * 4, dim=-1)
+    d[:, :30] = 0.0                                  # history filtered: exact zeros
+    y[:, :30] = 0.0
+    d[5, 100:140] = d[5].max()                       # non-zero ties inside the candidates: that row falls back
+    scores, certified = fused_topk(y, d, gamma, k, candidates=60)
+    assert not certified[5] and certified.float().mean() > 0.5
+    ref_scores, ref_items = _borda_topk_reference(y, d, gamma, k)
+    got_scores, got_items = torch.topk(scores, k, dim=1)
+    assert torch.equal(got_items, ref_items)
+    exact = certified[:, None] & torch.ones(b, k, dtype=torch.bool)
+    # where both places are known the certified score is the Borda score itself, to the bit
+    full = borda_fuse(y, d, gamma)
+    assert torch.equal(scores[~certified], full[~certified])
+    assert (got_scores[exact] <= ref_scores[exact]).all()
+
+
+def test_topk_fusion_falls_back_where_the_certificate_fails():
+    """A flat diffusion vote with a long flat tail of y: the outside bound beats the candidates, so the rows are
+    ranked in full (and still match)."""
+    b, m, k = 4, 300, 10
+    y = torch.full((b, m), 1.0 / m, dtype=torch.float64) + torch.linspace(0, 1e-9, m, dtype=torch.float64)
+    d = torch.full((b, m), 1.0 / m, dtype=torch.float64) - torch.linspace(0, 1e-9, m, dtype=torch.float64)
+    scores, certified = fused_topk(y, d, 0.5, k, candidates=k)
+    assert not certified.any()
+    assert torch.equal(scores, borda_fuse(y, d, 0.5))
+    # and with too few candidates for k nothing is certified either
+    assert not fused_topk(y, d, 0.5, 50, candidates=20)[1].any()
+
+
+def test_topk_fusion_gives_the_full_borda_metrics_on_every_row(tiny):
+    """Full-ranking evaluation of one trained GlobalDiff with and without the top-k fusion: the same metrics on
+    the slice's every user (valid and test). The tiny model's scores are nearly flat, which no row could
+    certify, so they are sharpened (as a trained model's are) to take both paths."""
+    result = run_recbole_diff("GlobalDiff", SLICE, backbone="SASRec", cmd_line=False, config_dict=dict(
+        FAST, checkpoint_dir=tiny["checkpoint_dir"], filter_history=True, fusion_candidates=60))
+    config, model, dataset, train, valid, test = load_data_and_model(result["saved_model_file"])
+    trainer = get_trainer(config["MODEL_TYPE"], "GlobalDiff")(config, model)
+    assert model.fusion_k == 20
+    flat = [trainer.evaluate(data, load_best_model=False) for data in (valid, test)]
+    assert model.fusion_fallbacks == 2 * len(test.dataset)  # flat scores: every row ranked in full
+    scores_and_states, denoise = model.adapter.scores_and_states, model.denoise_scores
+    model.adapter.scores_and_states = lambda inter: (lambda s: (s[0] * 300, s[1]))(scores_and_states(inter))
+    model.denoise_scores = lambda y, cond, generator=None: torch.roll(y, 7, dims=1)  # another peaked vote
+    model.fusion_fallbacks = 0
+    fused = [trainer.evaluate(data, load_best_model=False) for data in (valid, test)]
+    assert 0 < model.fusion_fallbacks < len(test.dataset)  # most rows certified, some not
+    model.fusion_k = None
+    full = [trainer.evaluate(data, load_best_model=False) for data in (valid, test)]
+    assert [dict(r) for r in fused] == [dict(r) for r in full]
+    model.fusion_k = 20
+    model.adapter.scores_and_states, model.denoise_scores = scores_and_states, denoise
+    assert [dict(trainer.evaluate(data, load_best_model=False)) for data in (valid, test)] == [dict(r) for r in flat]
+    # a metric that reads the whole ranking turns the fusion off
+    config["metrics"] = ["Hit", "GAUC"]
+    assert model._fusion_k(config) is None
+
+
+def test_the_diffusion_stage_stops_on_its_own_signal_and_keeps_the_ensembles_result(tiny, monkeypatch):
+    config, dataset, train, valid, test = build(checkpoint_dir=tiny["checkpoint_dir"], filter_history=True)
+    model = get_model("GlobalDiff")(config, train.dataset).to(config["device"])
+    trainer = GlobalDiffTrainer(config, model)
+    model.build_training_data(train)
+    seen = []
+    real = GlobalDiffTrainer.evaluate
+
+    def spy(self, data, load_best_model=True, model_file=None, show_progress=False):
+        seen.append(self.model.eval_mode)
+        return real(self, data, load_best_model=False)
+
+    monkeypatch.setattr(GlobalDiffTrainer, "evaluate", spy)
+    score, result = trainer._valid_epoch(valid)
+    assert seen == ["diffusion_only", "ensemble"]
+    with model.evaluating("diffusion_only"):
+        own = real(trainer, valid, load_best_model=False)
+    ensemble = real(trainer, valid, load_best_model=False)
+    assert score == own[config["valid_metric"].lower()] and dict(result) == dict(ensemble)
+    # a flat ensemble (gamma = 1 ranks as the frozen backbone) cannot stop the stage: its score is not read
+    model.gamma = 1.0
+    seen.clear()
+    assert trainer._valid_epoch(valid)[0] == score and seen == ["diffusion_only", "ensemble"]
+
+
+def test_validation_subset_draws_users_with_the_seed():
+    from recbole_diff.trainer.globaldiff import validation_subset
+
+    config, dataset, train, valid, test = build()
+    sub = validation_subset(valid, 40, seed=3)
+    again = validation_subset(valid, 40, seed=3)
+    users = sub.dataset.inter_feat["user_id"]
+    assert len(sub.dataset) == 40 and torch.equal(users, again.dataset.inter_feat["user_id"])
+    assert set(users.tolist()) <= set(valid.dataset.inter_feat["user_id"].tolist())
+    assert validation_subset(valid, None, seed=3) is valid and validation_subset(valid, 10 ** 6, seed=3) is valid
 
 
 def test_long_term_evaluation_p1_matches_recbole_and_later_targets_are_held_out(tiny):
@@ -466,4 +612,9 @@ def test_backbone_validation_is_scored_like_the_ensemble_and_the_diffusion_stage
 
     config, dataset, *_ = build(eval_step=1, diffusion_eval_step=3, diffusion_epochs=10)
     trainer = GlobalDiffTrainer(config, get_model("GlobalDiff")(config, dataset))
-    assert trainer.eval_step == 3 and config["eval_step"] == 1
+    assert trainer._diffusion_eval_step(batches_per_epoch=4) == 3 and config["eval_step"] == 1
+    # without diffusion_eval_step: every diffusion_eval_every_steps optimiser steps, in whole epochs
+    config, dataset, *_ = build(diffusion_eval_every_steps=50, diffusion_epochs=100)
+    trainer = GlobalDiffTrainer(config, get_model("GlobalDiff")(config, dataset))
+    assert trainer._diffusion_eval_step(batches_per_epoch=4) == 13
+    assert trainer._diffusion_eval_step(batches_per_epoch=140) == 1

@@ -8,14 +8,17 @@ import torch.nn.functional as F
 
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import (
-    PreferenceStore, TrainingItems, ascending_ranks, compute_preference_store, hbr_weights, nns_band,
+    PreferenceStore, TrainingItems, ascending_ranks, check_store_meta, compute_preference_store, draw_band,
+    hbr_weights, nns_band, store_meta,
 )
+from recbole_diff.model.plugin.pdrec import LAST_FIELD
+from recbole_diff.trainer.pdrec import mark_last_rows
 from recbole_diff.quick_start import build_config, load_data_and_model, prepare_data, run_recbole_diff
 from recbole_diff.utils import get_model, get_trainer
 
 from conftest import SLICE, TINY
 
-PD = dict(TINY, tidiffrec_epochs=1, tidiffrec={"dims_dnn": [32]}, dpa_m=20, dpa_n=3, nns_pool_size=16,
+PD = dict(TINY, tidiffrec_epochs=1, tidiffrec={"dims_dnn": [32]}, dpa_m=20, dpa_n=3,
           learning_rate=0.005)
 
 
@@ -52,31 +55,91 @@ def test_ascending_ranks_within_rows():
     assert ascending_ranks(rows, values).tolist() == [2, 1, 3, 2, 1]
 
 
-def test_store_keeps_preferences_ranks_top_m_and_a_band_pool():
+def dense_band(table, user, own, omega_m):
+    """The NNS band written out from a dense preference row: ranks [floor(omega_m N), ceil(0.99 N)) of the N
+    non-interacted items, best first."""
+    free = [i for i in range(1, table.shape[1]) if i not in own]
+    by_pref = sorted(free, key=lambda i: -table[user, i].item())
+    n = len(free)
+    return by_pref, set(by_pref[int(np.floor(omega_m * n)):int(np.ceil(0.99 * n))])
+
+
+def test_store_keeps_preferences_ranks_top_m_and_the_band():
     t = small_training()
     table, prefs = fake_preferences(3, 12)
-    store = compute_preference_store(prefs, t, m=4, pool_size=50, omega_m=0.5, batch_size=2,
-                                     generator=torch.Generator().manual_seed(1))
+    store = compute_preference_store(prefs, t, m=4, omega_m=0.5, batch_size=2)
     assert torch.allclose(store.train_pref, table[[1, 1, 1, 2], [2, 5, 7, 3]])
     ranks_u1 = torch.argsort(torch.argsort(table[1, [2, 5, 7]])) + 1
     assert torch.allclose(store.train_rank[:3], ranks_u1.float() / 3)
     assert store.train_rank[3] == 1.0
     for user, own in ((1, {2, 5, 7}), (2, {3})):
-        free = [i for i in range(1, 12) if i not in own]
-        by_pref = sorted(free, key=lambda i: -table[user, i].item())
+        by_pref, band = dense_band(table, user, own, 0.5)
         assert store.topm[user].tolist() == by_pref[:4]  # DPA candidates: best non-interacted items, in order
-        n = len(free)
-        band = set(by_pref[int(np.floor(0.5 * n)):int(np.ceil(0.99 * n))])
-        assert set(store.pool[user].tolist()) <= band  # NNS: only the low-preference band
-        assert not set(store.pool[user].tolist()) & (own | {0})
+        assert set(store.band_items(user).tolist()) == band
+        assert int(store.band_size[user]) == len(band) and int(store.reserve[user]) in band
+
+
+@pytest.mark.parametrize("omega_m", [0.0, 0.5, 0.9])
+def test_compact_band_reproduces_the_dense_reference(omega_m):
+    """Bitmap band of every user == the band computed from the dense users x items preferences."""
+    rng = np.random.default_rng(3)
+    users = np.repeat(np.arange(1, 40), rng.integers(1, 30, size=39))
+    items = rng.integers(1, 203, size=len(users))  # 203 items: the bitmap's last byte is partly padding
+    t = TrainingItems.from_pairs(users, items, 40, 203)
+    table, prefs = fake_preferences(40, 203, seed=4)
+    store = compute_preference_store(prefs, t, m=5, omega_m=omega_m, batch_size=7)
+    for user in range(1, 40):
+        own = set(t.items[t.offsets[user]:t.offsets[user + 1]].tolist())
+        _, band = dense_band(table, user, own, omega_m)
+        assert set(store.band_items(user).tolist()) == band
+        assert int(store.band_size[user]) == len(band)
+
+
+def test_nns_draws_are_fresh_and_stay_in_the_band():
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(1, 30), 20)
+    t = TrainingItems.from_pairs(users, rng.integers(1, 300, size=len(users)), 30, 300)
+    table, prefs = fake_preferences(30, 300)
+    store = compute_preference_store(prefs, t, m=5, omega_m=0.5)
+    batch = torch.arange(1, 30).repeat(40)
+    torch.manual_seed(0)
+    epoch1, epoch2 = draw_band(store, batch, store.rounds()), draw_band(store, batch, store.rounds())
+    assert not torch.equal(epoch1, epoch2)  # drawn afresh, not a fixed pool
+    for user in range(1, 30):
+        own = set(t.items[t.offsets[user]:t.offsets[user + 1]].tolist())
+        _, band = dense_band(table, user, own, 0.5)
+        drawn = set(epoch1[batch == user].tolist()) | set(epoch2[batch == user].tolist())
+        assert drawn <= band and not drawn & own
+        assert len(drawn) > 40  # 80 draws from ~140 band items: the whole band, not a handful
+    # with no proposal landing in the band, a draw falls back to the user's reserve band item
+    store.band.zero_()
+    assert torch.equal(draw_band(store, torch.arange(1, 30), 3), store.reserve[1:30])
+
+
+def test_nns_draws_are_uniform_over_the_band():
+    t = TrainingItems.from_pairs([1], [1], 2, 41)
+    store = compute_preference_store(lambda u: torch.arange(41.0).expand(len(u), 41), t, m=1, omega_m=0.5)
+    band = store.band_items(1)
+    torch.manual_seed(1)
+    draws = draw_band(store, torch.ones(40000, dtype=torch.long), store.rounds())
+    counts = torch.bincount(draws, minlength=41)[band].float()
+    assert counts.sum() == 40000
+    assert (counts / counts.mean() - 1).abs().max() < 0.1  # 2000 expected per item: a 4.5-sigma band
+
+
+def test_rounds_cover_the_smallest_band():
+    t = small_training()
+    store = compute_preference_store(fake_preferences(3, 12)[1], t, m=2, omega_m=0.5)
+    share = int(store.band_size.min()) / 11
+    assert (1 - share) ** store.rounds() <= 1e-6 < (1 - share) ** (store.rounds() - 1)
 
 
 def test_batched_and_one_user_at_a_time_give_the_same_store():
     t = small_training()
     _, prefs = fake_preferences(3, 12)
-    a = compute_preference_store(prefs, t, 4, 8, 0.5, batch_size=256)
-    b = compute_preference_store(prefs, t, 4, 8, 0.5, batch_size=1)
-    for name in ("train_key", "train_pref", "train_rank", "topm"):
+    a = compute_preference_store(prefs, t, 4, 0.5, batch_size=256)
+    b = compute_preference_store(prefs, t, 4, 0.5, batch_size=1)
+    for name in PreferenceStore.TENSORS:
         assert torch.equal(getattr(a, name), getattr(b, name))
 
 
@@ -88,14 +151,39 @@ def test_band_is_never_empty():
 def test_store_memory_is_per_user_not_dense():
     t = TrainingItems.from_pairs(np.repeat(np.arange(1, 201), 3), np.arange(600) % 5000 + 1, 201, 5001)
     _, prefs = fake_preferences(201, 5001)
-    store = compute_preference_store(prefs, t, m=10, pool_size=20, omega_m=0.5)
-    assert store.nbytes() == 600 * (8 + 4 + 4) + 201 * (10 + 20) * 8
+    store = compute_preference_store(prefs, t, m=10, omega_m=0.5)
+    # per interaction key, preference, rank; per user m candidates, band size, reserve, and one bit per item
+    assert store.nbytes() == 600 * (8 + 4 + 4) + 201 * (10 * 8 + 8 + 8) + 201 * 626
     assert store.nbytes() < 201 * 5001 * 4 / 20
+
+
+def test_store_saves_and_loads_exactly(tmp_path):
+    t = small_training()
+    store = compute_preference_store(fake_preferences(3, 12)[1], t, m=4, omega_m=0.5,
+                                     meta=store_meta("x", t, 4, 0.5, "abc"))
+    store.save(str(tmp_path / "s.pt"))
+    back = PreferenceStore.load(str(tmp_path / "s.pt"))
+    for name in PreferenceStore.TENSORS:
+        assert torch.equal(getattr(back, name), getattr(store, name))
+    assert back.meta == store.meta
+
+
+def test_mismatched_store_is_refused_naming_what_differs():
+    t = small_training()
+    mine = store_meta("ml-100k", t, 4, 0.5, "abc")
+    check_store_meta(dict(mine), mine, "s.pt")
+    with pytest.raises(ValueError, match=r"another dataset \(dataset: stored 'sports'"):
+        check_store_meta(dict(mine, dataset="sports"), mine, "s.pt")
+    with pytest.raises(ValueError, match=r"another TI-DiffRec \(its weights\)"):
+        check_store_meta(dict(mine, tidiffrec="def"), mine, "s.pt")
+    other = TrainingItems.from_pairs([1, 1, 2], [5, 2, 3], n_users=3, n_items=12)
+    with pytest.raises(ValueError, match="training split"):
+        check_store_meta(store_meta("ml-100k", other, 4, 0.5, "abc"), mine, "s.pt")
 
 
 def test_too_many_candidates_is_a_clear_error():
     with pytest.raises(ValueError, match="dpa_m"):
-        compute_preference_store(fake_preferences(3, 12)[1], small_training(), m=9, pool_size=2, omega_m=0.5)
+        compute_preference_store(fake_preferences(3, 12)[1], small_training(), m=9, omega_m=0.5)
 
 
 # ---- HBR ---------------------------------------------------------------------------------------------------
@@ -103,7 +191,7 @@ def test_hbr_on_a_hand_worked_row():
     t = TrainingItems.from_pairs([1, 1, 1, 1], [1, 2, 3, 4], 2, 6)
     table = torch.zeros(2, 6)
     table[1, 1:5] = torch.tensor([0.2, 0.6, 1.0, 0.4])
-    store = compute_preference_store(lambda u: table[u], t, m=1, pool_size=1, omega_m=0.5)
+    store = compute_preference_store(lambda u: table[u], t, m=1, omega_m=0.5)
     # min-max: [0, .5, 1, .25], mean .4375 -> [0, 8/7, 16/7, 4/7]; ranks / P: [.25, .75, 1, .5]
     # mix with omega_r .1, clamp at c_w 2, times omega_f 3
     s = torch.tensor([0, 8 / 7, 16 / 7, 4 / 7])
@@ -115,7 +203,7 @@ def test_hbr_on_a_hand_worked_row():
 
 def test_hbr_with_equal_preferences_uses_the_rank_only():
     t = TrainingItems.from_pairs([1, 1], [1, 2], 2, 5)
-    store = compute_preference_store(lambda u: torch.ones(len(u), 5), t, m=1, pool_size=1, omega_m=0.5)
+    store = compute_preference_store(lambda u: torch.ones(len(u), 5), t, m=1, omega_m=0.5)
     w = hbr_weights(store, omega_r=0.5, c_w=10.0, omega_f=1.0)
     assert torch.allclose(w, torch.tensor([0.5 + 0.25, 0.5 + 0.5]))
 
@@ -177,7 +265,7 @@ def with_store(model, train, seed=0):
     users, items = training_interactions(train.dataset)
     t = TrainingItems.from_pairs(users, items, train.dataset.user_num, train.dataset.item_num)
     _, prefs = fake_preferences(t.n_users, t.n_items, seed)
-    model.set_store(compute_preference_store(prefs, t, 20, 16, 0.5))
+    model.set_store(compute_preference_store(prefs, t, 20, 0.5))
     return t
 
 
@@ -209,18 +297,23 @@ def test_dpa_soft_positives_are_re_ranked_by_the_current_backbone(tmp_path):
     assert torch.allclose(scores, full.gather(1, items), atol=1e-5)
 
 
-def test_nns_negatives_never_hit_training_items(tmp_path):
+def test_nns_negatives_of_training_batches_stay_in_the_band_and_change(tmp_path):
     _, model, train, _, _ = build(tmp_path)
     t = with_store(model, train)
-    for user in range(1, t.n_users):
+    batch = next(iter(train))
+    users = batch["user_id"]
+    first, second = model.nns_negatives(users), model.nns_negatives(users)
+    assert first.shape == users.shape and not torch.equal(first, second)
+    assert model.store.in_band(users, first).all() and model.store.in_band(users, second).all()
+    for user, a, b in zip(users.tolist(), first.tolist(), second.tolist()):
         own = set(t.items[t.offsets[user]:t.offsets[user + 1]].tolist())
-        assert not set(model.store.pool[user].tolist()) & own
+        assert a not in own and b not in own and a != 0
 
 
 def test_full_loss_is_the_specs_formula(tmp_path):
     """w * BCE(pos) + 1/2 BCE(uniform neg) + 1/2 BCE(NNS neg) + omega_d * mean_n BCE(soft), written out here
     from the store and the backbone, with the same NNS draws."""
-    _, model, train, _, _ = build(tmp_path, omega_d=0.3)
+    _, model, train, _, _ = build(tmp_path, omega_d=0.3, dpa_state="prefix")
     t = with_store(model, train)
     batch = next(iter(train))
     model.eval()  # no dropout: the reference reads the same backbone state
@@ -231,7 +324,7 @@ def test_full_loss_is_the_specs_formula(tmp_path):
         h = model.backbone.forward(batch["item_id_list"], batch["item_length"])
         e = model.backbone.item_embedding.weight
         torch.manual_seed(5)
-        nns = model.store.pool[users].gather(1, torch.randint(model.store.pool.shape[1], (len(users), 1))).squeeze(1)
+        nns = draw_band(model.store, users, model.nns_rounds)
         w = torch.stack([model.hbr[model.store.lookup(u[None], i[None])][0] for u, i in zip(users, pos)])
         cand = model.store.topm[users]
         s_cand = (h[:, None] * e[cand]).sum(-1)
@@ -244,9 +337,50 @@ def test_full_loss_is_the_specs_formula(tmp_path):
         assert item not in set(t.items[t.offsets[user]:t.offsets[user + 1]].tolist())
 
 
+def test_dpa_last_uses_one_state_per_user(tmp_path):
+    """dpa_state: last: DPA's term is the mean over the batch's last rows (one per user: the row whose prefix is
+    the whole training history), the same for every row; the other rows' own states do not enter it."""
+    _, model, train, _, _ = build(tmp_path, use_hbr=False, use_nns=False, omega_d=0.3)
+    assert model.dpa_state == "last"
+    with_store(model, train)
+    mark_last_rows(train.dataset)
+    inter = train.dataset.inter_feat
+    last = inter[LAST_FIELD]
+    users = inter["user_id"]
+    assert int(last.sum()) == len(torch.unique(users))  # one per user
+    for user in torch.unique(users)[:20].tolist():
+        rows = torch.nonzero(users == user).flatten()
+        longest = rows[inter["item_length"][rows] == inter["item_length"][rows].max()]
+        assert last[rows].sum() == 1 and last[rows[-1]]  # the user's latest row
+        assert bool(last[longest[-1]])
+    batch = next(iter(train))
+    assert 0 < int(batch[LAST_FIELD].sum()) < len(batch)
+    model.eval()
+    with torch.no_grad():
+        h = model.adapter.last_hidden(batch)
+        term = model.dpa_loss(h, batch["user_id"], batch)
+        _, s_soft = model.soft_positives(h, batch["user_id"])
+        per_row = -F.logsigmoid(s_soft).mean(1)
+        sel = batch[LAST_FIELD]
+        assert torch.allclose(term, torch.full_like(term, 0.3 * float(per_row[sel].mean())), atol=1e-6)
+        # changing the states of the other rows leaves the term unchanged
+        h2 = torch.where(sel[:, None], h, torch.randn_like(h))
+        assert torch.allclose(model.dpa_loss(h2, batch["user_id"], batch), term, atol=1e-6)
+        model.dpa_state = "prefix"
+        assert torch.allclose(model.dpa_loss(h, batch["user_id"], batch), 0.3 * per_row, atol=1e-6)
+
+
+def test_dpa_last_without_the_last_row_field_is_a_clear_error(tmp_path):
+    _, model, train, _, _ = build(tmp_path, use_hbr=False, use_nns=False)
+    with_store(model, train)
+    with pytest.raises(RuntimeError, match=LAST_FIELD):
+        model.calculate_loss(next(iter(train)))
+
+
 def test_full_loss_trains(tmp_path):
     _, model, train, _, _ = build(tmp_path)
     with_store(model, train)
+    mark_last_rows(train.dataset)
     batch = next(iter(train))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     losses = []
@@ -274,6 +408,8 @@ def test_bad_choices(tmp_path):
         build(tmp_path, dpa_n=30)
     with pytest.raises(ValueError, match="score"):
         build(tmp_path, score="euclid")
+    with pytest.raises(ValueError, match="dpa_state"):
+        build(tmp_path, dpa_state="first")
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------------
@@ -310,6 +446,33 @@ def test_pipeline_uses_training_items_only_reuses_its_store_and_reloads(tmp_path
     saved_config, model, _, _, _, test_data = load_data_and_model(first["saved_model_file"])
     trainer = get_trainer(saved_config["MODEL_TYPE"], "PDRec")(saved_config, model)
     assert trainer.evaluate(test_data, load_best_model=False) == first["test_result"]
+
+
+def test_store_is_a_stage_of_its_own_and_resumes_without_tidiffrec(tmp_path):
+    """With stage_cache, the store is stored under its own key; a machine holding only the store (no TI-DiffRec
+    weights) resumes from it; a store whose meta says another dataset is refused, not used."""
+    import glob
+
+    cache = tmp_path / "stages"
+    cfg = dict(PD, checkpoint_dir=str(tmp_path / "a"), epochs=1, stage_cache=str(cache))
+    first = run_recbole_diff("PDRec", SLICE, config_dict=cfg, cmd_line=False)
+    stores = glob.glob(str(cache / "PDRec-preferences-*.pth"))
+    assert first["preference_store_reused"] is False and first["preference_store"] == stores[0]
+    for path in glob.glob(str(cache / "TIDiffRec-*")):  # a new machine: only the committed store
+        os.remove(path)
+    second = run_recbole_diff("PDRec", SLICE, cmd_line=False, config_dict=dict(cfg, checkpoint_dir=str(tmp_path / "b")))
+    assert second["preference_store_reused"] is True and "tidiffrec_test_result" not in second
+    assert not glob.glob(str(cache / "TIDiffRec-*.pth"))  # stage 1 was not trained again
+    assert second["hbr_mean_weight"] == first["hbr_mean_weight"]
+    # another omega_m is another stage: a new store, not this one
+    third = run_recbole_diff("PDRec", SLICE, cmd_line=False,
+                             config_dict=dict(cfg, checkpoint_dir=str(tmp_path / "c"), omega_m=0.8))
+    assert third["preference_store_reused"] is False and third["preference_store"] != stores[0]
+    data = torch.load(stores[0], weights_only=False)
+    data["meta"]["dataset"] = "sports"
+    torch.save(data, stores[0])
+    with pytest.raises(ValueError, match="another dataset"):
+        run_recbole_diff("PDRec", SLICE, cmd_line=False, config_dict=dict(cfg, checkpoint_dir=str(tmp_path / "d")))
 
 
 def test_wrong_tidiffrec_checkpoint_is_refused(tmp_path):

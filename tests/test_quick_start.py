@@ -8,7 +8,7 @@ import pytest
 import torch
 from recbole.utils import ModelType
 
-from recbole_diff.cli import _parse_key_values, main
+from recbole_diff.cli import _parse_key_values, main, run_command
 from recbole_diff.doctor import check_versions
 from recbole_diff.quick_start import build_config, load_data_and_model, run_recbole_diff
 from recbole_diff.trainer import Trainer
@@ -19,7 +19,7 @@ from conftest import SLICE
 
 def test_cli_trains_saves_and_the_reloaded_model_scores_the_same(tiny, capsys):
     args = [f"--{k}={v}" for k, v in tiny.items()]
-    result = main(["--model=SASRec", f"--dataset={SLICE}", "--epochs=3"] + args)
+    result = run_command(["--model=SASRec", f"--dataset={SLICE}", "--epochs=3"] + args)
     out = capsys.readouterr().out
     assert "SASRec" in out and "ndcg@10" in out
     assert result["model"] == "SASRec" and set(result) >= {
@@ -261,7 +261,7 @@ def test_no_arguments_run_the_globaldiff_demo_and_print_backbone_ensemble_and_di
                 "backbone_test_result": metrics, "diffusion_only_test_result": dict(metrics, **{"hit@10": 0.3})}
 
     monkeypatch.setattr(quick_start, "run_recbole_diff", fake_run)
-    main([])
+    assert main([]) == 0
     (demo,) = seen["config_file_list"]
     settings = yaml.safe_load(open(demo))
     assert (settings["model"], settings["backbone"], settings["dataset"]) == ("GlobalDiff", "SASRec", "ml-100k")

@@ -116,12 +116,16 @@ def test_a_resume_point_of_other_settings_is_refused(tmp_path, monkeypatch):
     cfg = dict(TINY, epochs=3, checkpoint_dir=str(tmp_path / "saved"), resume_dir=str(tmp_path / "resume"))
     with killed_after_point(monkeypatch, "SASRec", epoch=1):
         run("SASRec", cfg)
-    with pytest.raises(ValueError, match=r"other settings \('learning_rate'.*Delete it"):
-        run("SASRec", dict(cfg, learning_rate=0.01))
-    # keys that cannot change the training may differ, and a key the point does not know (a newer default)
     point = glob.glob(str(tmp_path / "resume" / "*.pth"))[0]
+    # a point whose name matches but whose settings differ (a default changed since) is refused
     state = resume.load_checkpoint(point)
-    assert state["settings"].pop("learning_rate") == 0.001
+    state["settings"]["learning_rate"] = 0.01
+    resume.torch.save(state, point)
+    with pytest.raises(ValueError, match=r"other settings \('learning_rate'.*Delete it"):
+        run("SASRec", cfg)
+    # keys that cannot change the training may differ, and a key the point does not know (a newer default)
+    state = resume.load_checkpoint(point)
+    assert state["settings"].pop("learning_rate") == 0.01
     resume.torch.save(state, point)
     with counting_epochs(monkeypatch) as epochs:
         run("SASRec", dict(cfg, eval_batch_size=64, checkpoint_dir=str(tmp_path / "elsewhere")))
@@ -178,7 +182,8 @@ def test_pdrec_resumes_tidiffrec_with_its_importance_sampling_history(tmp_path, 
     cfg = dict(base, checkpoint_dir=str(tmp_path / "b"), resume_dir=str(tmp_path / "rb"))
     with killed_after_point(monkeypatch, "TIDiffRec", epoch=6):
         run("PDRec", cfg)
-    state = resume.load_checkpoint(os.path.join(cfg["resume_dir"], f"Trainer-TIDiffRec-{SLICE}.pth"))
+    (point,) = glob.glob(os.path.join(cfg["resume_dir"], f"*-TIDiffRec-{SLICE}-seed*.pth"))
+    state = resume.load_checkpoint(point)
     assert int(state["other_parameter"]["Lt_count"].min()) >= 10
     with killed_after_point(monkeypatch, "PDRec", epoch=1):  # stage 3 (BCE + HBR + NNS + DPA)
         with counting_epochs(monkeypatch) as epochs:

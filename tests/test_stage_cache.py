@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from recbole_diff.config import Config
 from recbole_diff.quick_start import run_recbole_diff
@@ -60,6 +61,11 @@ def test_globaldiff_runs_share_the_backbone_and_give_the_same_results(tmp_path):
     stored = glob.glob(str(tmp_path / "stages" / "SASRec-backbone-*.pth"))
     assert len(stored) == 1 and not glob.glob(str(tmp_path / "stages" / "*.lock"))
     assert first["backbone_checkpoint"] != stored[0]  # the first run trained its own
+    # the stored copy keeps the weights and leaves out the optimiser's state, which no later run reads
+    kept, trained = (torch.load(p, weights_only=False) for p in (stored[0], first["backbone_checkpoint"]))
+    assert "optimizer" in trained and "optimizer" not in kept and os.path.getsize(stored[0]) < os.path.getsize(
+        first["backbone_checkpoint"])
+    assert all(torch.equal(kept["state_dict"][k], v) for k, v in trained["state_dict"].items())
 
     second = run_recbole_diff("GlobalDiff", SLICE, backbone="SASRec", config_dict=cfg, cmd_line=False)
     assert second["backbone_checkpoint"] == stored[0]

@@ -120,3 +120,57 @@ def test_runs_on_its_own_like_any_recbole_model_and_beats_chance(tmp_path):
     _, _, dataset, *_ = load_data_and_model(result["saved_model_file"])
     # a random ranking's HR@10 is 10 / items (0.011 here); 10 epochs of 8 steps give about 0.03
     assert result["test_result"]["hit@10"] > 2 * 10 / dataset.item_num
+
+
+def test_split_first_layer_gives_the_dense_layers_output_and_gradients():
+    """SplitInputDNN == RecBole's DNN.forward (float32 summation order only: atol 1e-6 on outputs of size ~1,
+    1e-5 on gradients), dense and with the sparse first-layer product."""
+    from recbole.model.general_recommender.diffrec import DNN
+
+    from recbole_diff.model.plugin.tidiffrec import SplitInputDNN
+
+    _, model, _, _, _ = build()
+    assert type(model.mlp) is SplitInputDNN
+    user = torch.arange(1, 60)
+    x0 = model.get_rating_matrix(user)
+    assert (x0 != 0).float().mean() < 0.2  # the un-noised input is sparse
+    t = torch.full((len(user),), 3)
+    model.eval()
+    with torch.no_grad():
+        dense = DNN.forward(model.mlp, x0, t)
+        assert torch.allclose(model.mlp(x0, t), dense, atol=1e-6, rtol=0)
+        model.mlp.sparse_input = True
+        assert torch.allclose(model.mlp(x0, t), dense, atol=1e-6, rtol=0)
+        model.mlp.sparse_input = False
+    model.train()
+    x_t = x0 + 0.01 * torch.randn_like(x0)  # a noised, dense training input
+    grads = []
+    for forward in (DNN.forward, SplitInputDNN.forward):
+        model.zero_grad()
+        torch.manual_seed(7)  # the same dropout mask
+        out = forward(model.mlp, x_t, t)
+        (out ** 2).mean().backward()
+        grads.append({k: p.grad.clone() for k, p in model.mlp.named_parameters()})
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4), k
+
+
+def test_preferences_with_the_sparse_first_step_equal_recboles_reverse_run():
+    from recbole.model.general_recommender.diffrec import DiffRec
+
+    _, model, _, _, _ = build()
+    model.eval()
+    user = torch.arange(1, 60)
+    with torch.no_grad():
+        ours = model.preferences(user)
+        reference = DiffRec.p_sample(model, model.get_rating_matrix(user))
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=0)
+
+
+def test_trainer_steps_with_a_fused_adamw():
+    from recbole_diff.utils import get_trainer
+
+    config, model, _, _, _ = build()
+    trainer = get_trainer(config["MODEL_TYPE"], "TIDiffRec")(config, model)
+    assert type(trainer.optimizer).__name__.lower() == config["learner"].lower()
+    assert trainer.optimizer.defaults["fused"] is True

@@ -58,9 +58,16 @@ def test_two_trials_on_local_ray_write_a_loadable_best_config(tmp_path):
     ray = pytest.importorskip("ray")
     from recbole_diff.tune import run_tune
 
+    from recbole_diff.trainer.resume import plain_settings
+
     space = write(tmp_path, "learning_rate: {grid: [0.001, 0.01]}\n")
+    # the model's size in a config file, the rest as overrides: best.yaml must keep both
+    sizes = tmp_path / "sizes.yaml"
+    sizes.write_text("hidden_size: 8\ninner_size: 16\nweight_decay: 1e-6\n")
+    fixed = dict({k: v for k, v in TINY.items() if k not in ("hidden_size", "inner_size", "embedding_size")},
+                 epochs=2)
     try:
-        best, best_yaml, _ = run_tune("SASRec", SLICE, space, samples=1, config_dict=dict(TINY, epochs=2),
+        best, best_yaml, _ = run_tune("SASRec", SLICE, space, samples=1, config_dict=fixed, config_files=[str(sizes)],
                                       cpus=2, out_dir=str(tmp_path / "runs"), log=lambda *_: None)
     finally:
         ray.shutdown()
@@ -69,6 +76,10 @@ def test_two_trials_on_local_ray_write_a_loadable_best_config(tmp_path):
     assert written["model"] == "SASRec" and written["learning_rate"] == best["learning_rate"]
     config = Config(config_file_list=[best_yaml], cmd_line=False)
     assert config["model"] == "SASRec" and config["learning_rate"] == best["learning_rate"]
+    # the config the best trial had, built the way its trainable built it
+    trial = Config("SASRec", SLICE, config_file_list=[str(sizes)], config_dict=dict(fixed, **best), cmd_line=False)
+    assert (config["hidden_size"], config["inner_size"], config["weight_decay"]) == (8, 16, 1e-6)
+    assert plain_settings(config) == plain_settings(trial)
     summary = json.load(open(os.path.join(os.path.dirname(best_yaml), "summary.json")))
     assert summary["trials"] == 2 and summary["wall_seconds"] > 0 and summary["search_seed"] == config["seed"]
     assert all(t["error"] is None and 1 <= t["validations"] <= 2 for t in summary["per_trial"])

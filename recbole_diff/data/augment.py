@@ -80,19 +80,22 @@ def round_to_items(x0, item_table, exclude=None):
     x0 = F.normalize(x0, dim=-1)
     taken = None if exclude is None else exclude.clone()
     out = torch.empty(x0.shape[:2], dtype=torch.long, device=x0.device)
+    best = torch.empty(x0.shape[:2], dtype=x0.dtype, device=x0.device)
     for k in range(x0.shape[1]):
         sims = x0[:, k] @ table.T
         if taken is None:
             sims[:, 0] = float("-inf")
         else:
             sims = sims.masked_fill(taken, float("-inf"))
-        best, out[:, k] = sims.max(dim=1)
-        if torch.isinf(best).any():
-            raise ValueError(f"DiffuASR: a user has no item left for generated position {k + 1}: the catalogue "
-                             "minus the user's history and the items generated before is empty. Lower M or set "
-                             "exclude_history: False.")
+        best[:, k], out[:, k] = sims.max(dim=1)
         if taken is not None:
-            taken[torch.arange(len(out)), out[:, k]] = True
+            taken[torch.arange(len(out), device=out.device), out[:, k]] = True
+    # only exclusion can leave a user without items; read once, not per position (each read stalls a GPU)
+    if taken is not None and torch.isinf(best).any():
+        k = int(torch.isinf(best).any(0).nonzero()[0])
+        raise ValueError(f"DiffuASR: a user has no item left for generated position {k + 1}: the catalogue "
+                         "minus the user's history and the items generated before is empty. Lower M or set "
+                         "exclude_history: False.")
     return out
 
 

@@ -8,6 +8,7 @@ from recbole.data.interaction import Interaction
 from recbole_diff.data.interactions import training_interactions
 
 SIMILARITIES = ("sparse", "dense", "cluster")
+SIMILARITY_WINDOWS = ("last", "all")
 
 
 # ---- what the training split holds --------------------------------------------------------------------
@@ -19,6 +20,13 @@ def training_pairs(train_dataset, user_field, item_field, seq_field, len_field):
         raise ValueError(f"training_pairs: fields {user_field}/{item_field} are not the dataset's "
                          f"{ds.uid_field}/{ds.iid_field}.")
     return training_interactions(ds)
+
+
+def window_pairs(users, seqs, lens):
+    """(users, items) of each user's windowed training sequence (``user_sequences``' output): the interactions
+    the authors build the similarity from (``similarity_window: last``)."""
+    keep = torch.arange(seqs.shape[1])[None] < lens[:, None]
+    return users[:, None].expand_as(seqs)[keep].numpy(), seqs[keep].numpy()
 
 
 def user_sequences(train_dataset, user_field, item_field, seq_field, len_field, max_len):
@@ -94,7 +102,7 @@ def _keep_topk(matrix, k):
 class ItemSimilarity:
     """Cosine similarity of item columns of the binary user-item training matrix, row-accessible on a device.
 
-    * ``sparse``: A = D^-1/2 O^T O D^-1/2 as a scipy CSR matrix, optionally each row's top-k only.
+    * ``sparse``: A = D^-1/2 O^T O D^-1/2 as CSR arrays on the device, optionally each row's top-k only.
     * ``dense``: the same as a dense M x M tensor (refused when it would exceed ``dense_limit_gb``).
     * ``cluster``: K-means of the normalised item columns into K clusters; A[i, j] is approximated by the
       cosine of item i and the centroid of j's cluster (O(KM) memory), A[i, i] = 1.
@@ -127,7 +135,7 @@ class ItemSimilarity:
         if kind == "dense":
             self.matrix = torch.from_numpy(A.toarray()).to(device)
         else:
-            self.matrix = A
+            self._store_csr(A, device)
 
     def _build_clusters(self, O, inv_norm, n_clusters, seed):
         from sklearn.cluster import KMeans
@@ -143,22 +151,38 @@ class ItemSimilarity:
         self.cluster_of = torch.as_tensor(km.labels_, dtype=torch.long).to(self.device)
 
     def rows(self, item_ids):
-        """Dense rows A[item_ids, :] -> [B, M] on the device."""
+        """Dense rows A[item_ids, :] -> [B, M] on the device, without leaving it."""
         if self.kind == "dense":
             return self.matrix[item_ids]
         if self.kind == "cluster":
             out = self.item_to_cluster[item_ids][:, self.cluster_of]
             out[torch.arange(len(item_ids), device=out.device), item_ids] = 1.0
             return out
-        block = self.matrix[item_ids.cpu().numpy()].toarray()
-        return torch.from_numpy(block).to(self.device)
+        # each row's entries through a fixed-width window of the CSR arrays: no data-dependent sizes, so no
+        # host synchronisation; the padding slots add zeros
+        start, end = self.crow[item_ids], self.crow[item_ids + 1]
+        slots = torch.arange(self.max_row_nnz, device=start.device)
+        pos = start[:, None] + slots[None]
+        valid = pos < end[:, None]
+        pos = torch.where(valid, pos, torch.zeros_like(pos))
+        out = torch.zeros(len(item_ids), self.n_items, device=start.device)
+        return out.scatter_add_(1, self.col[pos], torch.where(valid, self.val[pos], 0.0))
+
+    def _store_csr(self, A, device):
+        A.sort_indices()
+        self.crow = torch.as_tensor(A.indptr.astype(np.int64)).to(device)
+        self.col = torch.as_tensor(A.indices.astype(np.int64)).to(device)
+        self.val = torch.as_tensor(A.data.astype(np.float32)).to(device)
+        if len(self.val) == 0:  # no training pair at all: one zero entry keeps the gather valid
+            self.col, self.val = torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, device=device)
+        self.max_row_nnz = max(int(np.diff(A.indptr).max()), 1)
 
     def nbytes(self):
         if self.kind == "dense":
             return self.matrix.numel() * 4
         if self.kind == "cluster":
             return self.item_to_cluster.numel() * 4 + self.cluster_of.numel() * 8
-        return self.matrix.data.nbytes + self.matrix.indices.nbytes + self.matrix.indptr.nbytes
+        return sum(t.numel() * t.element_size() for t in (self.crow, self.col, self.val))
 
 
 # ---- targets ------------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 The authors keep two dense users x items float matrices in GPU memory (one never used) and fill them one user
 at a time. Stage 3 only reads, per user: the preference and rank of each training item (HBR), the top-m
-non-interacted items (DPA) and negatives from the low-preference band (NNS). Those are computed chunk by chunk
-and kept in :class:`PreferenceStore`, O(users x (history + m + pool)) memory.
+non-interacted items (DPA) and the low-preference band that NNS draws fresh negatives from every epoch. Those
+are computed chunk by chunk and kept in :class:`PreferenceStore`: O(users x (history + m)) plus the band as one
+bit per (user, item), 1/32 of a dense float matrix (the band's items as int32 would take 16x the bits: the
+band holds about half of all items).
 """
 import hashlib
 import json
@@ -19,7 +21,7 @@ from tqdm import tqdm
 
 from recbole_diff.utils import argsort_descending
 
-STORE_VERSION = 1
+STORE_VERSION = 2
 
 
 @dataclass
@@ -60,19 +62,24 @@ class TrainingItems:
 @dataclass
 class PreferenceStore:
     """Stage 3's view of the preferences. Entry k of ``train_*`` belongs to the k-th (user, item) of
-    :class:`TrainingItems` (sorted by user, then item), so ``train_key`` is sorted for lookups."""
+    :class:`TrainingItems` (sorted by user, then item), so ``train_key`` is sorted for lookups. ``band`` is each
+    user's NNS band as a bitmap (bit ``i % 8`` of byte ``i // 8`` for item i); ``band_size`` counts its items
+    and ``reserve`` is one of them (the best-preferred), the fallback that keeps a draw inside the band."""
 
     train_key: torch.Tensor   # [N] user * n_items + item
     train_pref: torch.Tensor  # [N] TI-DiffRec's preference for the item
     train_rank: torch.Tensor  # [N] ascending rank among the user's items / P_u, in (0, 1]
     topm: torch.Tensor        # [U, m] best non-interacted items, by preference
-    pool: torch.Tensor        # [U, pool] negatives from the low-preference band
+    band: torch.Tensor        # [U, ceil(n_items / 8)] uint8 bitmap of the low-preference band
+    band_size: torch.Tensor   # [U] items in the band
+    reserve: torch.Tensor     # [U] one item of the band
     n_items: int
     meta: dict = field(default_factory=dict)
 
+    TENSORS = ("train_key", "train_pref", "train_rank", "topm", "band", "band_size", "reserve")
+
     def nbytes(self):
-        tensors = (self.train_key, self.train_pref, self.train_rank, self.topm, self.pool)
-        return sum(t.element_size() * t.numel() for t in tensors)
+        return sum(getattr(self, n).element_size() * getattr(self, n).numel() for n in self.TENSORS)
 
     def lookup(self, users, items):
         """Index of each (user, item) in ``train_*``; a pair that is not a training interaction is an error
@@ -84,28 +91,97 @@ class PreferenceStore:
                              "computed for other data. Delete it or point tidiffrec_checkpoint elsewhere.")
         return idx
 
+    def in_band(self, users, items):
+        """Whether each item (shape [B] or [B, k]) is in its user's band (users [B])."""
+        rows = users if items.dim() == 1 else users[:, None]
+        byte = self.band[rows, items >> 3]
+        return ((byte >> (items & 7).to(torch.uint8)) & 1).bool()
+
+    def band_items(self, user):
+        """The band of one user as a sorted item tensor (for checks; stage 3 draws with :func:`draw_band`)."""
+        bits = (self.band[user][:, None] >> torch.arange(8, dtype=torch.uint8, device=self.band.device)) & 1
+        return torch.nonzero(bits.flatten()).flatten()
+
+    def rounds(self, miss=1e-6, most=4096):
+        """Proposals per NNS draw so that a draw falls back to ``reserve`` with probability <= ``miss`` for the
+        user with the smallest band (each proposal is a uniform item; at most ``most``)."""
+        share = float(self.band_size.min()) / max(self.n_items - 1, 1)
+        if share >= 1:
+            return 1
+        return int(min(most, max(1, math.ceil(math.log(miss) / math.log1p(-share)))))
+
     def to(self, device):
-        for name in ("train_key", "train_pref", "train_rank", "topm", "pool"):
+        for name in self.TENSORS:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
     def save(self, path):
         tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in asdict(self).items()}, tmp)
+        data = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in asdict(self).items()}
+        data["topm"] = data["topm"].int()  # item ids fit int32; halves the file
+        torch.save(data, tmp)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path, device="cpu"):
         data = torch.load(path, map_location=device, weights_only=False)
+        if data.get("meta", {}).get("version") != STORE_VERSION or "band" not in data:
+            raise ValueError(f"Preference store '{path}' has an older layout (version "
+                             f"{data.get('meta', {}).get('version')}, this code writes {STORE_VERSION}); "
+                             "delete it to recompute it.")
+        data["topm"] = data["topm"].long()
         return cls(**data)
 
 
-def store_meta(dataset_name, training, m, pool_size, omega_m, seed, tidiffrec_checkpoint):
-    """What a store depends on; its hash names the file, so other settings never overwrite it."""
+def draw_band(store, users, rounds):
+    """One fresh NNS negative per user in ``users``, uniform over the user's band, drawn on the store's device
+    without leaving it: ``rounds`` uniform proposals per user, the first that lands in the band is kept (so
+    it is uniform over the band); when none does (rarely, see :meth:`PreferenceStore.rounds`), the user's
+    ``reserve`` band item."""
+    proposals = torch.randint(1, store.n_items, (len(users), rounds), device=users.device)
+    hit = store.in_band(users, proposals)
+    first = hit.to(torch.uint8).argmax(1, keepdim=True)
+    picks = proposals.gather(1, first).squeeze(1)
+    return torch.where(hit.any(1), picks, store.reserve[users])
+
+
+def pack_bits(mask):
+    """[B, n] bool -> [B, ceil(n / 8)] uint8, item i at bit i % 8 of byte i // 8."""
+    pad = (-mask.shape[1]) % 8
+    mask = torch.nn.functional.pad(mask, (0, pad)).view(mask.shape[0], -1, 8).to(torch.uint8)
+    weights = (2 ** torch.arange(8, device=mask.device)).to(torch.uint8)
+    return (mask * weights).sum(-1, dtype=torch.uint8)
+
+
+def check_store_meta(stored, expected, path):
+    """Refuse a store made for another dataset, training split, TI-DiffRec or setting, naming what differs."""
+    if stored == expected:
+        return
+    names = {"dataset": "dataset", "training": "training split", "tidiffrec": "TI-DiffRec (its weights)",
+             "n_users": "user count", "n_items": "item count"}
+    diff = [k for k in sorted(set(stored) | set(expected)) if stored.get(k) != expected.get(k)]
+    first = sorted(diff, key=lambda k: k not in names)[0]
+    raise ValueError(f"Preference store '{path}' was computed for another {names.get(first, first)} "
+                     f"({first}: stored {stored.get(first)!r}, this run {expected.get(first)!r}); it is not used or "
+                     "overwritten. Move it away to recompute it, or point tidiffrec_checkpoint at the model it "
+                     "was computed from.")
+
+
+def model_fingerprint(model):
+    """A short hash of a model's weights: a store computed from other weights is refused."""
+    h = hashlib.sha1()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def store_meta(dataset_name, training, m, omega_m, tidiffrec):
+    """What a store depends on (``tidiffrec``: :func:`model_fingerprint` of stage 1); its hash names the file,
+    so other settings never overwrite it. The store draws nothing at random: no seed."""
     return {"version": STORE_VERSION, "dataset": str(dataset_name), "n_users": training.n_users,
             "n_items": training.n_items, "training": training.fingerprint(), "m": int(m),
-            "pool_size": int(pool_size), "omega_m": float(omega_m), "seed": int(seed),
-            "tidiffrec_checkpoint": os.path.basename(str(tidiffrec_checkpoint))}
+            "omega_m": float(omega_m), "tidiffrec": str(tidiffrec)}
 
 
 def store_path(tidiffrec_checkpoint, meta):
@@ -137,8 +213,8 @@ def nns_band(n_candidates, omega_m):
 
 
 @torch.no_grad()
-def compute_preference_store(preferences, training, m, pool_size, omega_m, batch_size=256, device="cpu",
-                             generator=None, show_progress=False, meta=None):
+def compute_preference_store(preferences, training, m, omega_m, batch_size=256, device="cpu", show_progress=False,
+                             meta=None):
     """Run ``preferences(users) -> [B, n_items]`` over all users in chunks of ``batch_size`` and keep the store.
     ``batch_size=1`` is the authors' one-user-at-a-time loop (the cost benchmark compares the two)."""
     n_users, n_items = training.n_users, training.n_items
@@ -146,7 +222,9 @@ def compute_preference_store(preferences, training, m, pool_size, omega_m, batch
     if m > n_items - 1 - most:
         raise ValueError(f"PDRec: dpa_m = {m} exceeds the {n_items - 1 - most} items some user has not interacted "
                          "with; lower dpa_m.")
-    prefs, topm, pool = [], torch.empty(n_users, m, dtype=torch.long), torch.empty(n_users, pool_size, dtype=torch.long)
+    prefs, topm = [], torch.empty(n_users, m, dtype=torch.long)
+    band = torch.empty(n_users, (n_items + 7) // 8, dtype=torch.uint8)
+    band_size, reserve = torch.empty(n_users, dtype=torch.long), torch.empty(n_users, dtype=torch.long)
     starts = range(0, n_users, batch_size)
     if show_progress:
         starts = tqdm(starts, total=math.ceil(n_users / batch_size), ncols=100,
@@ -163,15 +241,18 @@ def compute_preference_store(preferences, training, m, pool_size, omega_m, batch
         interacted[:, 0] = True
         free = scores.masked_fill(interacted, float("-inf"))
         topm[start:stop] = torch.topk(free, m, dim=1).indices.cpu()
-        order = argsort_descending(free)  # the slowest step after TI-DiffRec itself
+        order = argsort_descending(free).to(device)  # the slowest step after TI-DiffRec itself
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_items, device=device).expand_as(order))
         lo, hi = nns_band((n_items - 1 - training.counts[start:stop]).to(device), omega_m)
-        u = torch.rand(stop - start, pool_size, generator=generator, device=device)
-        picks = lo[:, None] + (u * (hi - lo)[:, None]).long()
-        pool[start:stop] = order.gather(1, picks).cpu()
+        # interacted items sort last (-inf), at ranks >= N >= hi: the band never holds one
+        in_band = (rank >= lo[:, None]) & (rank < hi[:, None])
+        band[start:stop] = pack_bits(in_band).cpu()
+        band_size[start:stop] = (hi - lo).cpu()
+        reserve[start:stop] = order.gather(1, lo[:, None]).squeeze(1).cpu()
     pref = torch.cat(prefs) if prefs else torch.empty(0)
     owners = torch.repeat_interleave(torch.arange(n_users), training.counts)
     return PreferenceStore(training.keys(), pref, ascending_ranks(owners, pref) / training.counts[owners].float(),
-                           topm, pool, n_items, dict(meta or {}))
+                           topm, band, band_size, reserve, n_items, dict(meta or {}))
 
 
 def hbr_weights(store, omega_r, c_w, omega_f):

@@ -44,8 +44,14 @@ def spaced_steps(num_steps, sample_steps):
     """``sample_steps`` steps out of ``0..num_steps-1``, evenly spaced, descending, always ending at 0."""
     if not 1 <= sample_steps <= num_steps:
         raise ValueError(f"sample_steps must be in [1, {num_steps}], got {sample_steps}.")
-    steps = torch.linspace(0, num_steps - 1, sample_steps, dtype=torch.float64).round().long().unique()
-    return steps.flip(0).tolist()
+    if sample_steps == 1:
+        return [0]
+    # evenly spaced in float64 from both ends, as torch.linspace computes them, rounded half to even; in Python
+    # because the schedule is host data (a sampling loop must not read tensors back)
+    stride, half = (num_steps - 1) / (sample_steps - 1), sample_steps // 2
+    points = [i * stride if i < half else (num_steps - 1) - (sample_steps - 1 - i) * stride
+              for i in range(sample_steps)]
+    return sorted({round(p) for p in points}, reverse=True)
 
 
 class GaussianDiffusion(nn.Module):

@@ -2,6 +2,7 @@
 from recbole_diff.trainer.trainer import CompatMixin, Trainer, compat_trainer, unique_checkpoint_path
 from recbole_diff.trainer.globaldiff import GlobalDiffTrainer
 from recbole_diff.trainer.pdrec import PDRecTrainer
+from recbole_diff.trainer.tidiffrec import TIDiffRecTrainer
 from recbole_diff.trainer.diffuasr import DiffuASRTrainer
 
-__all__ = ["CompatMixin", "Trainer", "compat_trainer", "unique_checkpoint_path", "GlobalDiffTrainer", "PDRecTrainer", "DiffuASRTrainer"]
+__all__ = ["CompatMixin", "Trainer", "compat_trainer", "unique_checkpoint_path", "GlobalDiffTrainer", "PDRecTrainer", "TIDiffRecTrainer", "DiffuASRTrainer"]

@@ -27,7 +27,7 @@ from recbole_diff.data.augment import (
 )
 from recbole_diff.evaluation import group_metrics
 from recbole_diff.trainer.backbone import BackboneStageMixin
-from recbole_diff.trainer.resume import plain_settings, resume_point, rng_state, run_settings, set_rng_state
+from recbole_diff.trainer.resume import plain_settings, point_name, resume_point, rng_state, run_settings, set_rng_state
 from recbole_diff.trainer.stage_cache import _data_files, shared_stage, stage_key
 from recbole_diff.trainer.trainer import Trainer, unique_checkpoint_path
 from recbole_diff.utils import get_model, get_trainer, load_checkpoint
@@ -151,8 +151,7 @@ class DiffuASRTrainer(BackboneStageMixin, Trainer):
 
     def _point(self, what):
         """Resume point of one of this pipeline's own stages (the trainings through ``fit`` keep theirs)."""
-        dataset = os.path.basename(str(self.config["dataset"]))
-        return resume_point(self.resume_dir, f"DiffuASR-{what}-{dataset}", run_settings(self.config))
+        return resume_point(self.resume_dir, point_name(self.config, f"DiffuASR-{what}"), run_settings(self.config))
 
     def _resume_augmenter(self, point, opt):
         """The epoch to start at and the running loss, from the resume point when there is one."""

@@ -3,16 +3,20 @@ HBR/NNS/DPA through RecBole's ``Trainer.fit`` (stage 3). Nothing here reads vali
 stage 1's validation-based early stopping."""
 import os
 
+import numpy as np
 import torch
 from recbole.data.dataloader import UserDataLoader
+from recbole.data.interaction import Interaction
 from recbole.utils import ModelType, init_seed, set_color
 
 from recbole_diff.config import stage_config
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import (
-    PreferenceStore, TrainingItems, compute_preference_store, store_meta, store_path, timed,
+    STORE_VERSION, PreferenceStore, TrainingItems, check_store_meta, compute_preference_store, model_fingerprint,
+    store_meta, store_path, timed,
 )
-from recbole_diff.trainer.stage_cache import claim_or_wait, shared_stage
+from recbole_diff.model.plugin.pdrec import LAST_FIELD
+from recbole_diff.trainer.stage_cache import Stage, claim_or_wait, shared_stage, stage_key
 from recbole_diff.trainer.trainer import Trainer
 from recbole_diff.utils import get_model, get_trainer, load_checkpoint
 
@@ -77,12 +81,53 @@ class PDRecTrainer(Trainer):
         model.load_state_dict(checkpoint["state_dict"])
 
     # ---- stage 2 -----------------------------------------------------------------------------------------
-    def prepare_store(self, tidiffrec, train_dataset, saved=True):
-        users, items = training_interactions(train_dataset)
-        training = TrainingItems.from_pairs(users, items, train_dataset.user_num, train_dataset.item_num)
+    def prepare_preferences(self, train_data, valid_data, verbose=True, saved=True, show_progress=False):
+        """Stages 1 and 2. With ``stage_cache`` the store is a stage of its own, keyed by stage 1's key and
+        the store's settings: a stored one is used without TI-DiffRec's weights (a new machine resumes from the
+        committed store alone); TI-DiffRec is still loaded when its stage is there too, to report its test result.
+        With ``tidiffrec_checkpoint`` (or no cache) the store lives next to that checkpoint."""
+        dataset = train_data.dataset
+        users, items = training_interactions(dataset)
+        training = TrainingItems.from_pairs(users, items, dataset.user_num, dataset.item_num)
+        if self.tidiffrec_checkpoint or not self.config["stage_cache"]:
+            tidiffrec = self.prepare_tidiffrec(train_data, valid_data, verbose, saved, show_progress)
+            return self.prepare_store(tidiffrec, training, saved)
+        with shared_stage(self.config, "PDRec-preferences", None, self.logger, key=self.store_stage_key()) as stage:
+            if stage.hit:
+                store = PreferenceStore.load(stage.path)
+                check_store_meta(store.meta, self.store_meta(training, stage.meta["tidiffrec"]), stage.path)
+                self.logger.info(set_color(f"PDRec stage 2: reusing the stored preference store {stage.path}", "green"))
+                self.info.update(preference_store=stage.path, preference_store_reused=True)
+                stage1 = Stage(self.config["stage_cache"], "TIDiffRec", self.tidiffrec_config(), "TIDiffRec")
+                if stage1._load():
+                    self.tidiffrec_checkpoint = stage1.path
+                    self.prepare_tidiffrec(train_data, valid_data, verbose, saved, show_progress)
+                return store
+            tidiffrec = self.prepare_tidiffrec(train_data, valid_data, verbose, saved, show_progress)
+            fingerprint = model_fingerprint(tidiffrec)
+            store = self.compute_store(tidiffrec, training, self.store_meta(training, fingerprint))
+            if saved:
+                tmp = f"{stage.path}.store-{os.getpid()}"
+                store.save(tmp)
+                if stage.store(tmp, tidiffrec=fingerprint, store_mb=os.path.getsize(tmp) / 2 ** 20):
+                    self.info["preference_store"] = stage.path
+                os.remove(tmp)
+            return store
+
+    def store_stage_key(self):
+        """Stage 1's key plus what only the store reads: another TI-DiffRec or setting is another stage."""
+        key = stage_key(self.tidiffrec_config(), "TIDiffRec")
+        key["stage_model"] = "PDRec-preferences"
+        key["store"] = {"version": STORE_VERSION, "dpa_m": int(self.config["dpa_m"]),
+                        "omega_m": float(self.config["omega_m"])}
+        return key
+
+    def store_meta(self, training, fingerprint):
         c = self.config
-        meta = store_meta(c["dataset"], training, c["dpa_m"], c["nns_pool_size"], c["omega_m"], c["seed"],
-                          self.tidiffrec_checkpoint)
+        return store_meta(c["dataset"], training, c["dpa_m"], c["omega_m"], fingerprint)
+
+    def prepare_store(self, tidiffrec, training, saved=True):
+        meta = self.store_meta(training, model_fingerprint(tidiffrec))
         path = store_path(self.tidiffrec_checkpoint, meta) if self.tidiffrec_checkpoint and saved else None
         if path is None:
             return self.compute_store(tidiffrec, training, meta)
@@ -101,9 +146,7 @@ class PDRecTrainer(Trainer):
 
     def load_store(self, path, meta):
         store = PreferenceStore.load(path)
-        if store.meta != meta:
-            raise ValueError(f"Preference store '{path}' was written for other data or settings; it is not "
-                             "overwritten. Move it away to recompute it.")
+        check_store_meta(store.meta, meta, path)
         self.logger.info(set_color(f"PDRec stage 2: reusing the preference store {path}", "green"))
         self.info.update(preference_store=path, preference_store_reused=True)
         return store
@@ -112,11 +155,9 @@ class PDRecTrainer(Trainer):
         c = self.config
         self.logger.info(set_color(f"PDRec stage 2: preferences of {training.n_users} users over "
                                    f"{training.n_items} items", "green"))
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(int(c["seed"]))
         store, seconds = timed(compute_preference_store, tidiffrec.preferences, training, int(c["dpa_m"]),
-                               int(c["nns_pool_size"]), float(c["omega_m"]), int(c["preference_batch_size"]),
-                               self.device, generator, bool(c["show_progress"]), meta)
+                               float(c["omega_m"]), int(c["preference_batch_size"]), self.device,
+                               bool(c["show_progress"]), meta)
         self.logger.info(f"PDRec stage 2: {training.n_users / seconds:.0f} users/s, store "
                          f"{store.nbytes() / 2 ** 20:.1f} MB (a dense users x items matrix: "
                          f"{training.n_users * training.n_items * 4 / 2 ** 20:.1f} MB)")
@@ -127,9 +168,10 @@ class PDRecTrainer(Trainer):
     # ---- stage 3 -----------------------------------------------------------------------------------------
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         if self.model.needs_preferences:
-            tidiffrec = self.prepare_tidiffrec(train_data, valid_data, verbose, saved, show_progress)
-            self.model.set_store(self.prepare_store(tidiffrec, train_data.dataset, saved))
+            self.model.set_store(self.prepare_preferences(train_data, valid_data, verbose, saved, show_progress))
             self._report_hbr(train_data.dataset)
+        if self.model.use_dpa and self.model.dpa_state == "last":
+            mark_last_rows(train_data.dataset)
         parts = [name for name, on in (("HBR", self.model.use_hbr), ("NNS", self.model.use_nns),
                                        ("DPA", self.model.use_dpa)) if on]
         self.logger.info(set_color(f"PDRec stage 3: training {self.model.backbone_name} with BCE"
@@ -154,3 +196,16 @@ class PDRecTrainer(Trainer):
         if self.stage1 is not None and test_data is not None:
             out["tidiffrec_test_result"] = self.stage1.evaluate(test_data, load_best_model=False)
         return out
+
+
+def mark_last_rows(train_dataset):
+    """Add ``LAST_FIELD`` to a sequential training split: True on each user's row whose prefix is the user's
+    whole training history (the latest target; RecBole writes a user's rows in time order, so the last row)."""
+    inter = train_dataset.inter_feat
+    users = inter[train_dataset.uid_field].numpy()
+    times = inter[train_dataset.time_field].numpy() if train_dataset.time_field in inter.columns else np.zeros(len(users))
+    order = np.lexsort((np.arange(len(users)), times, users))
+    last = np.zeros(len(users), dtype=bool)
+    ends = np.r_[users[order][1:] != users[order][:-1], True]
+    last[order[ends]] = True
+    inter.update(Interaction({LAST_FIELD: torch.from_numpy(last)}))

@@ -13,6 +13,7 @@ A point keeps the settings it was made with; a run where a key has another value
 that names the key, rather than continuing another training. Keys only one side has (a default a newer
 version added) do not count. Data files count by size and content (older points kept their time: by size).
 """
+import hashlib
 import json
 import os
 import random
@@ -61,6 +62,21 @@ def run_settings(config):
     from recbole_diff.trainer.stage_cache import _data_files
 
     return dict(plain_settings(config), data_files=_data_files(config))
+
+
+def point_name(config, kind, settings=None):
+    """``<kind>-<dataset>-seed<seed>-<hash>``: the hash covers the keys the user set (all but bookkeeping), so runs
+    that share a ``resume_dir`` with other seeds or settings keep points of their own. Defaults are left out of
+    the hash: a point made before a default changed is found, and refused by its settings check. A point beside a
+    shared stage hashes the stage's ``settings`` instead: every run that claims the stage finds it."""
+    from recbole_diff.trainer.stage_cache import BOOKKEEPING, _plain
+
+    user = settings
+    if user is None:
+        user = {k: v for k, v in getattr(config, "external_config_dict", {}).items() if k not in BOOKKEEPING}
+        user["backbone"] = config["backbone"]
+    digest = hashlib.sha1(json.dumps(user, sort_keys=True, default=_plain).encode()).hexdigest()[:10]
+    return f"{kind}-{os.path.basename(str(config['dataset']))}-seed{config['seed']}-{digest}"
 
 
 class ResumePoint:

@@ -21,15 +21,17 @@ import shutil
 import time
 from contextlib import contextmanager
 
+import torch
+
 from recbole_diff.trainer.resume import clear
-from recbole_diff.utils import claim_lock
+from recbole_diff.utils import claim_lock, load_checkpoint
 
 # keys that cannot change what a stage learns
 BOOKKEEPING = frozenset({
     "model", "checkpoint_dir", "device", "gpu_id", "use_gpu", "worker", "threads", "show_progress", "state",
     "log_wandb", "wandb_project", "eval_batch_size", "extra_test_modes", "loss_decimal_place", "metric_decimal_place", "save_dataset", "save_dataloaders", "dataset_save_path",
     "dataloaders_save_path", "local_rank", "nproc", "world_size", "offset", "ip", "port", "stage_cache",
-    "fast_sampled_eval", "resume_dir",
+    "fast_sampled_eval", "resume_dir", "strict_keys",
 })
 
 _OWN_KEYS = {}
@@ -138,20 +140,18 @@ class Stage:
             logger.info(f"stage_cache: using the stored stage {self.path}")
         return self
 
-    def store(self, checkpoint_file, drop=(), **meta):
+    def store(self, checkpoint_file, drop=("optimizer",), **meta):
         """Keep a copy of the trained stage's checkpoint and ``meta`` (json) for the next runs. True if stored.
-        ``drop``: checkpoint keys left out of the copy (a stage is loaded for its weights; Adam's state would
-        triple the file that a grid carries to the next machine)."""
+
+        ``drop``: checkpoint keys left out of the copy. By default the optimiser's state, which no later run reads
+        (a stored stage is loaded, never trained on): it is two thirds of an Adam checkpoint, and stages are small
+        enough to commit without it."""
         if self.folder is None or self.hit:
             return False
         tmp = self.path + f".{os.getpid()}.tmp"
-        if drop:
-            import torch
-
-            from recbole_diff.utils import load_checkpoint
-
-            state = load_checkpoint(checkpoint_file)
-            torch.save({k: v for k, v in state.items() if k not in drop}, tmp)
+        checkpoint = load_checkpoint(checkpoint_file, "cpu") if drop else None
+        if isinstance(checkpoint, dict) and any(k in checkpoint for k in drop):
+            torch.save({k: v for k, v in checkpoint.items() if k not in drop}, tmp)
         else:
             shutil.copyfile(checkpoint_file, tmp)
         os.replace(tmp, self.path)

@@ -16,6 +16,8 @@ What RecBole 1.2.1's Trainer does that every recbole-diff run would hit:
   With ``fast_sampled_eval`` each user's row is encoded once by ``full_sort_predict`` and the candidates'
   scores are read off it; each evaluation's first batch is also scored by ``predict``, and a model whose two
   scores differ is evaluated RecBole's way (see :func:`source_rows`).
+* ``mixed_precision: bf16`` runs training and evaluation steps under bfloat16 autocast (see
+  :func:`recbole_diff.device.mixed_precision`); RecBole's own ``enable_amp`` would pick float16 and a scaler.
 * A killed run loses its training. With ``resume_dir`` each ``fit`` keeps a point to resume from before every
   epoch, and the same run started again goes on from there (see :mod:`recbole_diff.trainer.resume`).
 """
@@ -30,7 +32,8 @@ from recbole.model.abstract_recommender import AbstractRecommender
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import EvaluatorType, get_local_time
 
-from recbole_diff.trainer.resume import resume_point, rng_state, run_settings, set_rng_state
+from recbole_diff.device import mixed_precision
+from recbole_diff.trainer.resume import point_name, resume_point, rng_state, run_settings, set_rng_state
 from recbole_diff.utils import load_checkpoint, seeded_numpy
 
 
@@ -77,6 +80,11 @@ class CompatMixin:
         # a stage shared between runs keeps its point beside the stage instead (see backbone.py, pdrec.py)
         self.resume_dir, self.resume_settings = config["resume_dir"], None
         self._resume = None
+        # built once here so that a bad value fails before training
+        self._autocast = mixed_precision(config, self.device)
+        if self._autocast._enabled:
+            # RecBole's step opens autocast(enabled=enable_amp) inside ours; enabled, it inherits our bf16
+            self.enable_amp = True
 
     # ---- resume points (resume_dir) ------------------------------------------------------------------------
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
@@ -103,7 +111,8 @@ class CompatMixin:
         # here the epochs before epoch_idx, validation included, are complete
         if self._resume is not None and epoch_idx > self.start_epoch:
             self._resume.save(**self._training_state(train_data, epoch_idx))
-        return super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
+        with mixed_precision(self.config, self.device):
+            return super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
 
     def _resume_point(self):
         if not self.resume_dir:
@@ -115,8 +124,7 @@ class CompatMixin:
             self.logger.warning(f"resume_dir: {base.__name__} is not covered by resume points; it trains from the "
                                 "start")
             return None
-        dataset = os.path.basename(str(self.config["dataset"]))
-        name = f"{type(self).__name__}-{type(self.model).__name__}-{dataset}"
+        name = point_name(self.config, f"{type(self).__name__}-{type(self.model).__name__}", self.resume_settings)
         return resume_point(self.resume_dir, name, self.resume_settings or run_settings(self.config))
 
     def _training_state(self, train_data, epoch, done=False):
@@ -178,7 +186,7 @@ class CompatMixin:
         if load_best_model:
             self.load_model_file(model_file)
         self.start_sampled_eval(eval_data)
-        with seeded_numpy(self.config["seed"]):
+        with seeded_numpy(self.config["seed"]), mixed_precision(self.config, self.device):
             return super().evaluate(eval_data, load_best_model=False, model_file=None, show_progress=show_progress)
 
     def start_sampled_eval(self, eval_data):

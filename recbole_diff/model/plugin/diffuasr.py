@@ -71,7 +71,7 @@ class Augmenter(nn.Module):
         [-1, 1]: an unclipped estimate's error grows step by step (measured: x0 ~1000x the items' scale)."""
         if not self.clip_x0:
             return None
-        bound = (self.embedding.weight[1:] / self.scale()).abs().max().item()
+        bound = (self.embedding.weight[1:] / self.scale()).abs().max()  # kept on the device
         return lambda x0: x0.clamp(-bound, bound)
 
     def loss(self, s_aug, flat_raw, raw_offsets):
@@ -112,8 +112,8 @@ class DiffuASR(FrozenBackboneMixin, SequentialRecommender):
     default_backbone = "SASRec"
 
     REQUIRED = ("backbone", "augmenter", "M", "guide", "gamma", "p_uncond", "diffusion_steps", "noise_schedule",
-                "sampler", "eta", "condition", "embedding_init", "freeze_embedding", "diffusion_embedding_size",
-                "unet_channels", "unet_res_blocks", "unet_dropout", "augmenter_epochs", "augmenter_learning_rate",
+                "sampler", "eta", "condition", "embedding_init", "freeze_embedding", "unet_channels", "unet_res_blocks",
+                "unet_dropout", "augmenter_epochs", "augmenter_learning_rate",
                 "augmenter_batch_size", "augmenter_min_raw", "exclude_history", "generation_batch_size",
                 "eval_mode", "long_tail_bounds", "classifier_logprob", "x0_scale", "clip_x0")
 
@@ -124,7 +124,7 @@ class DiffuASR(FrozenBackboneMixin, SequentialRecommender):
         self.build_backbone(config, dataset)
         self.final = get_model(self.backbone_name)(config, dataset)  # trained on the augmented dataset
         self.m = int(config["M"])
-        self.d = int(config["diffusion_embedding_size"])
+        self.d = self._embedding_size(config)
         square_side(self.d)
         self.augmenter_kind = config["augmenter"]
         self.augmenter = Augmenter(self.n_items, self.m, self.d, config) if self.augmenter_kind == "diffusion" else None
@@ -152,6 +152,12 @@ class DiffuASR(FrozenBackboneMixin, SequentialRecommender):
         self.register_buffer("prefix", torch.zeros(dataset.user_num, self.m, dtype=torch.long))
         self.register_buffer("item_to_final", torch.arange(self.n_items))
         self.eval_mode = config["eval_mode"]
+
+    def _embedding_size(self, config):
+        """d as set, else the backbone's item embedding size when the augmenter starts from its table."""
+        if config["diffusion_embedding_size"] is not None:
+            return int(config["diffusion_embedding_size"])
+        return self.adapter.item_embeddings().shape[1] if config["embedding_init"] == "backbone" else 64
 
     @staticmethod
     def _check_choices(config):

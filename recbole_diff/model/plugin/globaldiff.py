@@ -9,6 +9,8 @@ Inference: the backbone's softmax ``y`` is taken as the diffusion state at step 
 the last step, denoised to ``x0_hat``, and the two are fused by a Borda count with ``gamma``.
 See ``docs/globaldiff.md`` for every key and for where this differs from the authors' code.
 """
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,8 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_diff.data.globaldiff import (
-    ItemSimilarity, UserSequenceLoader, bernoulli_targets, reweighted_targets, sample_mask_positions, training_pairs, user_sequences,
+    SIMILARITY_WINDOWS, ItemSimilarity, UserSequenceLoader, bernoulli_targets, reweighted_targets,
+    sample_mask_positions, training_pairs, user_sequences, window_pairs,
 )
 from recbole_diff.diffusion import GaussianDiffusion, make_step_sampler
 from recbole_diff.model.plugin.frozen import FrozenBackboneMixin
@@ -81,6 +84,66 @@ def borda_fuse(y, x0, gamma):
     return gamma * ranked(y) + (1 - gamma) * ranked(x0)
 
 
+def _nonzero_ties(values):
+    """Rows of descending ``values`` with two equal non-zero neighbours: their order among themselves would come
+    from the index, which a top-k does not keep (equal zeros score 0 wherever they are placed)."""
+    return ((values[:, 1:] == values[:, :-1]) & (values[:, 1:] != 0)).any(dim=1)
+
+
+def _candidate_parts(weight, values, place, m, c):
+    """A list's Borda part ``weight * (place * value)`` of each candidate, as a [low, high] interval: exact
+    where the candidate is in the list's top c (``place`` its 0-based position there), and with its place
+    bounded by [1, m - c] elsewhere (float rounding is monotone, so the bounds hold as computed)."""
+    known = place >= 0
+    exact = weight * ((m - place).to(values.dtype) * values)
+    return (torch.where(known, exact, weight * values),
+            torch.where(known, exact, weight * ((m - c) * values)))
+
+
+def fused_topk(y, d, gamma, k, candidates):
+    """The best ``k`` items of ``borda_fuse(y, d, gamma)`` without ranking every item, for non-negative y, d.
+
+    The fused score ``gamma * r(y) * y + (1 - gamma) * r(d) * d`` is, in each list, non-increasing down that
+    list's order. So an item outside both lists' top ``candidates`` (c) scores at most
+    ``gamma * (M - c) * y_(c+1) + (1 - gamma) * (M - c) * d_(c+1)``, and an item in only one top list has its
+    other part within [w * v, w * (M - c) * v]. A row is certified when its k best candidates by lower bound
+    each stand strictly above every upper bound below them (the other candidates' and the outside bound) and
+    the top lists hold no tied non-zero values; its k items then get scores in the exact fused order (exact
+    fused scores wherever both places are known) and every other item -inf. Rows not certified get the full
+    Borda scores. Returns (scores [B, M] float64, certified rows [B] bool)."""
+    y, d = y.double(), d.double()
+    b, m = y.shape
+    c = min(int(candidates), m - 1)
+    if k > c:
+        return borda_fuse(y, d, gamma), torch.zeros(b, dtype=torch.bool, device=y.device)
+    vy, iy = torch.topk(y, c + 1, dim=1)
+    vd, idd = torch.topk(d, c + 1, dim=1)
+    tied = _nonzero_ties(vy) | _nonzero_ties(vd)
+    items = torch.cat([iy[:, :c], idd[:, :c]], dim=1)
+    slots = torch.arange(c, device=y.device).expand(b, c)
+    place_y = torch.full((b, m), -1, dtype=torch.long, device=y.device).scatter_(1, iy[:, :c], slots).gather(1, items)
+    place_d = torch.full((b, m), -1, dtype=torch.long, device=y.device).scatter_(1, idd[:, :c], slots).gather(1, items)
+    a_lo, a_hi = _candidate_parts(gamma, y.gather(1, items), place_y, m, c)
+    b_lo, b_hi = _candidate_parts(1 - gamma, d.gather(1, items), place_d, m, c)
+    lo, hi = a_lo + b_lo, a_hi + b_hi
+    dup = torch.zeros_like(items, dtype=torch.bool)
+    dup[:, c:] = place_y[:, c:] >= 0  # in both top lists: its copy from y's list stands
+    lo, hi = lo.masked_fill(dup, float("-inf")), hi.masked_fill(dup, float("-inf"))
+    lo, order = torch.sort(lo, dim=1, descending=True)
+    hi, items = hi.gather(1, order), items.gather(1, order)
+    below = torch.flip(torch.cummax(torch.flip(hi, [1]), dim=1).values, [1])  # max hi from each place on
+    outside = gamma * ((m - c) * vy[:, c]) + (1 - gamma) * ((m - c) * vd[:, c])
+    rest = torch.maximum(below[:, 1:k + 1], outside[:, None])
+    certified = (lo[:, :k] > rest).all(dim=1) & ~tied
+    scores = torch.full_like(y, float("-inf")).scatter_(1, items[:, :k], lo[:, :k])
+    if y.device.type == "cpu":  # rank only the rows that need it (on an accelerator a mask costs a sync)
+        failed = ~certified
+        if failed.any():
+            scores[failed] = borda_fuse(y[failed], d[failed], gamma)
+        return scores, certified
+    return torch.where(certified[:, None], scores, borda_fuse(y, d, gamma)), certified
+
+
 class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
     """GlobalDiff plugin; ``--backbone`` picks the RecBole sequential model it is stacked on."""
 
@@ -94,7 +157,8 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
                 "position_offset", "mask_samples", "similarity", "dense_memory_limit_gb", "diffusion_loss",
                 "diffusion_epochs", "diffusion_stopping_step", "diffusion_learning_rate", "diffusion_batch_size",
                 "diffusion_dropout",
-                "sampling_noise", "y_form", "y_scale", "x0_norm", "gamma", "eval_mode", "filter_history")
+                "sampling_noise", "y_form", "y_scale", "gamma", "eval_mode", "filter_history", "similarity_window",
+                "topk_fusion", "fusion_candidates")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -123,7 +187,12 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         # the typical L2 length of the training x0 (a running mean): the scale of the x0 estimates and of y in
         # the reverse process, so that the schedule's noise is as large against them as it was in training
         self.register_buffer("x0_length", torch.zeros(()))
-        self.x0_norm = config["x0_norm"]
+        # softmax suits cross-entropy logits; an MSE-trained x0_hat lies in about [0, 1] and its softmax is nearly
+        # flat, which takes away the diffusion side's Borda vote (docs/globaldiff.md has the validation figures)
+        self.x0_norm = config["x0_norm"] or ("l1" if config["diffusion_loss"] == "mse" else "softmax")
+        self.fusion_k = self._fusion_k(config)
+        self.fusion_candidates = int(config["fusion_candidates"])
+        self.fusion_fallbacks = 0  # rows the top-k fusion could not certify (ranked in full instead)
         self.y_topk = int(config["y_topk"] or 50)
         self.hide_target = bool(config["hide_target"])
         self.eval_mode = config["eval_mode"]
@@ -137,12 +206,32 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
     @staticmethod
     def _check_choices(config):
         checks = {"guidance": GUIDANCE, "eval_mode": EVAL_MODES, "diffusion_loss": ("mse", "ce"),
-                  "y_form": ("softmax", "logits", "topk"), "y_scale": ("unit", "raw"), "x0_norm": ("softmax", "l1")}
+                  "y_form": ("softmax", "logits", "topk"), "y_scale": ("unit", "raw"),
+                  "x0_norm": (None, "softmax", "l1"), "similarity_window": SIMILARITY_WINDOWS,
+                  "topk_fusion": (True, False)}
         for key, allowed in checks.items():
             if config[key] not in allowed:
                 raise ValueError(f"GlobalDiff: {key} must be one of {allowed}, got '{config[key]}'.")
         if not 0.0 <= float(config["gamma"]) <= 1.0:
             raise ValueError(f"GlobalDiff: gamma must be in [0, 1], got {config['gamma']}.")
+        if not isinstance(config["fusion_candidates"], int) or config["fusion_candidates"] < 1:
+            raise ValueError(f"GlobalDiff: fusion_candidates must be a positive integer, got "
+                             f"{config['fusion_candidates']!r}.")
+
+    @staticmethod
+    def _fusion_k(config):
+        """The K of the exact top-K fusion in full-sort evaluation: the largest ``topk`` when every metric reads
+        only the top of the ranking; None (the whole Borda ranking) otherwise or with ``topk_fusion: False``."""
+        if not config["topk_fusion"]:
+            return None
+        from recbole.evaluator.register import metric_information
+
+        needs = set()
+        for metric in config["metrics"]:
+            needs.update(metric_information.get(metric.lower(), ["rec.score"]))
+        if needs & {"rec.score", "rec.meanrank"}:
+            return None
+        return max(config["topk"]) if config["topk"] else None
 
     @torch.no_grad()
     def _state_dim(self):
@@ -189,17 +278,21 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         """Similarity (from training interactions only) and the per-user sequence loader."""
         dataset = train_data.dataset
         args = (dataset, self.USER_ID, self.ITEM_ID, self.ITEM_SEQ, self.ITEM_SEQ_LEN)
-        users, items = training_pairs(*args)
+        u, seqs, lens = user_sequences(*args, max_len=self.max_seq_length)
         config = self.config
+        if config["similarity_window"] == "last":  # the authors': each user's last MAX_ITEM_LIST_LENGTH items
+            users, items = window_pairs(u, seqs, lens)
+        else:
+            users, items = training_pairs(*args)
         self.similarity = ItemSimilarity(
             users, items, dataset.user_num, dataset.item_num, kind=config["similarity"],
             topk=config["similarity_topk"], n_clusters=config["n_clusters"],
             dense_limit_gb=config["dense_memory_limit_gb"], seed=config["seed"], device=self.device)
-        u, seqs, lens = user_sequences(*args, max_len=self.max_seq_length)
         keep = lens >= (2 if self.adapter.causal else 1)  # a causal condition needs a prefix
         if logger is not None:
-            logger.info(f"GlobalDiff: {config['similarity']} similarity of {dataset.item_num} items "
-                        f"({self.similarity.nbytes() / 2 ** 20:.1f} MB); {int(keep.sum())} user sequences")
+            logger.info(f"GlobalDiff: {config['similarity']} similarity of {dataset.item_num} items from "
+                        f"{len(users)} training interactions (similarity_window: {config['similarity_window']}, "
+                        f"{self.similarity.nbytes() / 2 ** 20:.1f} MB); {int(keep.sum())} user sequences")
         return UserSequenceLoader(dataset, u[keep], seqs[keep], lens[keep], config["diffusion_batch_size"],
                                   config["mask_samples"], self.USER_ID, self.ITEM_SEQ, self.ITEM_SEQ_LEN)
 
@@ -295,6 +388,22 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
                                      stochastic=self.sampling_noise)
 
     def full_sort_predict(self, interaction):
+        """Full-ranking scores. The ensemble scores only its best ``fusion_k`` items, exactly in the Borda order
+        (every other item -inf), when the metrics read no deeper (see :func:`fused_topk`)."""
+        return self._scores(interaction, self.fusion_k)
+
+    @contextmanager
+    def ranking_depth(self, k):
+        """Full-sort scores good down to place ``k`` at least inside the block (the whole ranking if needed)."""
+        saved = self.fusion_k
+        if saved is not None and k > saved:
+            self.fusion_k = None
+        try:
+            yield self
+        finally:
+            self.fusion_k = saved
+
+    def _scores(self, interaction, fusion_k=None):
         seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         if self.eval_mode == "backbone":
             logits, states = self.adapter.item_scores(interaction), None
@@ -311,7 +420,12 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         d = self.normalise(x0_hat.double(), self._history_mask(seq, x0_hat.shape[1]) if self.filter_history else None)
         if self.eval_mode == "diffusion_only":
             return d
-        return borda_fuse(y, d, self.gamma)
+        if fusion_k is None:
+            return borda_fuse(y, d, self.gamma)
+        scores, certified = fused_topk(y, d, self.gamma, fusion_k, self.fusion_candidates)
+        if scores.device.type == "cpu":
+            self.fusion_fallbacks += int((~certified).sum())
+        return scores
 
     def normalise(self, x0_hat, exclude=None):
         """x0_hat as a distribution over items. ``softmax`` suits logits (``diffusion_loss: ce``); an MSE-trained
@@ -335,7 +449,7 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         return predict_from_full_sort(self, interaction, self._full_sort_places)
 
     def _full_sort_places(self, interaction):
-        scores = self.full_sort_predict(interaction)
+        scores = self._scores(interaction)  # every candidate needs its exact place: the whole Borda ranking
         if scores.dtype == torch.float32:
             return scores
         return descending_places(scores, zero_ties=True).float()  # zeros too: every candidate gets its place

@@ -7,9 +7,12 @@ trains the backbone with, per training row (user u, target i, state h):
 ``w * BCE(s(h, i), 1) + 1/2 BCE(s(h, j_uniform), 0) + 1/2 BCE(s(h, j_nns), 0) + omega_d * mean_n BCE(s(h, k), 1)``
 
 * HBR: ``w`` from the preferences of u's training items (``omega_r``, ``c_w``, ``omega_f``);
-* NNS: ``j_nns`` from u's low-preference band of non-interacted items (``omega_m``);
+* NNS: ``j_nns`` drawn afresh in every batch from u's low-preference band of non-interacted items
+  (``omega_m``), as the authors sample;
 * DPA: k runs over the ``dpa_n`` items of u's top-``dpa_m`` non-interacted ones that the current backbone
-  scores highest.
+  scores highest; applied at u's last-behaviour state (``dpa_state: last``, the paper's h_u: the training row
+  whose prefix is u's whole training history, once per user and epoch, averaged over those rows of the batch)
+  or at every row's own state (``dpa_state: prefix``).
 
 With ``use_hbr``, ``use_nns`` and ``use_dpa`` all off this is the backbone trained with BCE and one uniform
 negative (``pos_weight`` scales the positive), and stages 1 and 2 are skipped. The stages run in
@@ -20,11 +23,14 @@ import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
-from recbole_diff.data.pdrec import hbr_weights
+from recbole_diff.data.pdrec import draw_band, hbr_weights
 from recbole_diff.model.backbone import BackboneAdapter
 from recbole_diff.utils import get_model, predict_from_full_sort, require_keys
 
 SCORES = ("dot", "cosine")
+DPA_STATES = ("last", "prefix")
+# training rows whose prefix is the user's whole training history; PDRecTrainer adds it to the training data
+LAST_FIELD = "pdrec_last_row"
 # Next-item models whose own score is the dot product of forward()'s state with item_embedding.
 BACKBONES = ("SASRec", "GRU4Rec", "NARM", "NextItNet", "LightSANs", "STAMP", "SRGNN", "GCSAN")
 
@@ -34,10 +40,11 @@ class PDRec(SequentialRecommender):
 
     input_type = InputType.PAIRWISE  # RecBole's loader samples the uniform negative (NEG_ITEM_ID)
     is_plugin = True
+    needs_timestamp = True  # stage 1 is TI-DiffRec (checked at config time)
     default_backbone = "SASRec"
 
     REQUIRED = ("backbone", "use_hbr", "use_dpa", "use_nns", "omega_r", "c_w", "omega_f", "omega_m", "dpa_m",
-                "dpa_n", "omega_d", "nns_pool_size", "pos_weight", "pos_weight_from_hbr", "score", "temperature",
+                "dpa_n", "omega_d", "dpa_state", "pos_weight", "pos_weight_from_hbr", "score", "temperature",
                 "tidiffrec_epochs", "preference_batch_size")
 
     def __init__(self, config, dataset):
@@ -51,17 +58,20 @@ class PDRec(SequentialRecommender):
             raise ValueError(f"PDRec: score must be one of {SCORES}, got '{config['score']}'.")
         if not 0 <= float(config["omega_m"]) < 0.99:
             raise ValueError(f"PDRec: omega_m must be in [0, 0.99), got {config['omega_m']}.")
+        if config["dpa_state"] not in DPA_STATES:
+            raise ValueError(f"PDRec: dpa_state must be one of {DPA_STATES} (last: the user's last-behaviour state, "
+                             f"the paper's; prefix: every training row's), got '{config['dpa_state']}'.")
         if not 0 < int(config["dpa_n"]) <= int(config["dpa_m"]):
             raise ValueError(f"PDRec needs 0 < dpa_n <= dpa_m, got dpa_n={config['dpa_n']}, dpa_m={config['dpa_m']}.")
         self.backbone = get_model(self.backbone_name)(config, dataset)
         self.adapter = BackboneAdapter(self.backbone, self.backbone_name)
         self.use_hbr, self.use_dpa, self.use_nns = (bool(config[k]) for k in ("use_hbr", "use_dpa", "use_nns"))
         self.omega_r, self.c_w, self.omega_f = float(config["omega_r"]), float(config["c_w"]), float(config["omega_f"])
-        self.omega_d, self.dpa_n = float(config["omega_d"]), int(config["dpa_n"])
+        self.omega_d, self.dpa_n, self.dpa_state = float(config["omega_d"]), int(config["dpa_n"]), config["dpa_state"]
         self.pos_weight = float(config["pos_weight"])
         self.pos_weight_from_hbr = bool(config["pos_weight_from_hbr"])
         self.score_kind, self.temperature = config["score"], float(config["temperature"])
-        self.store, self.hbr = None, None
+        self.store, self.hbr, self.nns_rounds = None, None, 1
 
     @property
     def needs_preferences(self):
@@ -71,6 +81,7 @@ class PDRec(SequentialRecommender):
         """Stage 2's store; HBR's weights follow from it and the config's omega_r, c_w, omega_f."""
         self.store = store.to(self.device)
         self.hbr = hbr_weights(store, self.omega_r, self.c_w, self.omega_f).to(self.device)
+        self.nns_rounds = store.rounds()
 
     # ---- scores ----------------------------------------------------------------------------------------
     def score(self, h, items):
@@ -107,6 +118,24 @@ class PDRec(SequentialRecommender):
         best = torch.topk(s_cand.detach(), self.dpa_n, dim=1).indices
         return candidates.gather(1, best), s_cand.gather(1, best)
 
+    def nns_negatives(self, users):
+        """One fresh negative per row from its user's band (new draws at every call, so every epoch)."""
+        return draw_band(self.store, users, self.nns_rounds)
+
+    def dpa_loss(self, h, users, interaction):
+        """Per row: omega_d * mean_n BCE(s_soft, 1) on the rows DPA applies to (all, or each user's last row,
+        whose mean over the batch is spread over its rows so that it adds up to that mean)."""
+        _, s_soft = self.soft_positives(h, users)
+        loss = F.binary_cross_entropy_with_logits(s_soft, torch.ones_like(s_soft), reduction="none").mean(1)
+        if self.dpa_state == "prefix":
+            return self.omega_d * loss
+        if LAST_FIELD not in interaction:
+            raise RuntimeError(f"PDRec with dpa_state: last needs the '{LAST_FIELD}' field of the training data; "
+                               "train with PDRecTrainer (run_recbole_diff does), which adds it.")
+        last = interaction[LAST_FIELD].to(loss.dtype)
+        # no host sync: an empty selection divides 0 by 1
+        return self.omega_d * (loss * last).sum() / last.sum().clamp(min=1) * torch.ones_like(loss)
+
     def _require_store(self):
         if self.needs_preferences and self.store is None:
             raise RuntimeError("PDRec with use_hbr/use_nns/use_dpa needs its preference store: train it with "
@@ -121,12 +150,9 @@ class PDRec(SequentialRecommender):
         loss = self.positive_weights(users, pos) * bce(s_pos, torch.ones_like(s_pos), reduction="none")
         neg_loss = bce(s_neg, torch.zeros_like(s_neg), reduction="none")
         if self.use_nns:
-            pool = self.store.pool[users]
-            pick = torch.randint(pool.shape[1], (len(users), 1), device=pool.device)
-            s_nns = self.score(h, pool.gather(1, pick).squeeze(1))
+            s_nns = self.score(h, self.nns_negatives(users))
             neg_loss = 0.5 * neg_loss + 0.5 * bce(s_nns, torch.zeros_like(s_nns), reduction="none")
         loss = loss + neg_loss
         if self.use_dpa:
-            _, s_soft = self.soft_positives(h, users)
-            loss = loss + self.omega_d * bce(s_soft, torch.ones_like(s_soft), reduction="none").mean(1)
+            loss = loss + self.dpa_loss(h, users, interaction)
         return loss.mean()

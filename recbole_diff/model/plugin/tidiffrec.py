@@ -7,11 +7,17 @@ A user's input vector holds, for every item of the user's training history,
 Everything else (network, linear-var schedule, SNR reweighting, loss-aware steps, noise-free inference from
 the un-noised input) is RecBole's DiffRec. Runs on its own (``--model=TIDiffRec``) with RecBole's user-level
 data loader.
+
+The network's first layer, ``Linear(I + emb -> d)`` over ``cat(x, step embedding)``, is computed as two
+products (:class:`SplitInputDNN`, same weights and state dict): autograd then no longer computes the gradient
+of the wide item input, which nothing uses (one of the five [B, I] x [I, d] products of a training step), and the
+first reverse step of inference, whose input is the un-noised, sparse history, multiplies only its nonzeros.
+Training inputs are noised, hence dense: no sparse product there.
 """
 import numpy as np
 import torch
 from recbole.data.interaction import Interaction
-from recbole.model.general_recommender.diffrec import DiffRec
+from recbole.model.general_recommender.diffrec import DNN, DiffRec, timestep_embedding
 
 from recbole_diff.data.interactions import training_interactions
 
@@ -49,10 +55,35 @@ def within_user_positions(users, times=None):
     return positions
 
 
+class SplitInputDNN(DNN):
+    """RecBole's DNN with the first layer split into its item part and its step-embedding part; with
+    ``sparse_input`` set, the item part is a sparse product over the input's nonzeros. Same output as
+    :meth:`DNN.forward` up to float summation order."""
+
+    sparse_input = False
+
+    def forward(self, x, timesteps):
+        emb = self.emb_layer(timestep_embedding(timesteps, self.time_emb_dim).to(x.device))
+        if self.norm:
+            x = torch.nn.functional.normalize(x)
+        x = self.drop(x)
+        layers = list(self.mlp_layers.mlp_layers)
+        first = next(k for k, layer in enumerate(layers) if isinstance(layer, torch.nn.Linear))
+        # what precedes the first Linear is MLPLayers' input dropout, which DNN builds with p = 0
+        linear, n = layers[first], x.shape[1]
+        h = torch.addmm(linear.bias, emb, linear.weight[:, n:].t())
+        w_items = linear.weight[:, :n].t()
+        h = h + (torch.sparse.mm(x.to_sparse(), w_items) if self.sparse_input else x @ w_items)
+        for layer in layers[first + 1:]:
+            h = layer(h)
+        return h
+
+
 class TIDiffRec(DiffRec):
     r"""DiffRec on time-interval weighted user vectors; see the module docstring."""
 
     dataloader_as = "DiffRec"  # RecBole picks its user-level loader by model name
+    needs_timestamp = True  # its weights follow each user's interactions in time (checked at config time)
     # DiffRec's importance-sampling history is kept in plain tensors, outside the state dict: without this a
     # checkpoint or a resume point would restart it from zero
     other_parameter_name = ["Lt_history", "Lt_count"]
@@ -67,6 +98,22 @@ class TIDiffRec(DiffRec):
         # history the way RecBole's general evaluation does; DiffRec's output is mostly that history.
         self.mask_history = bool(config["mask_history"])
         super().__init__(config, dataset)
+        self.mlp.__class__ = SplitInputDNN  # DiffRec builds a DNN; the same module, computed as two products
+
+    def p_sample(self, x_start):
+        """RecBole's noise-free reverse run from the un-noised ``x_start`` (``sampling_steps: 0``), its first
+        step over the sparse input; the other settings go to RecBole's."""
+        if self.sampling_steps != 0 or self.sampling_noise or self.noise_scale == 0.0:
+            return super().p_sample(x_start)
+        x_t = x_start
+        for i in reversed(range(self.steps)):
+            t = torch.full((x_t.shape[0],), i, dtype=torch.long, device=x_t.device)
+            self.mlp.sparse_input = x_t is x_start
+            try:
+                x_t = self.p_mean_variance(x_t, t)["mean"]
+            finally:
+                self.mlp.sparse_input = False
+        return x_t
 
     def build_histroy_items(self, dataset):
         # Built from the training split's interactions (also a sequential split's, inside PDRec), not

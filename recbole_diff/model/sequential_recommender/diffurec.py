@@ -12,8 +12,11 @@ product with every item embedding (cross-entropy in training, RecBole's full sor
 * ``offset_noise_mode`` (DiffuRecSys): training noise ``N(offset_scale * offset_constant, I)`` (``constant``,
   the paper's Eq. 17), or ``random`` / ``iid`` / ``none`` for comparison.
 
-Padding is never computed: every batch is cut to its longest real sequence, and a key-padding mask keeps
-padded positions out of attention, so results do not depend on ``MAX_ITEM_LIST_LENGTH``'s padding.
+Padding is never computed on the CPU: every batch is cut to its longest real sequence (in groups of similar
+length), and a key-padding mask keeps padded positions out of attention, so results do not depend on
+``MAX_ITEM_LIST_LENGTH``'s padding. Cutting needs the lengths on the host; on a GPU, where that read would stall
+the device on every batch and padded positions cost parallel work only, batches run at full width under the
+same mask (:func:`recbole_diff.device.host_fast_path`).
 """
 import torch
 import torch.nn.functional as F
@@ -21,11 +24,13 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
+from recbole_diff.device import host_fast_path
 from recbole_diff.diffusion import OFFSET_MODES, GaussianDiffusion, StepEmbedding, make_noise
 from recbole_diff.model.padding import length_groups
 from recbole_diff.utils import eval_generator, predict_from_full_sort, require_keys
 
 APPROXIMATORS = ("add", "cross_attention")
+SAMPLERS = ("ancestral", "ddim")
 
 
 class ApproximatorBlock(nn.Module):
@@ -74,7 +79,7 @@ class DiffuRec(SequentialRecommender):
     REQUIRED = ("hidden_size", "n_blocks", "n_heads", "dropout_prob", "emb_dropout_prob", "diffusion_steps",
                 "noise_schedule", "lambda_mean", "lambda_std", "approximator", "offset_noise_mode",
                 "offset_scale", "offset_constant", "inference_samples", "position_embedding", "trim_padding",
-                "length_buckets", "item_init", "x0_scale")
+                "length_buckets", "item_init", "x0_scale", "sampler")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -89,6 +94,9 @@ class DiffuRec(SequentialRecommender):
         self.length_buckets = int(config["length_buckets"])
         self.eval_seed = int(config["seed"])
         steps = int(config["diffusion_steps"])
+        # reverse steps at inference: None runs all T; k < T runs k evenly spaced ones (the respaced process)
+        self.sample_steps = None if config["sample_steps"] is None else int(config["sample_steps"])
+        self.sampler = config["sampler"]
 
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
         self.position_embedding = (nn.Embedding(self.max_seq_length, self.hidden_size)
@@ -130,19 +138,26 @@ class DiffuRec(SequentialRecommender):
                              f"'{config['item_init']}' and '{config['x0_scale']}'.")
         if config["inference_samples"] < 1:
             raise ValueError("inference_samples must be >= 1.")
+        if config["sampler"] not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got '{config['sampler']}'.")
+        steps = config["sample_steps"]
+        if steps is not None and not (isinstance(steps, int) and 1 <= steps <= int(config["diffusion_steps"])):
+            raise ValueError(f"sample_steps must be an integer in [1, diffusion_steps = {config['diffusion_steps']}] "
+                             f"or ~ (all steps), got {steps!r}.")
         if config["hidden_size"] % config["n_heads"]:
             raise ValueError(f"hidden_size ({config['hidden_size']}) must be divisible by n_heads ({config['n_heads']}).")
 
     # ---- the denoiser --------------------------------------------------------------------------------
     def _trim(self, item_seq, item_seq_len):
-        if not self.trim_padding:
+        if not self.trim_padding or not host_fast_path(item_seq_len):
             return item_seq
         return item_seq[:, : int(item_seq_len.max())]
 
     def _groups(self, item_seq_len):
         """Row groups of similar length, each later cut to its own longest sequence (see
         ``recbole_diff.model.padding``)."""
-        if not self.trim_padding or self.length_buckets <= 1 or item_seq_len.shape[0] < 2 * self.length_buckets:
+        if (not self.trim_padding or self.length_buckets <= 1 or item_seq_len.shape[0] < 2 * self.length_buckets
+                or not host_fast_path(item_seq_len)):
             return [None]
         return length_groups(item_seq_len, self.length_buckets)
 
@@ -202,23 +217,25 @@ class DiffuRec(SequentialRecommender):
 
     # ---- inference -----------------------------------------------------------------------------------
     def reverse(self, item_seq, item_seq_len, generator):
-        """One full reverse run (T steps) -> x0_hat [B, H]."""
+        """One reverse run (``sample_steps`` of the T steps; all by default) -> x0_hat [B, H]."""
         history, pad_mask = self.encode_history(item_seq)
         x_T = torch.randn(item_seq.shape[0], self.hidden_size, device=item_seq.device, generator=generator)
 
         def model_fn(x_t, t):
             return self.denoise(history, pad_mask, item_seq_len, x_t, t, generator)
 
-        return self.diffusion.sample(model_fn, x_T=x_T, sampler="ancestral", generator=generator)
+        return self.diffusion.sample(model_fn, x_T=x_T, steps=self.sample_steps, sampler=self.sampler,
+                                     generator=generator)
 
     def _reverse_grouped(self, item_seq, item_seq_len, generator):
         groups = self._groups(item_seq_len)
         if groups == [None]:
             return self.reverse(self._trim(item_seq, item_seq_len), item_seq_len, generator)
-        x0_hat = torch.empty(item_seq.shape[0], self.hidden_size, device=item_seq.device)
-        for rows in groups:
-            lengths = item_seq_len[rows]
-            x0_hat[rows] = self.reverse(self._trim(item_seq[rows], lengths), lengths, generator)
+        parts = [self.reverse(self._trim(item_seq[rows], item_seq_len[rows]), item_seq_len[rows], generator)
+                 for rows in groups]
+        x0_hat = torch.empty(item_seq.shape[0], self.hidden_size, device=item_seq.device, dtype=parts[0].dtype)
+        for rows, part in zip(groups, parts):
+            x0_hat[rows] = part
         return x0_hat
 
     def item_distribution(self, interaction):
@@ -226,13 +243,17 @@ class DiffuRec(SequentialRecommender):
         the log of the average of the S runs' softmax distributions (the DiffuRecSys paper's Algorithm 3)."""
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         generator = eval_generator(self.eval_seed, interaction, self.USER_ID, item_seq.device)
-        weight = self.item_embedding.weight
         if self.inference_samples == 1:
-            return self._reverse_grouped(item_seq, item_seq_len, generator) @ weight.t()
+            return self._item_scores(self._reverse_grouped(item_seq, item_seq_len, generator))
         probs = 0
         for _ in range(self.inference_samples):
-            probs = probs + F.softmax(self._reverse_grouped(item_seq, item_seq_len, generator) @ weight.t(), dim=-1)
+            probs = probs + F.softmax(self._item_scores(self._reverse_grouped(item_seq, item_seq_len, generator)), dim=-1)
         return torch.log(probs / self.inference_samples)
+
+    def _item_scores(self, x0_hat):
+        # fp32 even under bf16 autocast: bf16's 8-bit mantissa would tie many items' scores and blur the ranking
+        with torch.autocast(x0_hat.device.type, enabled=False):
+            return x0_hat.float() @ self.item_embedding.weight.float().t()
 
     def full_sort_predict(self, interaction):
         return self.item_distribution(interaction)
