@@ -2,29 +2,10 @@
 process); bf16 autocast."""
 import pytest
 import torch
-from recbole.data import create_dataset, data_preparation
-from recbole.utils import init_seed
 
-from recbole_diff.config import Config
 from recbole_diff.diffusion import GaussianDiffusion
-from recbole_diff.utils import get_model
 
-from conftest import SLICE, TINY
-
-SMALL = dict(TINY, hidden_size=16, n_blocks=2, n_heads=2)
-
-
-def build(name="DiffuRec", **overrides):
-    config = Config(model=name, dataset=SLICE, config_dict=dict(SMALL, **overrides), cmd_line=False)
-    init_seed(config["seed"], True)
-    train, valid, test = data_preparation(config, create_dataset(config))
-    model = get_model(name)(config, train._dataset)
-    return config, model, train, test
-
-
-def first_batch(loader):
-    batch = next(iter(loader))
-    return batch[0] if isinstance(batch, tuple) else batch
+from test_diffurec import build, first_batch
 
 
 @pytest.mark.parametrize("name", ["DiffuRec", "DiffuRecSys"])

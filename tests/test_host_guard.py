@@ -10,6 +10,7 @@ from recbole_diff.config import Config
 from recbole_diff.device import host_fast_path
 from recbole_diff.utils import get_model
 
+from test_diffurec import first_batch
 from conftest import SLICE, TINY
 from host_guard import CONVERSIONS, HostTransferError, guarded, no_host_transfers
 
@@ -81,10 +82,6 @@ def build(name, **overrides):
     model = get_model(name)(config, train._dataset)
     return config, model, train, test
 
-
-def first_batch(loader):
-    batch = next(iter(loader))
-    return batch[0] if isinstance(batch, tuple) else batch
 
 
 def test_a_planted_item_in_a_hot_call_is_caught(monkeypatch):
