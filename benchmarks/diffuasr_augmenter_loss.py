@@ -53,13 +53,13 @@ def main():
     from recbole_diff.data.augment import augmenter_users, training_sequences
     from recbole_diff.utils import get_trainer
 
-    keys = dict(overrides(args, extra), augmenter_steps=args.steps)
+    keys = dict(overrides(args, extra), augmenter_train_steps=args.steps)
     config, model, train, valid, _ = build("DiffuASR", args.dataset, backbone=args.backbone, **keys)
     trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
-    trainer.prepare_backbone(train, valid, verbose=False, saved=True)
+    trainer.run_stage("backbone", train, valid, verbose=False, saved=True)
     sequences = training_sequences(train.dataset)
     start = time.perf_counter()
-    trainer.train_augmenter(sequences)
+    trainer.run_stage("augmenter", train, valid, verbose=False, saved=False)
     seconds = time.perf_counter() - start
     aug = model.augmenter.eval()
     users = augmenter_users(sequences, model.m, int(config["augmenter_min_raw"]))

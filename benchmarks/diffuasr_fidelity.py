@@ -11,7 +11,7 @@ this script generates M items from S_raw exactly as in training and compares the
 
 The same figures for uniform random items and for items drawn by training popularity are the floor a working
 augmenter must clear. One backbone and one augmenter per run; ``--key=value`` overrides any key (e.g.
-``--x0_scale=raw --clip_x0=False --augmenter_steps=~ --augmenter_epochs=100`` for the augmenter before the
+``--x0_scale=raw --clip_x0=False --augmenter_train_steps=~ --augmenter_epochs=100`` for the augmenter before the
 scale fix).
 
     python benchmarks/diffuasr_fidelity.py --dataset ml-100k --preset properties/bench/diffuasr_ml-100k.yaml \
@@ -52,7 +52,7 @@ def generate_from_raw(trainer, sequences, users, batch=256, exclude=False):
         cond = aug.condition(flat, offsets)
         log_prob = model.first_item_log_prob(sequences.heads(b, model.m + 1)[:, model.m]) if c["guide"] == "cg" else None
         with torch.enable_grad():
-            x0 = aug.sample(cond, float(c["gamma"]), c["sampler"], c["sample_steps"], float(c["eta"]), log_prob,
+            x0 = aug.sample(cond, float(c["guidance_scale"]), c["sampler"], c["sample_steps"], float(c["eta"]), log_prob,
                             generator)
         stds.append(x0.std().item())
         out.append(model.round(x0, history_mask(sequences, b, model.n_items, start=model.m) if exclude else None))
@@ -76,9 +76,9 @@ def main():
     keys = overrides(args, extra)
     config, model, train, valid, _ = build("DiffuASR", args.dataset, backbone=args.backbone, **keys)
     trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
-    trainer.prepare_backbone(train, valid, verbose=False, saved=True)
+    trainer.run_stage("backbone", train, valid, verbose=False, saved=True)
     sequences = training_sequences(train.dataset)
-    trainer.train_augmenter(sequences)
+    trainer.run_stage("augmenter", train, valid, verbose=False, saved=False)
     users = augmenter_users(sequences, model.m, int(config["augmenter_min_raw"]))
     real = sequences.heads(users, model.m)
     table = model.augmenter.embedding.weight.detach()
@@ -89,7 +89,7 @@ def main():
     counts = torch.bincount(sequences.bags(torch.arange(len(sequences.lengths)))[0], minlength=model.n_items).float()
     counts[0] = 0
     popular = torch.multinomial(counts, real.numel(), replacement=True, generator=gen).view(real.shape)
-    keys_shown = ("guide", "gamma", "M", "sampler", "sample_steps", "x0_scale", "clip_x0", "augmenter_steps",
+    keys_shown = ("guide", "guidance_scale", "M", "sampler", "sample_steps", "x0_scale", "clip_x0", "augmenter_train_steps",
                   "augmenter_epochs")
     out = {"dataset": args.dataset, "backbone": args.backbone, "seed": args.seed, "users": len(users),
            "config": {k: config[k] for k in keys_shown},

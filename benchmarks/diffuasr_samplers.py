@@ -10,6 +10,7 @@ three generations and three backbones on augmented data, where three bench cells
         [--guide cg] [--seed 2020] [--key=value ...] [--out results.json]
 """
 import argparse
+import logging
 import copy
 import os
 import time
@@ -58,10 +59,10 @@ def main():
     keys = overrides(args, extra)
     config, model, train, valid, test = build("DiffuASR", args.dataset, backbone=args.backbone, **keys)
     trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
-    trainer.prepare_backbone(train, valid, verbose=False, saved=True)
+    trainer.run_stage("backbone", train, valid, verbose=False, saved=True)
     sequences = training_sequences(train.dataset)
-    trainer.train_augmenter(sequences)
-    users = trainer.augmentable_users(sequences, valid)
+    trainer.run_stage("augmenter", train, valid, verbose=False, saved=False)
+    users = model.augmentable_users(sequences, valid, logging.getLogger())
     with model.evaluating("backbone"):
         out = {"dataset": args.dataset, "backbone": args.backbone, "guide": args.guide, "seed": args.seed,
                "users": len(users), "augmenter_seconds": trainer.info["augmenter_seconds"],
@@ -69,13 +70,13 @@ def main():
     initial = copy.deepcopy(model.final.state_dict())  # every augmented backbone starts from the same weights
     for sampler, steps in SAMPLERS:
         config["sampler"], config["sample_steps"] = sampler, steps
-        prefix = trainer.generate(sequences, users)
+        prefix, generation_seconds = model.generate(sequences, users)
         name, root = trainer.write_dataset(train.dataset, prefix, users)
         model.final.load_state_dict(initial)
         trainer.train_on_augmented(name, root, train.dataset, verbose=False)
         label = f"{sampler}{steps or config['diffusion_steps']}"
-        out["runs"][label] = {"users_per_s": trainer.info["generation_users_per_s"],
-                              "generation_seconds": trainer.info["generation_seconds"],
+        out["runs"][label] = {"users_per_s": len(users) / generation_seconds,
+                              "generation_seconds": generation_seconds,
                               "dataset": name, **test_results(trainer, test)}
         print(label, out["runs"][label], flush=True)
     ancestral = out["runs"][f"ancestral{config['diffusion_steps']}"]

@@ -7,7 +7,7 @@ script times, on the real dataset and the preset's settings:
 
 * a few hundred training batches of the backbone -> seconds per epoch (rows / rows per second), x ``epochs``;
 * one validation pass (run after every epoch) and one test pass per evaluation mode;
-* ``--augmenter-steps`` optimiser steps of the augmenter -> x ``augmenter_steps``;
+* ``--augmenter-steps`` optimiser steps of the augmenter -> x ``augmenter_train_steps``;
 * generation (CF and CG, the preset's sampler) for ``--gen-users`` users at each ``--gen-batch`` -> x users;
 * the augmented backbone: the same per-row cost over the original rows plus M rows per augmented user.
 
@@ -18,9 +18,12 @@ seconds (``time.process_time``, one thread): what the stage costs on one core wh
         [--backbone SASRec] [--out results.json]
 """
 import argparse
+import logging
 import time
 
 import torch
+
+from recbole_diff.model.plugin.diffuasr import AUG_HEADS, AUG_RAW, AugmenterLoader
 
 from common import build, report
 from diffuasr_samplers import overrides
@@ -54,12 +57,11 @@ def augmenter_step_seconds(model, sequences, users, batch, steps):
     aug = model.augmenter
     opt = torch.optim.Adam([p for p in aug.parameters() if p.requires_grad], lr=1e-3)
     aug.train()
-    b = users[:batch]
-    heads, (flat, offsets) = sequences.heads(b, model.m), sequences.bags(b, start=model.m)
+    batch = next(iter(AugmenterLoader(None, sequences, users[:batch], model.m, batch)))
     total = 0.0
     for k in range(steps + 1):
         start = time.process_time()
-        loss = aug.loss(heads, flat, offsets)
+        loss = aug.loss(batch[AUG_HEADS], batch[AUG_RAW])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -94,12 +96,12 @@ def main():
     start = time.process_time()
     config, model, train, valid, test = build("DiffuASR", args.dataset, backbone=args.backbone, **keys)
     out = {"dataset": args.dataset, "backbone": args.backbone, "data_seconds": time.process_time() - start,
-           "config": {k: config[k] for k in ("M", "sampler", "sample_steps", "augmenter_steps", "augmenter_batch_size",
+           "config": {k: config[k] for k in ("M", "sampler", "sample_steps", "augmenter_train_steps", "augmenter_batch_size",
                                               "train_batch_size", "epochs", "MAX_ITEM_LIST_LENGTH", "eval_args")}}
     epochs, m = int(config["epochs"]), int(config["M"])
     trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
     sequences = training_sequences(train.dataset)
-    users = trainer.augmentable_users(sequences, valid)
+    users = model.augmentable_users(sequences, valid, logging.getLogger())
     rows = len(train.dataset)
     aug_rows = rows + m * len(users)
 
@@ -118,7 +120,7 @@ def main():
     teach = augmenter_users(sequences, m, int(config["augmenter_min_raw"]))
     step = augmenter_step_seconds(model, sequences, teach, int(config["augmenter_batch_size"]), args.augmenter_steps)
     out["augmenter"] = {"users": len(teach), "step_s": step, "steps_timed": args.augmenter_steps,
-                        "stage_s": step * int(config["augmenter_steps"])}
+                        "stage_s": step * int(config["augmenter_train_steps"])}
     print(out["augmenter"], flush=True)
 
     # generation, per guide and batch size, on the first users
@@ -128,7 +130,7 @@ def main():
         config["guide"], model.augmenter.guide = guide, guide
         for batch in args.gen_batch:
             config["generation_batch_size"] = batch
-            ups = len(sample) / seconds(lambda: trainer.generate(sequences, sample))
+            ups = len(sample) / seconds(lambda: model.generate(sequences, sample))
             out["generation"][f"{guide}_batch{batch}"] = {"users_timed": len(sample), "users_per_s": ups,
                                                           "stage_s": len(users) / ups}
             print(guide, batch, out["generation"][f"{guide}_batch{batch}"], flush=True)

@@ -82,7 +82,7 @@ def main():
     backbone_checkpoint = None
     for approximator in args.approximators:
         trainer, valid, test = trained(approximator, keys, backbone_checkpoint)
-        backbone_checkpoint = trainer.backbone_checkpoint
+        backbone_checkpoint = trainer.checkpoints["backbone"]
         base, base_result = timed_evaluate(trainer, test, "backbone")
         runs = {"backbone": {"seconds": base, "test": base_result}}
         for steps in args.steps:

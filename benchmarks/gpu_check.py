@@ -26,7 +26,7 @@ from common import dataset_kwargs, report
 SEQUENTIAL = ("SASRec", "DiffuRec", "DiffuRecSys")
 PLUGINS = ("GlobalDiff", "PDRec", "DiffuASR")
 # one epoch for every stage of a plugin's pipeline
-ONE_EPOCH = {"epochs": 1, "diffusion_epochs": 1, "tidiffrec_epochs": 1, "augmenter_epochs": 1, "augmenter_steps": None}
+ONE_EPOCH = {"epochs": 1, "diffusion_epochs": 1, "tidiffrec_epochs": 1, "augmenter_epochs": 1, "augmenter_train_steps": None}
 SMALL = {"hidden_size": 16, "inner_size": 32, "embedding_size": 16, "n_layers": 1, "n_heads": 1, "n_blocks": 1,
          "MAX_ITEM_LIST_LENGTH": 10, "train_batch_size": 64, "eval_batch_size": 64, "diffusion_embedding_size": 16,
          "unet_channels": [8, 16, 16], "M": 3, "sample_steps": 4, "dims_dnn": [32], "tidiffrec": {"dims_dnn": [32]}}

@@ -15,7 +15,7 @@ from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
 from recbole_diff import properties_dir
-from recbole_diff.utils import get_model, read_yaml, sequential_model_names
+from recbole_diff.utils import get_model, is_plugin, read_yaml, sequential_model_names
 
 RECBOLE_PROPERTIES = os.path.join(os.path.dirname(os.path.realpath(__import__("recbole").__file__)), "properties")
 
@@ -173,10 +173,10 @@ class Config(RecBoleConfig):
 
         self.backbone, self.backbone_class = None, None
         asked = self._backbone_arg or self.external_config_dict.get("backbone")
-        if asked and not getattr(model_class, "is_plugin", False):
+        if asked and not is_plugin(model_class):
             raise ValueError(f"backbone '{asked}' was given, but {model_name} is not a plugin model and has no "
                              "backbone; drop --backbone, or pick a plugin (GlobalDiff, PDRec, DiffuASR).")
-        if getattr(model_class, "is_plugin", False):
+        if is_plugin(model_class):
             backbone = asked or model_class.default_backbone
             self.backbone_class = self._backbone_model(backbone)
             if self.backbone_class.type != ModelType.SEQUENTIAL:

@@ -64,9 +64,16 @@ def sequential_model_names():
              and hasattr(getattr(pkg, name), "calculate_loss")]
     for name in our_model_names():
         model = get_model(name)
-        if model.type == ModelType.SEQUENTIAL and not getattr(model, "is_plugin", False):
+        if model.type == ModelType.SEQUENTIAL and not is_plugin(model):
             names.append(name)
     return sorted(set(names))
+
+
+def is_plugin(model_class):
+    """A model built around a backbone (:class:`~recbole_diff.model.plugin.base.PluginRecommender`)."""
+    from recbole_diff.model.plugin.base import PluginRecommender
+
+    return isinstance(model_class, type) and issubclass(model_class, PluginRecommender)
 
 
 def our_model_names():
@@ -95,6 +102,8 @@ def get_trainer(model_type, model_name):
     ours = getattr(our_trainers, f"{model_name}Trainer", None)
     if ours is not None:
         return ours
+    if model_name in _available_our_models() and is_plugin(get_model(model_name)):
+        return our_trainers.PluginTrainer
     return our_trainers.compat_trainer(recbole_get_trainer(model_type, model_name))
 
 

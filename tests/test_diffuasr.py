@@ -1,5 +1,6 @@
 """DiffuASR: SU-Net, the augmenter's loss and guidance, rounding, the baselines, the dataset writer and the
 pipeline (evaluation with prepended items equals the augmented dataset's own evaluation)."""
+import logging
 import os
 
 import numpy as np
@@ -11,6 +12,7 @@ from recbole_diff.data.augment import (
     Sequences, augmenter_users, history_mask, random_prefix, random_seq_prefix, read_atomic, round_to_items,
     training_sequences, write_augmented_dataset,
 )
+from recbole_diff.model.plugin.diffuasr import AUG_HEADS, AUG_RAW, AugmenterLoader
 from recbole_diff.model.plugin.sunet import SUNet
 from recbole_diff.quick_start import build_config, load_data_and_model, prepare_data, run_recbole_diff
 from recbole_diff.utils import get_model, get_trainer
@@ -18,7 +20,7 @@ from recbole_diff.utils import get_model, get_trainer
 from conftest import DATA_PATH, SLICE, TINY
 
 ASR = dict(TINY, hidden_size=16, diffusion_embedding_size=16, unet_channels=[8, 16, 16], M=3, augmenter_epochs=2,
-           augmenter_steps=None, sampler="ddim", sample_steps=5, epochs=2)
+           augmenter_train_steps=None, sampler="ddim", sample_steps=5, epochs=2)
 
 
 def build(tmp_path, **overrides):
@@ -95,16 +97,37 @@ def test_eps_loss_decreases(tmp_path):
     aug = model.augmenter
     opt = torch.optim.Adam(aug.parameters(), lr=3e-3)
     torch.manual_seed(0)
-    flat, offsets = seqs.bags(users, start=model.m)
-    heads = seqs.heads(users, model.m)
+    (batch,) = list(AugmenterLoader(train.dataset, seqs, users, model.m, len(users)))
     losses = []
     for _ in range(60):
-        loss = aug.loss(heads, flat, offsets)
+        loss = aug.loss(batch[AUG_HEADS], batch[AUG_RAW])
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+
+
+def test_training_batches_hold_s_aug_and_s_raw_and_pool_them_as_the_generation_does(tmp_path):
+    config, model, train, _, _ = build(tmp_path, guide="cf")
+    seqs = training_sequences(train.dataset)
+    users = augmenter_users(seqs, model.m, int(config["augmenter_min_raw"]))
+    loader = AugmenterLoader(train.dataset, seqs, users, model.m, 7)
+    batches = list(loader)
+    assert len(batches) == len(loader) == -(-len(users) // 7)
+    seen = []
+    for batch in batches:
+        heads, raw = batch[AUG_HEADS], batch[AUG_RAW]
+        for row_heads, row_raw in zip(heads, raw):
+            user = next(int(u) for u in users if seqs.of(u)[:model.m].tolist() == row_heads.tolist()
+                        and seqs.of(u)[model.m:].tolist() == row_raw[row_raw > 0].tolist())
+            seen.append(user)
+    assert sorted(seen) == sorted(users.tolist())  # every user once an epoch, whole sequences
+    batch = batches[0]
+    rows = [next(int(u) for u in users if seqs.of(u)[:model.m].tolist() == h.tolist()) for h in batch[AUG_HEADS]]
+    flat, offsets = seqs.bags(torch.tensor(rows), start=model.m)
+    padded = model.augmenter.condition(batch[AUG_RAW])
+    assert torch.allclose(padded, model.augmenter.condition(flat, offsets), atol=1e-6)
 
 
 def test_condition_dropout_trains_with_the_null_condition_at_rate_p_uncond(tmp_path):
@@ -116,11 +139,11 @@ def test_condition_dropout_trains_with_the_null_condition_at_rate_p_uncond(tmp_p
     hook = aug.sunet.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[2].detach().clone()))
     n = 4000
     heads = torch.randint(1, model.n_items, (n, model.m))
-    flat, offsets = torch.randint(1, model.n_items, (2 * n,)), torch.arange(0, 2 * n, 2)
+    raw = torch.randint(1, model.n_items, (n, 2))
     torch.manual_seed(0)
-    aug.loss(heads, flat, offsets)
+    aug.loss(heads, raw)
     aug.guide = "cg"  # no dropout outside classifier-free guidance
-    aug.loss(heads, flat, offsets)
+    aug.loss(heads, raw)
     hook.remove()
     null_rows = [(c == 7.0).all(dim=1).float().mean().item() for c in seen]
     assert abs(null_rows[0] - 0.3) < 0.03 and null_rows[1] == 0.0
@@ -139,16 +162,16 @@ def test_classifier_free_guidance_combines_the_two_branches():
         assert torch.equal(classifier_free(net, 0.0, {"c": null})(x, t, c=c), net(x, t, c=c))
 
 
-def test_classifier_free_with_gamma_zero_is_unguided(tmp_path):
+def test_classifier_free_with_guidance_scale_zero_is_unguided(tmp_path):
     _, model, _, _, _ = build(tmp_path, guide="cf")
     aug = model.augmenter.eval()
     c = torch.randn(4, 16)
-    guided = aug.sample(c, gamma=0.0, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(1))
+    guided = aug.sample(c, guidance_scale=0.0, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(1))
     aug.guide = "none"
-    plain = aug.sample(c, gamma=0.0, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(1))
+    plain = aug.sample(c, guidance_scale=0.0, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(guided, plain)
     aug.guide = "cf"
-    other = aug.sample(c, gamma=3.0, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(1))
+    other = aug.sample(c, guidance_scale=3.0, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(other, plain)
 
 
@@ -239,7 +262,6 @@ def test_random_baselines():
 @pytest.mark.parametrize("exclude", [True, False])
 def test_exclude_history_decides_if_own_items_may_be_generated_and_padding_never_is(tmp_path, exclude):
     config, model, train, _, _ = build(tmp_path, guide="cf", exclude_history=exclude)
-    trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
     sequences = training_sequences(train.dataset)
     users = torch.nonzero(sequences.lengths >= model.m).flatten()[:8]
     own = sequences.heads(users, model.m - 1)
@@ -250,7 +272,7 @@ def test_exclude_history_decides_if_own_items_may_be_generated_and_padding_never
         return torch.cat([table[0].expand(len(c), 1, -1), table[own]], dim=1)
 
     model.augmenter.sample = sample
-    prefix = trainer.generate(sequences, users)
+    prefix, _ = model.generate(sequences, users)
     assert (prefix > 0).all()
     history = history_mask(sequences, users, model.n_items)
     if exclude:
@@ -301,11 +323,11 @@ def test_prepending_keeps_the_last_items_and_skips_users_without_a_prefix(tmp_pa
 def test_users_without_a_validation_item_are_not_augmented(tmp_path):
     from types import SimpleNamespace
 
-    config, model, _, _, _ = build(tmp_path)
-    trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
+    _, model, _, _, _ = build(tmp_path)
     seqs = Sequences(torch.tensor([0, 0, 2, 4, 9]), torch.arange(1, 10))
     valid = SimpleNamespace(dataset=SimpleNamespace(uid_field="user_id", inter_feat={"user_id": torch.tensor([1, 3])}))
-    assert trainer.augmentable_users(seqs, valid).tolist() == [1, 3]
+    assert model.augmentable_users(seqs, valid, logging.getLogger()).tolist() == [1, 3]
+    assert model.stage_info["users_not_augmented"] == 1  # user 2 has training items but no validation row
 
 
 # ---- the writer ----------------------------------------------------------------------------------------------
@@ -347,7 +369,7 @@ def test_writer_keeps_every_interaction_and_the_held_out_targets(tmp_path):
 
 # ---- the pipeline ------------------------------------------------------------------------------------------
 def test_pipeline_scores_equal_the_augmented_datasets_own_and_reload(tmp_path):
-    cfg = dict(ASR, checkpoint_dir=str(tmp_path), guide="cf", gamma=1.0)
+    cfg = dict(ASR, checkpoint_dir=str(tmp_path), guide="cf", guidance_scale=1.0)
     result = run_recbole_diff("DiffuASR", SLICE, config_dict=cfg, cmd_line=False)
     assert os.path.isdir(result["augmented_dataset"]) and result["generation_users_per_s"] > 0
     assert result["backbone_test_result"] is not None
@@ -453,23 +475,23 @@ def test_x0_is_the_item_table_at_unit_scale_and_sampling_stays_in_its_range(tmp_
     assert torch.equal(model.round(x0[:60].view(20, 3, -1)), items[:60].view(20, 3))
     bound = x0.abs().max().item()
     with torch.no_grad():
-        out = aug.sample(torch.randn(8, model.d), gamma=1.0, sampler="ddim", steps=10)
+        out = aug.sample(torch.randn(8, model.d), guidance_scale=1.0, sampler="ddim", steps=10)
     assert out.abs().max().item() <= bound + 1e-6
     aug.clip_x0 = False  # an untrained network's estimates leave the table's range without the clip
     with torch.no_grad():
-        assert aug.sample(torch.randn(8, model.d), gamma=1.0, sampler="ddim", steps=10).abs().max() > bound
+        assert aug.sample(torch.randn(8, model.d), guidance_scale=1.0, sampler="ddim", steps=10).abs().max() > bound
 
 
-def test_augmenter_steps_set_the_budget_in_updates(tmp_path):
+def test_augmenter_train_steps_set_the_budget_in_updates(tmp_path):
     from recbole_diff.trainer.diffuasr import DiffuASRTrainer
 
-    config, model, train, _, _ = build(tmp_path, guide="cf", augmenter_steps=5, augmenter_batch_size=16)
+    config, model, train, valid, _ = build(tmp_path, guide="cf", augmenter_train_steps=5, augmenter_batch_size=16)
     trainer = DiffuASRTrainer(config, model)
     seqs = training_sequences(train.dataset)
     users = augmenter_users(seqs, model.m, int(config["augmenter_min_raw"]))
     calls = []
     loss = model.augmenter.loss
     model.augmenter.loss = lambda *a: calls.append(1) or loss(*a)
-    trainer.train_augmenter(seqs)
+    trainer.run_stage("augmenter", train, valid, verbose=False, saved=False)
     per_epoch = -(-len(users) // 16)
     assert len(calls) == per_epoch * -(-5 // per_epoch) and len(calls) >= 5

@@ -12,7 +12,7 @@ from recbole_diff.data.pdrec import (
     hbr_weights, nns_band, store_meta,
 )
 from recbole_diff.model.plugin.pdrec import LAST_FIELD
-from recbole_diff.trainer.pdrec import mark_last_rows
+from recbole_diff.model.plugin.pdrec import mark_last_rows
 from recbole_diff.quick_start import build_config, load_data_and_model, prepare_data, run_recbole_diff
 from recbole_diff.utils import get_model, get_trainer
 
@@ -258,7 +258,7 @@ def test_all_off_skips_stages_1_and_2(tmp_path):
     config, model, train, valid, _ = build(tmp_path, use_hbr=False, use_nns=False, use_dpa=False, epochs=1)
     trainer = get_trainer(config["MODEL_TYPE"], "PDRec")(config, model)
     trainer.fit(train, valid, saved=False)
-    assert trainer.tidiffrec is None and model.store is None
+    assert "tidiffrec" not in trainer.checkpoints and not model._stage_models and model.store is None
 
 
 def with_store(model, train, seed=0):
@@ -397,7 +397,7 @@ def test_full_loss_trains(tmp_path):
 
 def test_missing_store_is_a_clear_error(tmp_path):
     _, model, train, _, _ = build(tmp_path)
-    with pytest.raises(RuntimeError, match="PDRecTrainer"):
+    with pytest.raises(RuntimeError, match="preference store"):
         model.calculate_loss(next(iter(train)))
 
 

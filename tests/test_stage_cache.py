@@ -100,7 +100,7 @@ def test_pdrec_runs_share_tidiffrec_and_give_the_same_results(tmp_path):
 
 def test_diffuasr_runs_that_differ_in_sampling_only_share_the_augmenter(tmp_path):
     def run(cache, **overrides):
-        cfg = dict(ASR, epochs=1, checkpoint_dir=str(tmp_path / "saved"), **dict(dict(guide="cg", gamma=1.0), **overrides))
+        cfg = dict(ASR, epochs=1, checkpoint_dir=str(tmp_path / "saved"), **dict(dict(guide="cg", guidance_scale=1.0), **overrides))
         if cache:
             cfg["stage_cache"] = str(tmp_path / "stages")
         return run_recbole_diff("DiffuASR", SLICE, config_dict=cfg, cmd_line=False)
@@ -114,12 +114,12 @@ def test_diffuasr_runs_that_differ_in_sampling_only_share_the_augmenter(tmp_path
     assert "embedding.weight" not in load_checkpoint(stored()[0]) and "null" in load_checkpoint(stored()[0])
     backbone_stage = glob.glob(str(tmp_path / "stages" / "SASRec-backbone-*.pth"))
     assert len(backbone_stage) == 1 and "optimizer" not in load_checkpoint(backbone_stage[0])
-    second = run(True, sample_steps=3, gamma=10.0)  # another sampler setting: the same augmenter, loaded
+    second = run(True, sample_steps=3, guidance_scale=10.0)  # another sampler setting: the same augmenter, loaded
     assert second["augmenter_stage"] == stored()[0]
     assert second["augmenter_final_loss"] == first["augmenter_final_loss"]
     assert second["augmenter_seconds"] == 0 and second["augmenter_trained_seconds"] == first["augmenter_seconds"]
     # loading it gives what training it in the run gives
-    alone = run(False, sample_steps=3, gamma=10.0, augmented_data_path=str(tmp_path / "alone"))
+    alone = run(False, sample_steps=3, guidance_scale=10.0, augmented_data_path=str(tmp_path / "alone"))
     assert "augmenter_stage" not in alone
     for key in ("test_result", "best_valid_result"):
         assert dict(second[key]) == pytest.approx(dict(alone[key]), abs=1e-6), key

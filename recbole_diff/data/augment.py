@@ -118,13 +118,13 @@ def random_seq_prefix(sequences, users, m, generator=None):
 
 
 # ---- the augmented dataset ---------------------------------------------------------------------------
-def augmented_name(dataset, backbone, augmenter, m, seed, guide=None, gamma=None, sample_steps=None, sampler=None,
+def augmented_name(dataset, backbone, augmenter, m, seed, guide=None, guidance_scale=None, sample_steps=None, sampler=None,
                    settings=None):
-    """``<dataset>-<augmenter>-<backbone>-M<M>[-<guide>-g<gamma>-<sampler><steps>]-seed<seed>[-<hash>]``: the
+    """``<dataset>-<augmenter>-<backbone>-M<M>[-<guide>-g<guidance_scale>-<sampler><steps>]-seed<seed>[-<hash>]``: the
     source, M, guidance, steps and seed readable; the augmenter's other settings as a short hash."""
     parts = [dataset, "diffuasr" if augmenter == "diffusion" else augmenter, backbone, f"M{m}"]
     if augmenter == "diffusion":
-        parts += [guide, f"g{gamma:g}", f"{sampler}{sample_steps if sample_steps else 'all'}"]
+        parts += [guide, f"g{guidance_scale:g}", f"{sampler}{sample_steps if sample_steps else 'all'}"]
     parts.append(f"seed{seed}")
     if settings:
         parts.append(hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:6])

@@ -79,6 +79,7 @@ class CompatMixin:
         self._item_side, self._full_sort_agrees, self._disagreed = set(), None, set()
         # a stage shared between runs keeps its point beside the stage instead (see backbone.py, pdrec.py)
         self.resume_dir, self.resume_settings = config["resume_dir"], None
+        self.point_kind = None  # the resume point's name stem (default: trainer and model class)
         self._resume = None
         # built once here so that a bad value fails before training
         self._autocast = mixed_precision(config, self.device)
@@ -124,7 +125,8 @@ class CompatMixin:
             self.logger.warning(f"resume_dir: {base.__name__} is not covered by resume points; it trains from the "
                                 "start")
             return None
-        name = point_name(self.config, f"{type(self).__name__}-{type(self.model).__name__}", self.resume_settings)
+        name = point_name(self.config, self.point_kind or f"{type(self).__name__}-{type(self.model).__name__}",
+                          self.resume_settings)
         return resume_point(self.resume_dir, name, self.resume_settings or run_settings(self.config))
 
     def _training_state(self, train_data, epoch, done=False):
@@ -132,7 +134,7 @@ class CompatMixin:
                 "other_parameter": self._other_parameter(), "optimizer": self.optimizer.state_dict(),
                 "cur_step": self.cur_step, "best_valid_score": self.best_valid_score,
                 "best_valid_result": self.best_valid_result, "saved_model_file": self.saved_model_file,
-                "rng": rng_state(train_data)}
+                "train_loss_dict": dict(self.train_loss_dict), "rng": rng_state(train_data)}
 
     def _other_parameter(self):
         # some RecBole models list sub-modules here, which the state dict holds already; setting a copy back
@@ -145,6 +147,7 @@ class CompatMixin:
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch, self.cur_step = state["epoch"], state["cur_step"]
         self.best_valid_score, self.best_valid_result = state["best_valid_score"], state["best_valid_result"]
+        self.train_loss_dict.update(state.get("train_loss_dict", {}))
         self._adopt_best_checkpoint(state["saved_model_file"], state["best_valid_result"] is not None)
         set_rng_state(state["rng"], train_data)
 

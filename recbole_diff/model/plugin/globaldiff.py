@@ -14,7 +14,6 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
-from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_diff.data.globaldiff import (
@@ -22,8 +21,8 @@ from recbole_diff.data.globaldiff import (
     sample_mask_positions, training_pairs, user_sequences, window_pairs,
 )
 from recbole_diff.diffusion import GaussianDiffusion, make_step_sampler
-from recbole_diff.model.plugin.frozen import FrozenBackboneMixin
 from recbole_diff.model.plugin.approximators import GlobalApproximator
+from recbole_diff.model.plugin.base import PluginRecommender, Stage
 from recbole_diff.utils import argsort_descending, eval_generator, predict_from_full_sort, require_keys
 
 GUIDANCE = ("full", "target", "none")
@@ -144,13 +143,13 @@ def fused_topk(y, d, gamma, k, candidates):
     return torch.where(certified[:, None], scores, borda_fuse(y, d, gamma)), certified
 
 
-class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
-    """GlobalDiff plugin; ``--backbone`` picks the RecBole sequential model it is stacked on."""
+class GlobalDiff(PluginRecommender):
+    """GlobalDiff plugin; ``--backbone`` picks the RecBole sequential model it is stacked on. Stages: the
+    backbone (trained with RecBole's recipe, then frozen), then the diffusion model on it."""
 
     input_type = InputType.POINTWISE
-    is_plugin = True
     EVAL_MODES = EVAL_MODES
-    default_backbone = "SASRec"
+    STAGES = (Stage("backbone", "backbone"), Stage("diffusion", "fit", cache=False))
 
     REQUIRED = ("backbone", "diffusion_steps", "noise_schedule", "noise_scale", "noise_min", "noise_max",
                 "step_sampler", "approximator", "step_embedding_size", "guidance", "zeta", "delta",
@@ -238,7 +237,16 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         seq = torch.ones(1, self.max_seq_length, dtype=torch.long)
         return self.adapter.states(seq, torch.tensor([self.max_seq_length])).shape[-1]
 
-    # ---- the frozen backbone -------------------------------------------------------------------------
+    # ---- stages ----------------------------------------------------------------------------------------
+    def stages(self):
+        return self.STAGES
+
+    def stage_parameters(self, name):
+        return self.diffusion_parameters()
+
+    def stage_data(self, name, train_data, logger=None):
+        return self.build_training_data(train_data, logger)
+
     def diffusion_parameters(self):
         return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
 
@@ -299,7 +307,7 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
     def calculate_loss(self, interaction):
         if self.similarity is None:
             raise RuntimeError("GlobalDiff.calculate_loss needs build_training_data(train_data) first "
-                               "(GlobalDiffTrainer.fit does it).")
+                               "(its trainer's diffusion stage does it).")
         seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         positions = sample_mask_positions(lens, self.adapter.causal)
         arange = torch.arange(seq.shape[0], device=seq.device)
