@@ -3,10 +3,10 @@ import os
 import sys
 
 import pytest
-from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_diff.config import Config
+from recbole_diff.model.plugin.base import PluginRecommender
 from recbole_diff.trainer import CompatMixin
 from recbole_diff.utils import get_model, get_trainer
 
@@ -17,11 +17,9 @@ def make(model="SASRec", **overrides):
     return Config(model=model, dataset=SLICE, config_dict=dict(TINY, **overrides), cmd_line=False)
 
 
-class ToyPlugin(SequentialRecommender):
+class ToyPlugin(PluginRecommender):
     """A minimal plugin-shaped model: only what the Config looks at."""
 
-    is_plugin = True
-    default_backbone = "SASRec"
     input_type = InputType.POINTWISE
 
 

@@ -66,6 +66,10 @@ class StageTrainer(Trainer):
         self.point_kind = f"{type(model).__name__}-{stage.name}"
         apply_stage_keys(self, stage_overrides(config, stage), model.stage_parameters(stage.name))
 
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        """No file per epoch: a stage without validation ends with its last epoch's weights, in the model (and,
+        with ``resume_dir``, in its resume point)."""
+
 
 class PluginTrainer(Trainer):
     def __init__(self, config, model):
@@ -228,7 +232,7 @@ class PluginTrainer(Trainer):
             raise ValueError(f"{key} '{path}' holds a {trained_for} trained on '{saved['dataset']}', but this run "
                              f"needs a {name} on '{self.config['dataset']}'.")
         state = checkpoint["state_dict"]
-        if plugin:
+        if plugin and any(k.startswith("backbone.") for k in state):  # a plugin run's checkpoint: its backbone
             state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         own = module.state_dict()
         bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
@@ -269,7 +273,7 @@ class PluginTrainer(Trainer):
             self.logger.info(set_color(f"{type(self.model).__name__}: training its {stage.name} ({len(loader)} "
                                        f"optimiser steps an epoch, {trainer.epochs} epochs)", "green"))
             start = time.perf_counter()
-            trainer.fit(loader, None, verbose=flags["verbose"], saved=False, show_progress=flags["show_progress"])
+            trainer.fit(loader, None, **flags)
             self.model.eval()
             last = trainer.train_loss_dict.get(trainer.epochs - 1)
             meta = {f"{stage.name}_seconds": time.perf_counter() - start,

@@ -9,7 +9,7 @@ A stage counts as the same when its model, dataset (name, folder, and the size a
 the value of every key the stage model's own config has are equal. Keys only the plugin reads (``gamma``,
 ``guide``, ``M``...) and bookkeeping (``checkpoint_dir``, ``device``...) do not count. DiffuASR's augmenter
 is a second stage of its own, keyed by everything but what only its sampling reads (see
-``recbole_diff.trainer.diffuasr.augmenter_stage_key``). Runs started together wait for the one training the
+``PluginTrainer.fit_stage_key``). Runs started together wait for the one training the
 stage (a lock file with its pid); a lock left by a dead process is taken over.
 """
 import glob

@@ -37,7 +37,7 @@ from recbole_diff.utils import get_model, predict_from_full_sort, require_keys
 
 SCORES = ("dot", "cosine")
 DPA_STATES = ("last", "prefix")
-# training rows whose prefix is the user's whole training history; PDRecTrainer adds it to the training data
+# training rows whose prefix is the user's whole training history; stage_data adds it to the training data
 LAST_FIELD = "pdrec_last_row"
 # Next-item models whose own score is the dot product of forward()'s state with item_embedding.
 BACKBONES = ("SASRec", "GRU4Rec", "NARM", "NextItNet", "LightSANs", "STAMP", "SRGNN", "GCSAN")
