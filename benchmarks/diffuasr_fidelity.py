@@ -71,7 +71,7 @@ def main():
     args, extra = parser.parse_known_args()
 
     from recbole_diff.data.augment import augmenter_users, training_sequences
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     keys = overrides(args, extra)
     config, model, train, valid, _ = build("DiffuASR", args.dataset, backbone=args.backbone, **keys)

@@ -21,13 +21,13 @@ SAMPLERS = (("ancestral", None), ("ddim", 100), ("ddim", 50))
 
 def overrides(args, extra):
     from recbole_diff.benchmark import load_grid
-    from recbole_diff.cli import _parse_key_values
+    from recbole_diff.runtime import parse_key_values
 
     keys = {}
     if args.preset:
         spec = load_grid(args.preset)
         keys.update(spec["config"], **spec["dataset_config"].get(args.dataset, {}))
-    keys.update(_parse_key_values(extra))  # --key=value, read as the CLI reads them
+    keys.update(parse_key_values(extra))  # --key=value, read as the CLI reads them
     work = args.work or os.path.abspath(f"saved/diffuasr_samplers-{time.strftime('%Y%m%d-%H%M%S')}")
     keys.update(guide=args.guide, seed=args.seed, checkpoint_dir=work)
     return keys
@@ -53,7 +53,7 @@ def main():
     args, extra = parser.parse_known_args()
 
     from recbole_diff.data.augment import training_sequences
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     keys = overrides(args, extra)
     config, model, train, valid, test = build("DiffuASR", args.dataset, backbone=args.backbone, **keys)

@@ -88,7 +88,7 @@ def main():
 
     from recbole_diff.data.augment import augmenter_users, training_sequences
     from recbole_diff.quick_start import extra_mode_results
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     keys = overrides(args, extra)
     start = time.process_time()

@@ -41,7 +41,7 @@ def main():
 
     from recbole_diff.quick_start import load_data_and_model
     from recbole_diff.trainer.globaldiff import validation_subset
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     config, model, dataset, train, valid, test = load_data_and_model(args.checkpoint)
     torch.set_num_threads(1)

@@ -62,7 +62,7 @@ def measure(model, test, popular, batches):
 
 
 def evaluate(config, model, test):
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     out = {}

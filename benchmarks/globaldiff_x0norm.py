@@ -37,7 +37,7 @@ def main():
     args = parser.parse_args()
 
     from recbole_diff.quick_start import load_data_and_model
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     config, model, _, _, valid, _ = load_data_and_model(args.checkpoint)
     model.eval()

@@ -58,7 +58,7 @@ def build(model_name, args, device):
     from recbole.utils import init_seed
 
     from recbole_diff.config import Config
-    from recbole_diff.utils import get_model
+    from recbole_diff import get_model
 
     overrides = dict(dataset_kwargs(args.dataset), show_progress=False, state="ERROR", device=str(device),
                      use_gpu=device.type == "cuda", checkpoint_dir=os.path.join(args.work, "saved"))
@@ -102,7 +102,7 @@ def train_sequential(model, config, train, device, batches):
 
 
 def train_plugin(model, config, train, valid, device):
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     start = time.perf_counter()

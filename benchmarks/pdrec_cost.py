@@ -18,7 +18,7 @@ from common import build, report, train_throughput
 from recbole_diff.config import stage_config
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import TrainingItems, compute_preference_store
-from recbole_diff.utils import get_model
+from recbole_diff import get_model
 
 
 def _status_mb(field):

@@ -17,7 +17,7 @@ from pdrec_cost import peak_rss
 from recbole_diff.config import stage_config
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import TrainingItems, compute_preference_store
-from recbole_diff.utils import get_model
+from recbole_diff import get_model
 
 
 def main():

@@ -19,7 +19,7 @@ from recbole_diff.config import stage_config
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import TrainingItems, compute_preference_store, nns_band
 from recbole_diff.model.plugin.tidiffrec import SplitInputDNN
-from recbole_diff.utils import get_model
+from recbole_diff import get_model
 
 
 def variant(model, after):

@@ -20,6 +20,12 @@ import time
 
 import yaml
 
+from recbole_diff.io import read_yaml
+from recbole_diff.runtime import parse_key_values
+
+# ray, RecBole and the rest of recbole-diff are imported where a search or a trial needs them: reading and checking
+# a search space stays light.
+
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
 
 
@@ -29,8 +35,6 @@ class SearchSpaceError(ValueError):
 
 def load_space(path):
     """Read and check a search-space yaml; returns {key: (distribution, args)}."""
-    from recbole_diff.utils import read_yaml
-
     raw = read_yaml(path, "Search space file", SearchSpaceError, SearchSpaceError)
     if not isinstance(raw, dict) or not raw:
         raise SearchSpaceError(f"Search space file '{path}' must map config keys to distributions, "
@@ -96,7 +100,9 @@ def trainable(params, base):
     from recbole.utils import init_seed
 
     from recbole_diff.quick_start import build_config, prepare_data
-    from recbole_diff.utils import get_model, get_trainer, init_logger
+    from recbole_diff.model.registry import get_model
+    from recbole_diff.runtime import init_logger
+    from recbole_diff.trainer.registry import get_trainer
 
     trial_dir = os.getcwd()  # Tune runs each trial in its own folder
     # each trial trains once, reporting every validation to the scheduler: no resume points shared by trials
@@ -246,8 +252,6 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
 
 
 def tune_command(argv):
-    from recbole_diff.cli import _parse_key_values
-
     parser = argparse.ArgumentParser(prog="recbole-diff tune", description="Ray Tune search over a config space.")
     parser.add_argument("--model", required=True)
     parser.add_argument("--dataset", required=True)
@@ -262,7 +266,7 @@ def tune_command(argv):
     parser.add_argument("--search_seed", type=int, default=None, help="seed of the trial sampling (default: seed)")
     args, rest = parser.parse_known_args(argv)
     try:
-        run_tune(args.model, args.dataset, args.space, args.samples, config_dict=_parse_key_values(rest),
+        run_tune(args.model, args.dataset, args.space, args.samples, config_dict=parse_key_values(rest),
                  config_files=args.config_files.split() if args.config_files else None, backbone=args.backbone,
                  address=args.address, cpus=args.cpus, scheduler=args.scheduler, out_dir=args.out,
                  search_seed=args.search_seed)

@@ -7,6 +7,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+from recbole_diff.runtime import autograd_anomaly_off  # noqa: E402
+
+autograd_anomaly_off()  # as a run does: tests that build models themselves train at full speed
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 DATA_PATH = os.path.join(TESTS_DIR, "data")
 SLICE = "ml-100k-slice"

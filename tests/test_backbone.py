@@ -6,7 +6,7 @@ from recbole.utils import init_seed
 
 from recbole_diff.config import Config
 from recbole_diff.model.backbone import BackboneAdapter
-from recbole_diff.utils import get_model
+from recbole_diff import get_model
 
 from conftest import SLICE, TINY
 

@@ -92,7 +92,7 @@ def test_bad_grids_are_refused(tmp_path):
 
 
 def test_cells_locked_by_a_live_process_are_left_alone_and_stale_locks_taken_over(tmp_path):
-    from recbole_diff.utils import claim_lock
+    from recbole_diff.io import claim_lock
 
     lock = str(tmp_path / "running.lock")
     assert claim_lock(lock)

@@ -8,7 +8,7 @@ from recbole.utils import InputType
 
 from recbole_diff.config import Config
 from recbole_diff.trainer import CompatMixin
-from recbole_diff.utils import get_model, get_trainer
+from recbole_diff import get_model, get_trainer
 
 from conftest import DATA_PATH, SLICE, TINY
 

@@ -13,7 +13,7 @@ from recbole_diff.data.augment import (
 )
 from recbole_diff.model.plugin.sunet import SUNet
 from recbole_diff.quick_start import build_config, load_data_and_model, prepare_data, run_recbole_diff
-from recbole_diff.utils import get_model, get_trainer
+from recbole_diff import get_model, get_trainer
 
 from conftest import DATA_PATH, SLICE, TINY
 

@@ -7,7 +7,7 @@ from recbole.utils import init_seed
 
 from recbole_diff.config import Config
 from recbole_diff.quick_start import load_data_and_model, run_recbole_diff
-from recbole_diff.utils import get_model, get_trainer
+from recbole_diff import get_model, get_trainer
 
 from conftest import SLICE, TINY
 
@@ -122,7 +122,7 @@ def test_multi_sample_inference_averages_distributions():
     assert scores.shape == (inter[model.ITEM_SEQ].shape[0], model.n_items)
     assert torch.allclose(torch.logsumexp(scores, dim=1), torch.zeros(scores.shape[0]), atol=1e-4)
     # the same three reverse runs (same generator, in order), averaged here as probabilities
-    from recbole_diff.utils import eval_generator
+    from recbole_diff.model.utils import eval_generator
 
     seq, seq_len = inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN]
     generator = eval_generator(model.eval_seed, inter, model.USER_ID, seq.device)

@@ -13,7 +13,7 @@ from recbole_diff.data.globaldiff import (
 from recbole_diff.model.plugin.globaldiff import borda_fuse, descending_order, fused_topk
 from recbole_diff.quick_start import load_data_and_model, run_recbole_diff
 from recbole_diff.trainer import GlobalDiffTrainer
-from recbole_diff.utils import get_model, get_trainer
+from recbole_diff import get_model, get_trainer
 
 from conftest import SLICE, TINY
 

@@ -8,7 +8,7 @@ from recbole.utils import init_seed
 
 from recbole_diff.config import Config
 from recbole_diff.device import host_fast_path
-from recbole_diff.utils import get_model
+from recbole_diff import get_model
 
 from test_diffurec import first_batch
 from conftest import SLICE, TINY

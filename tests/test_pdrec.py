@@ -14,7 +14,7 @@ from recbole_diff.data.pdrec import (
 from recbole_diff.model.plugin.pdrec import LAST_FIELD
 from recbole_diff.trainer.pdrec import mark_last_rows
 from recbole_diff.quick_start import build_config, load_data_and_model, prepare_data, run_recbole_diff
-from recbole_diff.utils import get_model, get_trainer
+from recbole_diff import get_model, get_trainer
 
 from conftest import SLICE, TINY
 

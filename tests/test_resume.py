@@ -106,7 +106,7 @@ def test_no_resume_points_without_checkpoints_or_for_trainers_they_do_not_cover(
 
     config = Config(model="RecVAE", dataset=SLICE, config_dict=cfg, cmd_line=False)
     _, train, _, _ = prepare_data(config)
-    from recbole_diff.utils import get_model
+    from recbole_diff import get_model
 
     trainer = compat_trainer(RecVAETrainer)(config, get_model("RecVAE")(config, train.dataset))
     assert trainer._resume_point() is None  # two optimisers swapped per epoch: not in a point

@@ -1,4 +1,4 @@
-"""Trainers. ``<Model>Trainer`` classes defined here are picked up by ``recbole_diff.utils.get_trainer``."""
+"""Trainers. ``<Model>Trainer`` classes defined here are picked up by ``recbole_diff.trainer.registry.get_trainer``."""
 from recbole_diff.trainer.trainer import CompatMixin, Trainer, compat_trainer, unique_checkpoint_path
 from recbole_diff.trainer.globaldiff import GlobalDiffTrainer
 from recbole_diff.trainer.pdrec import PDRecTrainer

@@ -5,7 +5,8 @@ from recbole.utils import ModelType, init_seed, set_color
 
 from recbole_diff.trainer.stage_cache import shared_stage
 from recbole_diff.trainer.trainer import unique_checkpoint_path
-from recbole_diff.utils import get_trainer, load_checkpoint
+from recbole_diff.io import load_checkpoint
+from recbole_diff.trainer.registry import get_trainer
 
 
 class BackboneStageMixin:

@@ -28,9 +28,12 @@ from recbole_diff.data.augment import (
 from recbole_diff.evaluation import group_metrics
 from recbole_diff.trainer.backbone import BackboneStageMixin
 from recbole_diff.trainer.resume import plain_settings, point_name, resume_point, rng_state, run_settings, set_rng_state
-from recbole_diff.trainer.stage_cache import _data_files, shared_stage, stage_key
+from recbole_diff.trainer.settings import data_files
+from recbole_diff.trainer.stage_cache import shared_stage, stage_key
 from recbole_diff.trainer.trainer import Trainer, unique_checkpoint_path
-from recbole_diff.utils import get_model, get_trainer, load_checkpoint
+from recbole_diff.io import load_checkpoint
+from recbole_diff.model.registry import get_model
+from recbole_diff.trainer.registry import get_trainer
 
 # keys read only when the trained augmenter is sampled or its items are used: runs that differ in these alone
 # (a grid's samplers, step counts, guidance strengths) share one augmenter through ``stage_cache``
@@ -54,7 +57,7 @@ def augmenter_stage_key(config):
     # the backbone's whole key (a backbone may read a key named like a sampling one, e.g. KSR's gamma)
     values["backbone_stage"] = config["backbone_checkpoint"] or stage_key(config, config["backbone"])["config"]
     values["version"] = AUGMENTER_STAGE_VERSION
-    return {"stage_model": "DiffuASR-augmenter", "config": values, "data_files": _data_files(config)}
+    return {"stage_model": "DiffuASR-augmenter", "config": values, "data_files": data_files(config)}
 
 
 class DiffuASRTrainer(BackboneStageMixin, Trainer):

@@ -18,7 +18,9 @@ from recbole_diff.data.pdrec import (
 from recbole_diff.model.plugin.pdrec import LAST_FIELD
 from recbole_diff.trainer.stage_cache import Stage, claim_or_wait, shared_stage, stage_key
 from recbole_diff.trainer.trainer import Trainer
-from recbole_diff.utils import get_model, get_trainer, load_checkpoint
+from recbole_diff.io import load_checkpoint
+from recbole_diff.model.registry import get_model
+from recbole_diff.trainer.registry import get_trainer
 
 
 class PDRecTrainer(Trainer):

@@ -24,7 +24,8 @@ from recbole_diff.data.augment import round_to_items
 from recbole_diff.diffusion import ClassifierGuidance, GaussianDiffusion, classifier_free
 from recbole_diff.model.plugin.frozen import FrozenBackboneMixin
 from recbole_diff.model.plugin.sunet import SUNet, square_side
-from recbole_diff.utils import get_model, predict_from_full_sort, require_keys
+from recbole_diff.model.registry import get_model
+from recbole_diff.model.utils import predict_from_full_sort, require_keys
 
 AUGMENTERS = ("diffusion", "random", "random_seq")
 GUIDES = ("cg", "cf", "none")

@@ -2,7 +2,7 @@
 from contextlib import contextmanager
 
 from recbole_diff.model.backbone import BackboneAdapter
-from recbole_diff.utils import get_model
+from recbole_diff.model.registry import get_model
 
 
 class FrozenBackboneMixin:

@@ -24,7 +24,8 @@ from recbole_diff.data.globaldiff import (
 from recbole_diff.diffusion import GaussianDiffusion, make_step_sampler
 from recbole_diff.model.plugin.frozen import FrozenBackboneMixin
 from recbole_diff.model.plugin.approximators import GlobalApproximator
-from recbole_diff.utils import argsort_descending, eval_generator, predict_from_full_sort, require_keys
+from recbole_diff.device import argsort_descending
+from recbole_diff.model.utils import eval_generator, predict_from_full_sort, require_keys
 
 GUIDANCE = ("full", "target", "none")
 EVAL_MODES = ("ensemble", "backbone", "diffusion_only")

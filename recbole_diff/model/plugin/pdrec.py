@@ -25,7 +25,8 @@ from recbole.utils import InputType
 
 from recbole_diff.data.pdrec import draw_band, hbr_weights
 from recbole_diff.model.backbone import BackboneAdapter
-from recbole_diff.utils import get_model, predict_from_full_sort, require_keys
+from recbole_diff.model.registry import get_model
+from recbole_diff.model.utils import predict_from_full_sort, require_keys
 
 SCORES = ("dot", "cosine")
 DPA_STATES = ("last", "prefix")

@@ -27,7 +27,7 @@ from torch import nn
 from recbole_diff.device import host_fast_path
 from recbole_diff.diffusion import OFFSET_MODES, GaussianDiffusion, StepEmbedding, make_noise
 from recbole_diff.model.padding import length_groups
-from recbole_diff.utils import eval_generator, predict_from_full_sort, require_keys
+from recbole_diff.model.utils import eval_generator, predict_from_full_sort, require_keys
 
 APPROXIMATORS = ("add", "cross_attention")
 SAMPLERS = ("ancestral", "ddim")
