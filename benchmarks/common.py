@@ -25,8 +25,8 @@ def build(model, dataset, **overrides):
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed
 
-    from recbole_diff.config import Config
     from recbole_diff import get_model
+    from recbole_diff.config import Config
 
     config = Config(model=model, dataset=dataset, cmd_line=False,
                     config_dict=dict(dataset_kwargs(dataset), show_progress=False, state="ERROR", **overrides))

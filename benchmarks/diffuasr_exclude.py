@@ -15,8 +15,6 @@ import argparse
 import copy
 import time
 
-import torch
-
 from common import build, report
 from diffuasr_fidelity import closeness, generate_from_raw
 from diffuasr_samplers import overrides, test_results
@@ -42,8 +40,8 @@ def main():
     parser.add_argument("--out", default=None)
     args, extra = parser.parse_known_args()
 
-    from recbole_diff.data.augment import augmenter_users, training_sequences
     from recbole_diff import get_trainer
+    from recbole_diff.data.augment import augmenter_users, training_sequences
 
     keys = overrides(args, extra)
     config, model, train, valid, test = build("DiffuASR", args.dataset, backbone=args.backbone, **keys)

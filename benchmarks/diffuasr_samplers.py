@@ -45,15 +45,16 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--backbone", default="SASRec")
-    parser.add_argument("--preset", default=None, help="take the shared keys of a bench preset (e.g. the DiffuASR grid)")
+    parser.add_argument("--preset", default=None,
+                        help="take the shared keys of a bench preset (e.g. the DiffuASR grid)")
     parser.add_argument("--guide", default="cg")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--work", default=None, help="checkpoints and augmented datasets (default: a new folder)")
     parser.add_argument("--out", default=None)
     args, extra = parser.parse_known_args()
 
-    from recbole_diff.data.augment import training_sequences
     from recbole_diff import get_trainer
+    from recbole_diff.data.augment import training_sequences
 
     keys = overrides(args, extra)
     config, model, train, valid, test = build("DiffuASR", args.dataset, backbone=args.backbone, **keys)
@@ -79,7 +80,7 @@ def main():
                               "dataset": name, **test_results(trainer, test)}
         print(label, out["runs"][label], flush=True)
     ancestral = out["runs"][f"ancestral{config['diffusion_steps']}"]
-    for label, run in out["runs"].items():
+    for run in out["runs"].values():
         run["speedup_over_ancestral"] = run["users_per_s"] / ancestral["users_per_s"]
     report(out, args.out)
 

@@ -21,7 +21,6 @@ import argparse
 import time
 
 import torch
-
 from common import build, report
 from diffuasr_samplers import overrides
 
@@ -86,9 +85,9 @@ def main():
 
     from recbole.utils import ModelType
 
+    from recbole_diff import get_trainer
     from recbole_diff.data.augment import augmenter_users, training_sequences
     from recbole_diff.quick_start import extra_mode_results
-    from recbole_diff import get_trainer
 
     keys = overrides(args, extra)
     start = time.process_time()

@@ -18,7 +18,6 @@ adds the test HR@10 / NDCG@10 of the ensemble and of the diffusion model alone u
 import argparse
 
 import torch
-
 from common import report
 
 

@@ -8,7 +8,6 @@ import argparse
 import time
 
 import torch
-
 from common import build, report
 
 UNI100 = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni100"}

@@ -20,10 +20,10 @@ A preset yaml::
       - {name: GlobalDiff, model: GlobalDiff, backbones: [SASRec, GRU4Rec]}
 
 A finished cell (its ``result.json`` exists) is skipped when the grid is run again, and a cell that another
-live ``bench`` process is running (its ``running.lock``) is left to it, so two invocations can share a grid. Each cell keeps its log,
-its config and its result under ``<out>/cells/<dataset>/<method>[@<backbone>]/seed<seed>/``. The summary is
-``results.csv`` (one row per cell), ``results.md`` (mean +- std, lift over the baseline and over a plugin's own
-backbone, paired t-test p-values across seeds) and PNG plots.
+live ``bench`` process is running (its ``running.lock``) is left to it, so two invocations can share a grid. Each
+cell keeps its log, its config and its result under ``<out>/cells/<dataset>/<method>[@<backbone>]/seed<seed>/``.
+The summary is ``results.csv`` (one row per cell), ``results.md`` (mean +- std, lift over the baseline and over a
+plugin's own backbone, paired t-test p-values across seeds) and PNG plots.
 
 A cell that was killed (the machine or the session ended) is resumed when the grid runs again: each cell keeps
 its trainings' resume points in ``resume/`` (``resume_dir``) and goes on from the last epoch it began; its log
@@ -149,7 +149,8 @@ def select(grid_cells, methods=None, seeds=None):
         known = {c["method"] for c in grid_cells} | {c["label"] for c in grid_cells}
         unknown = [m for m in methods if m not in known]
         if unknown:
-            raise BenchmarkError(f"--methods: '{unknown[0]}' is not in this grid; choose from {', '.join(sorted(known))}.")
+            raise BenchmarkError(f"--methods: '{unknown[0]}' is not in this grid; choose from "
+                                 f"{', '.join(sorted(known))}.")
         grid_cells = [c for c in grid_cells if c["method"] in methods or c["label"] in methods]
     if seeds:
         known = {c["seed"] for c in grid_cells}
@@ -609,7 +610,7 @@ def bench_command(argv):
         spec = load_grid(args.config)
         select(cells(spec), args.methods, args.seeds)
     except BenchmarkError as e:
-        raise SystemExit(f"recbole-diff bench: {e}")
+        raise SystemExit(f"recbole-diff bench: {e}") from e
     out = args.out or os.path.join("benchmarks", "runs", spec.get("name", "bench"))
     if args.summarise_only:
         summarise(spec, out)
@@ -619,7 +620,7 @@ def bench_command(argv):
         _, failed = run_grid(args.config, out, jobs=args.jobs, threads=args.threads, methods=args.methods,
                              seeds=args.seeds, log=lambda line: print(line, flush=True))
     except BenchmarkError as e:
-        raise SystemExit(f"recbole-diff bench: {e}")
+        raise SystemExit(f"recbole-diff bench: {e}") from e
     print(open(os.path.join(out, "results.md")).read())
     if failed:
         raise SystemExit(f"{len(failed)} cell(s) failed; their logs are under {out}/cells/.")

@@ -56,7 +56,7 @@ def long_term_evaluate(model, test_data, held_out, k=20, device=None):
     ndcg = np.zeros(horizon)
     counts = np.zeros(horizon)
     uid = model.USER_ID
-    for interaction, _, _, positive_i in test_data:
+    for interaction, _, _, _ in test_data:
         interaction = interaction.to(device or model.device)
         with ranked_to(model, k):
             scores = model.full_sort_predict(interaction).view(len(interaction), -1).double()

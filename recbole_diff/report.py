@@ -347,5 +347,5 @@ def report_command(argv):
     try:
         build(args.report, args.out)
     except ReportError as e:
-        raise SystemExit(f"recbole-diff bench --report: {e}")
+        raise SystemExit(f"recbole-diff bench --report: {e}") from e
     print(f"[report] wrote {args.out}")

@@ -42,10 +42,12 @@ def load_space(path):
     space = {}
     for key, spec in raw.items():
         if not isinstance(spec, dict) or len(spec) != 1:
-            raise SearchSpaceError(f"{path}: '{key}' needs exactly one distribution, one of {DISTRIBUTIONS}; got {spec!r}.")
+            raise SearchSpaceError(f"{path}: '{key}' needs exactly one distribution, one of {DISTRIBUTIONS}; "
+                                   f"got {spec!r}.")
         (dist, args), = spec.items()
         if dist not in DISTRIBUTIONS:
-            raise SearchSpaceError(f"{path}: '{key}' uses unknown distribution '{dist}'; choose one of {DISTRIBUTIONS}.")
+            raise SearchSpaceError(f"{path}: '{key}' uses unknown distribution '{dist}'; choose one of "
+                                   f"{DISTRIBUTIONS}.")
         if not isinstance(args, list) or not args:
             raise SearchSpaceError(f"{path}: '{key}: {dist}' needs a list of arguments, got {args!r}.")
         if dist in ("uniform", "loguniform", "randint") and len(args) != 2:
@@ -99,8 +101,8 @@ def trainable(params, base):
     torch.set_num_threads(1)
     from recbole.utils import init_seed
 
-    from recbole_diff.quick_start import build_config, prepare_data
     from recbole_diff.model.registry import get_model
+    from recbole_diff.quick_start import build_config, prepare_data
     from recbole_diff.runtime import init_logger
     from recbole_diff.trainer.registry import get_trainer
 
@@ -187,7 +189,8 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
     # distribution) go through the same key and type checks as a run's.
     sample = {k: args[0] for k, (dist, args) in space.items()}
     try:
-        Config(model=model, dataset=dataset, config_file_list=config_files, config_dict=dict(config_dict or {}, **sample),
+        Config(model=model, dataset=dataset, config_file_list=config_files,
+               config_dict=dict(config_dict or {}, **sample),
                backbone=backbone, cmd_line=False)
     except (KeyError, TypeError) as e:
         raise SearchSpaceError(f"{space_path}: {e}") from e
@@ -271,4 +274,4 @@ def tune_command(argv):
                  address=args.address, cpus=args.cpus, scheduler=args.scheduler, out_dir=args.out,
                  search_seed=args.search_seed)
     except SearchSpaceError as e:
-        raise SystemExit(f"recbole-diff tune: {e}")
+        raise SystemExit(f"recbole-diff tune: {e}") from e

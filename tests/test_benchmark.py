@@ -4,10 +4,9 @@ import os
 
 import pytest
 import yaml
+from conftest import DATA_PATH, SLICE, TINY
 
 from recbole_diff.benchmark import BenchmarkError, load_grid, run_grid
-
-from conftest import DATA_PATH, SLICE, TINY
 
 
 def write_grid(tmp_path, **extra):
@@ -127,9 +126,8 @@ def test_every_shipped_preset_loads():
 
 
 def test_methods_and_seeds_select_cells_and_unknown_names_are_refused():
-    from recbole_diff.benchmark import cells, select
-
     from recbole_diff import properties_dir
+    from recbole_diff.benchmark import cells, select
 
     grid = cells(load_grid(os.path.join(properties_dir(), "bench", "diffuasr_ml-100k.yaml")))
     chosen = select(grid, methods=["DiffuASR-CG@SASRec", "random"], seeds=[2021])

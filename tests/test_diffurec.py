@@ -1,15 +1,14 @@
 """DiffuRec / DiffuRecSys behaviour on the test slice."""
 import pytest
 import torch
+from conftest import SLICE, TINY
 from recbole.data import create_dataset, data_preparation
 from recbole.data.interaction import Interaction
 from recbole.utils import init_seed
 
+from recbole_diff import get_model, get_trainer
 from recbole_diff.config import Config
 from recbole_diff.quick_start import load_data_and_model, run_recbole_diff
-from recbole_diff import get_model, get_trainer
-
-from conftest import SLICE, TINY
 
 SMALL = dict(TINY, hidden_size=16, n_blocks=2, n_heads=2)
 
@@ -145,7 +144,8 @@ def test_sampled_evaluation_scores_one_run_per_user():
         model.ITEM_SEQ_LEN: seq_len.repeat_interleave(4), model.ITEM_ID: items.repeat(3)})
     scores = model.predict(rows).view(3, 4)
     # each user's candidates are read off that user's own full ranking
-    full = model.full_sort_predict(Interaction({model.USER_ID: users, model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: seq_len}))
+    full = model.full_sort_predict(
+        Interaction({model.USER_ID: users, model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: seq_len}))
     assert torch.allclose(scores, full[:, items], atol=1e-5)
 
 

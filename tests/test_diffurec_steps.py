@@ -2,10 +2,9 @@
 process); bf16 autocast."""
 import pytest
 import torch
+from test_diffurec import build, first_batch
 
 from recbole_diff.diffusion import GaussianDiffusion
-
-from test_diffurec import build, first_batch
 
 
 @pytest.mark.parametrize("name", ["DiffuRec", "DiffuRecSys"])

@@ -10,18 +10,16 @@ import types
 import warnings
 
 import pytest
-import yaml
-
-import recbole_diff
-from recbole_diff.benchmark import BenchmarkError, run_grid
-from recbole_diff.cli import main
-from recbole_diff.runtime import parse_key_values
-from recbole_diff.config import Config, UnknownKeyError, UnknownKeyWarning
-from recbole_diff.quick_start import build_config, prepare_data, run_recbole_diff
-from recbole_diff import get_model, get_trainer
-
 from conftest import DATA_PATH, SLICE, TINY
 from test_benchmark import write_grid
+
+import recbole_diff
+from recbole_diff import get_model, get_trainer
+from recbole_diff.benchmark import BenchmarkError, run_grid
+from recbole_diff.cli import main
+from recbole_diff.config import Config, UnknownKeyError, UnknownKeyWarning
+from recbole_diff.quick_start import build_config, prepare_data
+from recbole_diff.runtime import parse_key_values
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SASREC_KEYS = {k: v for k, v in TINY.items() if k != "embedding_size"}  # SASRec reads no embedding_size
@@ -211,7 +209,8 @@ def _trainer(tmp_path, **overrides):
 def test_runs_sharing_a_resume_dir_keep_points_of_their_own(tmp_path):
     first = _trainer(tmp_path)._resume_point().path
     assert _trainer(tmp_path)._resume_point().path == first  # the same run finds its point again
-    others = {_trainer(tmp_path, seed=7)._resume_point().path, _trainer(tmp_path, learning_rate=0.01)._resume_point().path}
+    others = {_trainer(tmp_path, seed=7)._resume_point().path,
+              _trainer(tmp_path, learning_rate=0.01)._resume_point().path}
     assert first not in others and len(others) == 2
     assert os.path.basename(first).startswith(f"Trainer-SASRec-{SLICE}-seed2020-")
 

@@ -6,16 +6,15 @@ import sys
 
 import pytest
 import torch
+from conftest import SLICE
 from recbole.utils import ModelType
 
+from recbole_diff import get_model, get_trainer
 from recbole_diff.cli import main, run_command
-from recbole_diff.runtime import parse_key_values
 from recbole_diff.doctor import check_versions
 from recbole_diff.quick_start import build_config, load_data_and_model, run_recbole_diff
+from recbole_diff.runtime import parse_key_values
 from recbole_diff.trainer import Trainer
-from recbole_diff import get_model, get_trainer
-
-from conftest import SLICE
 
 
 def test_cli_trains_saves_and_the_reloaded_model_scores_the_same(tiny, capsys):

@@ -13,7 +13,6 @@ import time
 
 import pytest
 import yaml
-
 from conftest import DATA_PATH, SLICE, TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,17 +9,15 @@ from contextlib import contextmanager
 
 import pytest
 import yaml
-
+from conftest import DATA_PATH, SLICE, TINY
 from recbole.trainer import Trainer as RecBoleTrainer
+from test_diffuasr import ASR
+from test_globaldiff import FAST
+from test_pdrec import PD
 
 from recbole_diff.quick_start import run_recbole_diff
 from recbole_diff.trainer import resume
 from recbole_diff.trainer.diffuasr import DiffuASRTrainer
-
-from conftest import DATA_PATH, SLICE, TINY
-from test_diffuasr import ASR
-from test_globaldiff import FAST
-from test_pdrec import PD
 
 
 class Killed(Exception):
@@ -95,10 +93,11 @@ def test_a_killed_training_goes_on_where_it_stopped_and_ends_as_an_unbroken_one(
 
 
 def test_no_resume_points_without_checkpoints_or_for_trainers_they_do_not_cover(tmp_path):
+    from recbole.trainer import RecVAETrainer
+
     from recbole_diff.config import Config
     from recbole_diff.quick_start import prepare_data
     from recbole_diff.trainer.trainer import compat_trainer
-    from recbole.trainer import RecVAETrainer
 
     cfg = dict(TINY, epochs=2, checkpoint_dir=str(tmp_path / "saved"), resume_dir=str(tmp_path / "resume"))
     run_recbole_diff("SASRec", SLICE, config_dict=cfg, cmd_line=False, saved=False)

@@ -7,16 +7,15 @@ import time
 
 import pytest
 import torch
-
-from recbole_diff.config import Config
-from recbole_diff.quick_start import run_recbole_diff
-from recbole_diff.trainer.stage_cache import Stage, stage_key
-from recbole_diff.io import load_checkpoint
-
 from conftest import SLICE
 from test_diffuasr import ASR
 from test_globaldiff import FAST
 from test_pdrec import PD
+
+from recbole_diff.config import Config
+from recbole_diff.io import load_checkpoint
+from recbole_diff.quick_start import run_recbole_diff
+from recbole_diff.trainer.stage_cache import Stage, stage_key
 
 
 def _config(model="GlobalDiff", **overrides):
@@ -100,7 +99,8 @@ def test_pdrec_runs_share_tidiffrec_and_give_the_same_results(tmp_path):
 
 def test_diffuasr_runs_that_differ_in_sampling_only_share_the_augmenter(tmp_path):
     def run(cache, **overrides):
-        cfg = dict(ASR, epochs=1, checkpoint_dir=str(tmp_path / "saved"), **dict(dict(guide="cg", gamma=1.0), **overrides))
+        cfg = dict(ASR, epochs=1, checkpoint_dir=str(tmp_path / "saved"),
+                   **dict(dict(guide="cg", gamma=1.0), **overrides))
         if cache:
             cfg["stage_cache"] = str(tmp_path / "stages")
         return run_recbole_diff("DiffuASR", SLICE, config_dict=cfg, cmd_line=False)

@@ -2,13 +2,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import SLICE, TINY
 from recbole.data.dataloader import UserDataLoader
 
+from recbole_diff import get_model
 from recbole_diff.model.plugin.tidiffrec import interval_weights
 from recbole_diff.quick_start import build_config, prepare_data
-from recbole_diff import get_model
-
-from conftest import SLICE, TINY
 
 
 def test_interval_weights_are_min_max_scaled_per_user():

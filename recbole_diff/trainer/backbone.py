@@ -3,10 +3,10 @@ train it with RecBole's own recipe, or load ``backbone_checkpoint`` after checki
 same backbone another run stored in ``stage_cache``."""
 from recbole.utils import ModelType, init_seed, set_color
 
-from recbole_diff.trainer.stage_cache import shared_stage
-from recbole_diff.trainer.trainer import unique_checkpoint_path
 from recbole_diff.io import load_checkpoint
 from recbole_diff.trainer.registry import get_trainer
+from recbole_diff.trainer.stage_cache import shared_stage
+from recbole_diff.trainer.trainer import unique_checkpoint_path
 
 
 class BackboneStageMixin:

@@ -22,18 +22,23 @@ from recbole.utils import ModelType, init_seed, set_color
 from tqdm import tqdm
 
 from recbole_diff.data.augment import (
-    augmented_name, augmenter_users, history_mask, random_prefix, random_seq_prefix, training_sequences,
+    augmented_name,
+    augmenter_users,
+    history_mask,
+    random_prefix,
+    random_seq_prefix,
+    training_sequences,
     write_augmented_dataset,
 )
 from recbole_diff.evaluation import group_metrics
+from recbole_diff.io import load_checkpoint
+from recbole_diff.model.registry import get_model
 from recbole_diff.trainer.backbone import BackboneStageMixin
+from recbole_diff.trainer.registry import get_trainer
 from recbole_diff.trainer.resume import plain_settings, point_name, resume_point, rng_state, run_settings, set_rng_state
 from recbole_diff.trainer.settings import data_files
 from recbole_diff.trainer.stage_cache import shared_stage, stage_key
 from recbole_diff.trainer.trainer import Trainer, unique_checkpoint_path
-from recbole_diff.io import load_checkpoint
-from recbole_diff.model.registry import get_model
-from recbole_diff.trainer.registry import get_trainer
 
 # keys read only when the trained augmenter is sampled or its items are used: runs that differ in these alone
 # (a grid's samplers, step counts, guidance strengths) share one augmenter through ``stage_cache``

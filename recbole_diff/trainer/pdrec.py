@@ -12,15 +12,22 @@ from recbole.utils import ModelType, init_seed, set_color
 from recbole_diff.config import stage_config
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import (
-    STORE_VERSION, PreferenceStore, TrainingItems, check_store_meta, compute_preference_store, model_fingerprint,
-    store_meta, store_path, timed,
+    STORE_VERSION,
+    PreferenceStore,
+    TrainingItems,
+    check_store_meta,
+    compute_preference_store,
+    model_fingerprint,
+    store_meta,
+    store_path,
+    timed,
 )
-from recbole_diff.model.plugin.pdrec import LAST_FIELD
-from recbole_diff.trainer.stage_cache import Stage, claim_or_wait, shared_stage, stage_key
-from recbole_diff.trainer.trainer import Trainer
 from recbole_diff.io import load_checkpoint
+from recbole_diff.model.plugin.pdrec import LAST_FIELD
 from recbole_diff.model.registry import get_model
 from recbole_diff.trainer.registry import get_trainer
+from recbole_diff.trainer.stage_cache import Stage, claim_or_wait, shared_stage, stage_key
+from recbole_diff.trainer.trainer import Trainer
 
 
 class PDRecTrainer(Trainer):

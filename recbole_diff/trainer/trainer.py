@@ -27,16 +27,15 @@ import uuid
 
 import numpy as np
 import torch
-
 from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.model.abstract_recommender import AbstractRecommender
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import EvaluatorType, get_local_time
 
 from recbole_diff.device import mixed_precision
-from recbole_diff.trainer.resume import point_name, resume_point, rng_state, run_settings, set_rng_state
 from recbole_diff.io import atomic_write, load_checkpoint
 from recbole_diff.model.utils import seeded_numpy
+from recbole_diff.trainer.resume import point_name, resume_point, rng_state, run_settings, set_rng_state
 
 
 def unique_checkpoint_path(config, tag=None):
