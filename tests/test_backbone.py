@@ -1,7 +1,7 @@
 """The backbone adapter reaches each RecBole model's own states and scores."""
 import pytest
 import torch
-from conftest import SLICE, TINY
+from helpers import SLICE, TINY
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 

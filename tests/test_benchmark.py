@@ -4,7 +4,7 @@ import os
 
 import pytest
 import yaml
-from conftest import DATA_PATH, SLICE, TINY
+from helpers import DATA_PATH, SLICE, TINY
 
 from recbole_diff.benchmark import BenchmarkError, load_grid, run_grid
 

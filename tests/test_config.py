@@ -3,7 +3,7 @@ import os
 import sys
 
 import pytest
-from conftest import DATA_PATH, SLICE, TINY
+from helpers import DATA_PATH, SLICE, TINY
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import DATA_PATH, SLICE, TINY
+from helpers import DATA_PATH, SLICE, TINY
 from recbole.data import create_dataset, data_preparation
 
 from recbole_diff import get_model, get_trainer

@@ -1,7 +1,7 @@
 """DiffuRec / DiffuRecSys behaviour on the test slice."""
 import pytest
 import torch
-from conftest import SLICE, TINY
+from helpers import SLICE, TINY
 from recbole.data import create_dataset, data_preparation
 from recbole.data.interaction import Interaction
 from recbole.utils import init_seed

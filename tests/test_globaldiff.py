@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SLICE, TINY
+from helpers import SLICE, TINY
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import SLICE, TINY
+from helpers import SLICE, TINY
 from host_guard import CONVERSIONS, HostTransferError, guarded, no_host_transfers
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed

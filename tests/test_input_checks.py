@@ -10,7 +10,7 @@ import types
 import warnings
 
 import pytest
-from conftest import DATA_PATH, SLICE, TINY
+from helpers import DATA_PATH, SLICE, TINY
 from test_benchmark import write_grid
 
 import recbole_diff

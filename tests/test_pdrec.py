@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SLICE, TINY
+from helpers import SLICE, TINY
 
 from recbole_diff import get_model, get_trainer
 from recbole_diff.data.interactions import training_interactions

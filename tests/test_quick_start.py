@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SLICE
+from helpers import SLICE
 from recbole.utils import ModelType
 
 from recbole_diff import get_model, get_trainer

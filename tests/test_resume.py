@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import pytest
 import yaml
-from conftest import DATA_PATH, SLICE, TINY
+from helpers import DATA_PATH, SLICE, TINY
 from recbole.trainer import Trainer as RecBoleTrainer
 from test_diffuasr import ASR
 from test_globaldiff import FAST

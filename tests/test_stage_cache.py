@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import SLICE
+from helpers import SLICE
 from test_diffuasr import ASR
 from test_globaldiff import FAST
 from test_pdrec import PD

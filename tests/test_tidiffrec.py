@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import SLICE, TINY
+from helpers import SLICE, TINY
 from recbole.data.dataloader import UserDataLoader
 
 from recbole_diff import get_model

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import yaml
-from conftest import SLICE, TINY
+from helpers import SLICE, TINY
 
 from recbole_diff.config import Config
 from recbole_diff.tune import SearchSpaceError, load_space
@@ -37,7 +37,7 @@ def test_every_shipped_space_is_valid():
     import glob
     import os
 
-    from conftest import SLICE, TINY
+    from helpers import SLICE, TINY
 
     from recbole_diff import properties_dir
     from recbole_diff.quick_start import build_config
