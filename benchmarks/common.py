@@ -9,6 +9,10 @@ SHARED_DATA = os.path.abspath(os.path.join(REPO, "..", "shared", "data"))
 sys.path.insert(0, REPO)
 torch.set_num_threads(1)
 
+from recbole_diff.runtime import autograd_anomaly_off  # noqa: E402  (the repository is on the path from here)
+
+autograd_anomaly_off()  # RecBole switches it on when its models are imported; the scripts here time training
+
 
 def dataset_kwargs(dataset):
     """Config keys that locate ``dataset``: RecBole's bundled ml-100k, or the shared folder for the rest."""
@@ -21,8 +25,8 @@ def build(model, dataset, **overrides):
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed
 
+    from recbole_diff import get_model
     from recbole_diff.config import Config
-    from recbole_diff.utils import get_model
 
     config = Config(model=model, dataset=dataset, cmd_line=False,
                     config_dict=dict(dataset_kwargs(dataset), show_progress=False, state="ERROR", **overrides))

@@ -14,7 +14,6 @@ import argparse
 import time
 
 import torch
-
 from common import build, report
 from diffuasr_samplers import overrides
 
@@ -50,8 +49,8 @@ def main():
     parser.add_argument("--out", default=None)
     args, extra = parser.parse_known_args()
 
+    from recbole_diff import get_trainer
     from recbole_diff.data.augment import augmenter_users, training_sequences
-    from recbole_diff.utils import get_trainer
 
     keys = dict(overrides(args, extra), augmenter_train_steps=args.steps)
     config, model, train, valid, _ = build("DiffuASR", args.dataset, backbone=args.backbone, **keys)

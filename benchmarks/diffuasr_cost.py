@@ -10,10 +10,10 @@ import argparse
 import time
 
 import torch
-
 from common import build, report
+
+from recbole_diff import get_trainer
 from recbole_diff.data.augment import training_sequences
-from recbole_diff.utils import get_trainer
 
 
 def main():

@@ -12,11 +12,9 @@ user's own items (and repeats) forbidden at rounding and allowed.
         [--guide cf] [--seed 2020] [--key=value ...] [--out results.json]
 """
 import argparse
-import logging
 import copy
+import logging
 import time
-
-import torch
 
 from common import build, report
 from diffuasr_fidelity import closeness, generate_from_raw
@@ -43,8 +41,8 @@ def main():
     parser.add_argument("--out", default=None)
     args, extra = parser.parse_known_args()
 
+    from recbole_diff import get_trainer
     from recbole_diff.data.augment import augmenter_users, training_sequences
-    from recbole_diff.utils import get_trainer
 
     keys = overrides(args, extra)
     config, model, train, valid, test = build("DiffuASR", args.dataset, backbone=args.backbone, **keys)

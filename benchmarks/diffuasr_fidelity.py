@@ -21,7 +21,6 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-
 from common import build, report
 from diffuasr_samplers import overrides
 
@@ -50,7 +49,8 @@ def generate_from_raw(trainer, sequences, users, batch=256, exclude=False):
         b = users[lo:lo + batch]
         flat, offsets = sequences.bags(b, start=model.m)
         cond = aug.condition(flat, offsets)
-        log_prob = model.first_item_log_prob(sequences.heads(b, model.m + 1)[:, model.m]) if c["guide"] == "cg" else None
+        log_prob = (model.first_item_log_prob(sequences.heads(b, model.m + 1)[:, model.m]) if c["guide"] == "cg"
+                    else None)
         with torch.enable_grad():
             x0 = aug.sample(cond, float(c["guidance_scale"]), c["sampler"], c["sample_steps"], float(c["eta"]), log_prob,
                             generator)
@@ -63,15 +63,16 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--backbone", default="SASRec")
-    parser.add_argument("--preset", default=None, help="take the shared keys of a bench preset (e.g. the DiffuASR grid)")
+    parser.add_argument("--preset", default=None,
+                        help="take the shared keys of a bench preset (e.g. the DiffuASR grid)")
     parser.add_argument("--guide", default="cf")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--work", default=None, help="checkpoints (default: a new folder)")
     parser.add_argument("--out", default=None)
     args, extra = parser.parse_known_args()
 
+    from recbole_diff import get_trainer
     from recbole_diff.data.augment import augmenter_users, training_sequences
-    from recbole_diff.utils import get_trainer
 
     keys = overrides(args, extra)
     config, model, train, valid, _ = build("DiffuASR", args.dataset, backbone=args.backbone, **keys)

@@ -10,8 +10,8 @@ three generations and three backbones on augmented data, where three bench cells
         [--guide cg] [--seed 2020] [--key=value ...] [--out results.json]
 """
 import argparse
-import logging
 import copy
+import logging
 import os
 import time
 
@@ -22,13 +22,13 @@ SAMPLERS = (("ancestral", None), ("ddim", 100), ("ddim", 50))
 
 def overrides(args, extra):
     from recbole_diff.benchmark import load_grid
-    from recbole_diff.cli import _parse_key_values
+    from recbole_diff.runtime import parse_key_values
 
     keys = {}
     if args.preset:
         spec = load_grid(args.preset)
         keys.update(spec["config"], **spec["dataset_config"].get(args.dataset, {}))
-    keys.update(_parse_key_values(extra))  # --key=value, read as the CLI reads them
+    keys.update(parse_key_values(extra))  # --key=value, read as the CLI reads them
     work = args.work or os.path.abspath(f"saved/diffuasr_samplers-{time.strftime('%Y%m%d-%H%M%S')}")
     keys.update(guide=args.guide, seed=args.seed, checkpoint_dir=work)
     return keys
@@ -46,15 +46,16 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--backbone", default="SASRec")
-    parser.add_argument("--preset", default=None, help="take the shared keys of a bench preset (e.g. the DiffuASR grid)")
+    parser.add_argument("--preset", default=None,
+                        help="take the shared keys of a bench preset (e.g. the DiffuASR grid)")
     parser.add_argument("--guide", default="cg")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--work", default=None, help="checkpoints and augmented datasets (default: a new folder)")
     parser.add_argument("--out", default=None)
     args, extra = parser.parse_known_args()
 
+    from recbole_diff import get_trainer
     from recbole_diff.data.augment import training_sequences
-    from recbole_diff.utils import get_trainer
 
     keys = overrides(args, extra)
     config, model, train, valid, test = build("DiffuASR", args.dataset, backbone=args.backbone, **keys)
@@ -80,7 +81,7 @@ def main():
                               "dataset": name, **test_results(trainer, test)}
         print(label, out["runs"][label], flush=True)
     ancestral = out["runs"][f"ancestral{config['diffusion_steps']}"]
-    for label, run in out["runs"].items():
+    for run in out["runs"].values():
         run["speedup_over_ancestral"] = run["users_per_s"] / ancestral["users_per_s"]
     report(out, args.out)
 

@@ -22,11 +22,10 @@ import logging
 import time
 
 import torch
-
-from recbole_diff.model.plugin.diffuasr import AUG_HEADS, AUG_RAW, AugmenterLoader
-
 from common import build, report
 from diffuasr_samplers import overrides
+
+from recbole_diff.model.plugin.diffuasr import AUG_HEADS, AUG_RAW, AugmenterLoader
 
 
 def seconds(fn):
@@ -90,7 +89,7 @@ def main():
 
     from recbole_diff.data.augment import augmenter_users, training_sequences
     from recbole_diff.quick_start import extra_mode_results
-    from recbole_diff.utils import get_trainer
+    from recbole_diff.trainer.registry import get_trainer
 
     keys = overrides(args, extra)
     start = time.process_time()

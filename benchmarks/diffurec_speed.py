@@ -12,7 +12,6 @@ import json
 import time
 
 import torch
-
 from common import build, report, train_throughput
 
 MODELS = ["SASRec", "DiffuRec", "DiffuRecSys"]

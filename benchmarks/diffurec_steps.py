@@ -12,7 +12,6 @@ import math
 import time
 
 import torch
-
 from common import build, report
 
 

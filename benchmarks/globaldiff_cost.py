@@ -11,8 +11,8 @@ import time
 import tracemalloc
 
 import torch
-
 from common import build, report, train_throughput
+
 from recbole_diff.data.globaldiff import ItemSimilarity, training_pairs
 from recbole_diff.model.plugin.globaldiff import borda_fuse
 
@@ -57,7 +57,8 @@ def borda_seconds(batch, n_items, repeats=3):
         return (time.perf_counter() - start) / repeats
 
     return {"ours": timed(lambda: borda_fuse(y, x, 0.5)),
-            "two_torch_stable_sorts": timed(lambda: [torch.argsort(v, dim=1, descending=True, stable=True) for v in (y, x)])}
+            "two_torch_stable_sorts": timed(lambda: [torch.argsort(v, dim=1, descending=True, stable=True)
+                                                     for v in (y, x)])}
 
 
 def main():

@@ -10,7 +10,6 @@ import argparse
 import time
 
 import torch
-
 from common import report
 
 
@@ -39,9 +38,9 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
+    from recbole_diff import get_trainer
     from recbole_diff.quick_start import load_data_and_model
     from recbole_diff.trainer.globaldiff import validation_subset
-    from recbole_diff.utils import get_trainer
 
     config, model, dataset, train, valid, test = load_data_and_model(args.checkpoint)
     torch.set_num_threads(1)

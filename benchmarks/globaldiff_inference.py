@@ -20,8 +20,8 @@ from common import dataset_kwargs, report
 def trained(approximator, keys, backbone_checkpoint=None):
     from recbole.utils import init_seed
 
+    from recbole_diff import get_model, get_trainer
     from recbole_diff.quick_start import build_config, prepare_data
-    from recbole_diff.utils import get_model, get_trainer
 
     config = build_config("GlobalDiff", keys["dataset"], None,
                           dict(keys["config"], approximator=approximator, backbone_checkpoint=backbone_checkpoint),

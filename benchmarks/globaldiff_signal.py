@@ -18,7 +18,6 @@ adds the test HR@10 / NDCG@10 of the ensemble and of the diffusion model alone u
 import argparse
 
 import torch
-
 from common import report
 
 
@@ -62,7 +61,7 @@ def measure(model, test, popular, batches):
 
 
 def evaluate(config, model, test):
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     out = {}

@@ -9,7 +9,6 @@ the items scored strictly higher.
 import argparse
 
 import torch
-
 from common import report
 
 
@@ -36,8 +35,8 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
+    from recbole_diff import get_trainer
     from recbole_diff.quick_start import load_data_and_model
-    from recbole_diff.utils import get_trainer
 
     config, model, _, _, valid, _ = load_data_and_model(args.checkpoint)
     model.eval()

@@ -20,7 +20,6 @@ import time
 import traceback
 
 import torch
-
 from common import dataset_kwargs, report
 
 SEQUENTIAL = ("SASRec", "DiffuRec", "DiffuRecSys")
@@ -57,8 +56,8 @@ def build(model_name, args, device):
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed
 
+    from recbole_diff import get_model
     from recbole_diff.config import Config
-    from recbole_diff.utils import get_model
 
     overrides = dict(dataset_kwargs(args.dataset), show_progress=False, state="ERROR", device=str(device),
                      use_gpu=device.type == "cuda", checkpoint_dir=os.path.join(args.work, "saved"))
@@ -102,7 +101,7 @@ def train_sequential(model, config, train, device, batches):
 
 
 def train_plugin(model, config, train, valid, device):
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     start = time.perf_counter()

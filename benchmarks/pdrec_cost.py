@@ -13,12 +13,12 @@ import time
 from contextlib import contextmanager
 
 import torch
-
 from common import build, report, train_throughput
+
+from recbole_diff import get_model
 from recbole_diff.config import stage_config
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import TrainingItems, compute_preference_store
-from recbole_diff.utils import get_model
 
 
 def _status_mb(field):
@@ -46,7 +46,8 @@ def peak_rss(out, key):
 
 
 def stage2(tidiffrec, training, users, batch_size, args):
-    sub = TrainingItems(users, training.n_items, training.offsets[:users + 1], training.items[:int(training.offsets[users])])
+    sub = TrainingItems(users, training.n_items, training.offsets[:users + 1],
+                        training.items[:int(training.offsets[users])])
     start = time.perf_counter()
     store = compute_preference_store(tidiffrec.preferences, sub, args.m, 0.5, batch_size=batch_size)
     seconds = time.perf_counter() - start

@@ -11,13 +11,13 @@ import argparse
 import os
 
 import torch
-
 from common import build, report
 from pdrec_cost import peak_rss
+
+from recbole_diff import get_model
 from recbole_diff.config import stage_config
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import TrainingItems, compute_preference_store
-from recbole_diff.utils import get_model
 
 
 def main():
@@ -38,7 +38,8 @@ def main():
            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "peak_rss_mb": {}}
     with torch.no_grad():
         for n in args.users:
-            part = TrainingItems(n, training.n_items, training.offsets[:n + 1], training.items[:int(training.offsets[n])])
+            part = TrainingItems(n, training.n_items, training.offsets[:n + 1],
+                                 training.items[:int(training.offsets[n])])
             with peak_rss(out["peak_rss_mb"], str(n)):
                 store = compute_preference_store(tidiffrec.preferences, part, 50, 0.5, batch_size=args.chunk)
             out.setdefault("store_mb", {})[str(n)] = store.nbytes() / 2 ** 20

@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 import torch
-
 from common import build, report
 
 
@@ -98,9 +97,9 @@ def main():
     from recbole.data.dataloader import UserDataLoader
     from recbole.utils import ModelType
 
+    from recbole_diff import get_model, get_trainer
     from recbole_diff.config import stage_config
     from recbole_diff.data.interactions import training_interactions
-    from recbole_diff.utils import get_model, get_trainer
 
     uni100 = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni100"}
     config, _, train, valid, _ = build("PDRec", args.dataset, backbone="SASRec", MAX_ITEM_LIST_LENGTH=20,

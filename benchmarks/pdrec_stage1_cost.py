@@ -11,15 +11,15 @@ import argparse
 import time
 
 import torch
+from common import build, report
 from recbole.data.dataloader import UserDataLoader
 from recbole.model.general_recommender.diffrec import DNN
 
-from common import build, report
+from recbole_diff import get_model
 from recbole_diff.config import stage_config
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import TrainingItems, compute_preference_store, nns_band
 from recbole_diff.model.plugin.tidiffrec import SplitInputDNN
-from recbole_diff.utils import get_model
 
 
 def variant(model, after):

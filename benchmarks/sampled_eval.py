@@ -8,7 +8,6 @@ import argparse
 import time
 
 import torch
-
 from common import build, report
 
 UNI100 = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni100"}
@@ -38,7 +37,7 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     config, model, _, valid, _ = build(args.model, args.dataset, eval_args=UNI100, hidden_size=args.hidden,
                                        MAX_ITEM_LIST_LENGTH=args.length, eval_batch_size=1024,

@@ -20,10 +20,10 @@ A preset yaml::
       - {name: GlobalDiff, model: GlobalDiff, backbones: [SASRec, GRU4Rec]}
 
 A finished cell (its ``result.json`` exists) is skipped when the grid is run again, and a cell that another
-live ``bench`` process is running (its ``running.lock``) is left to it, so two invocations can share a grid. Each cell keeps its log,
-its config and its result under ``<out>/cells/<dataset>/<method>[@<backbone>]/seed<seed>/``. The summary is
-``results.csv`` (one row per cell), ``results.md`` (mean +- std, lift over the baseline and over a plugin's own
-backbone, paired t-test p-values across seeds) and PNG plots.
+live ``bench`` process is running (its ``running.lock``) is left to it, so two invocations can share a grid. Each
+cell keeps its log, its config and its result under ``<out>/cells/<dataset>/<method>[@<backbone>]/seed<seed>/``.
+The summary is ``results.csv`` (one row per cell), ``results.md`` (mean +- std, lift over the baseline and over a
+plugin's own backbone, paired t-test p-values across seeds) and PNG plots.
 
 A cell that was killed (the machine or the session ended) is resumed when the grid runs again: each cell keeps
 its trainings' resume points in ``resume/`` (``resume_dir``) and goes on from the last epoch it began; its log
@@ -43,6 +43,11 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+
+from recbole_diff.io import atomic_write, claim_lock, read_yaml
+
+# The rest of recbole-diff (and RecBole, numpy, matplotlib) is imported by the functions that need it: the bench
+# process only spawns and summarises cells, each a process of its own, and stays light.
 
 
 PATH_KEYS = ("data_path", "checkpoint_dir", "backbone_checkpoint", "tidiffrec_checkpoint")
@@ -68,8 +73,6 @@ def _check_names(keys, allowed, where):
 
 # ---- the grid ----------------------------------------------------------------------------------------
 def load_grid(path):
-    from recbole_diff.utils import read_yaml
-
     spec = read_yaml(path, "Benchmark file", BenchmarkError, BenchmarkError)
     if not isinstance(spec, dict):
         raise BenchmarkError(f"Benchmark file '{path}' must be a mapping with 'datasets', 'seeds', 'methods'.")
@@ -110,7 +113,7 @@ def _resolve_paths(config, base):
 
 
 def _check_methods(methods, path):
-    from recbole_diff.utils import get_model
+    from recbole_diff.model.registry import get_model
 
     names = set()
     for m in methods:
@@ -146,7 +149,8 @@ def select(grid_cells, methods=None, seeds=None):
         known = {c["method"] for c in grid_cells} | {c["label"] for c in grid_cells}
         unknown = [m for m in methods if m not in known]
         if unknown:
-            raise BenchmarkError(f"--methods: '{unknown[0]}' is not in this grid; choose from {', '.join(sorted(known))}.")
+            raise BenchmarkError(f"--methods: '{unknown[0]}' is not in this grid; choose from "
+                                 f"{', '.join(sorted(known))}.")
         grid_cells = [c for c in grid_cells if c["method"] in methods or c["label"] in methods]
     if seeds:
         known = {c["seed"] for c in grid_cells}
@@ -204,10 +208,7 @@ def run_cell(cell, directory):
     keep = json.loads(json.dumps(keep, default=float))
     keep.update(cell={k: cell[k] for k in ("dataset", "method", "model", "label", "backbone", "seed")},
                 seconds=sum(earlier) + time.time() - start, attempts=len(earlier) + 1)
-    tmp = os.path.join(directory, "result.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(keep, f, indent=1)
-    os.replace(tmp, os.path.join(directory, "result.json"))  # a result file is either whole or absent
+    _write_atomically(os.path.join(directory, "result.json"), json.dumps(keep, indent=1))  # whole or absent
     from recbole_diff.trainer.resume import clear
 
     clear(config["resume_dir"])  # the cell's own points, which served this cell only
@@ -227,10 +228,8 @@ def _earlier_seconds(directory):
 
 
 def _write_atomically(path, text):
-    tmp = f"{path}.{os.getpid()}.tmp"  # two bench processes sharing a grid never share a temporary file
-    with open(tmp, "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _note_attempt(directory, seconds, new=False):
@@ -244,8 +243,6 @@ def _note_attempt(directory, seconds, new=False):
 
 
 def _launch(cell, directory, threads, log=print):
-    from recbole_diff.utils import claim_lock
-
     os.makedirs(directory, exist_ok=True)
     lock = os.path.join(directory, "running.lock")
     if not claim_lock(lock):
@@ -413,8 +410,7 @@ def summarise(spec, out_dir):
 
 def _write_csv(rows, metrics, path):
     # atomically: two bench processes sharing a grid both rewrite it as their cells finish
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["dataset", "method", "backbone", "seed", "seconds"] + [f"test_{m}" for m in metrics]
                         + [f"backbone_test_{m}" for m in metrics])
@@ -423,7 +419,6 @@ def _write_csv(rows, metrics, path):
             writer.writerow([c["dataset"], c["method"], c["backbone"] or "", c["seed"], f"{r['seconds']:.1f}"]
                             + [_blank(metric_value(r, m)) for m in metrics]
                             + [_blank(metric_value(r, m, "backbone_test_result")) for m in metrics])
-    os.replace(tmp, path)
 
 
 def _blank(value):
@@ -601,10 +596,6 @@ def _plots(table, metrics, out_dir):
 
 # ---- entry points ------------------------------------------------------------------------------------
 def bench_command(argv):
-    if "--report" in argv:  # the results page from the committed grids (recbole_diff/report.py)
-        from recbole_diff.report import report_command
-
-        return report_command(argv)
     parser = argparse.ArgumentParser(prog="recbole-diff bench", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="benchmark preset yaml (see properties/bench/)")
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/runs/<name>)")
@@ -619,7 +610,7 @@ def bench_command(argv):
         spec = load_grid(args.config)
         select(cells(spec), args.methods, args.seeds)
     except BenchmarkError as e:
-        raise SystemExit(f"recbole-diff bench: {e}")
+        raise SystemExit(f"recbole-diff bench: {e}") from e
     out = args.out or os.path.join("benchmarks", "runs", spec.get("name", "bench"))
     if args.summarise_only:
         summarise(spec, out)
@@ -629,7 +620,7 @@ def bench_command(argv):
         _, failed = run_grid(args.config, out, jobs=args.jobs, threads=args.threads, methods=args.methods,
                              seeds=args.seeds, log=lambda line: print(line, flush=True))
     except BenchmarkError as e:
-        raise SystemExit(f"recbole-diff bench: {e}")
+        raise SystemExit(f"recbole-diff bench: {e}") from e
     print(open(os.path.join(out, "results.md")).read())
     if failed:
         raise SystemExit(f"{len(failed)} cell(s) failed; their logs are under {out}/cells/.")
@@ -637,7 +628,7 @@ def bench_command(argv):
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--cell":
-        from recbole_diff.cli import recbole_warnings_hidden
+        from recbole_diff.runtime import recbole_warnings_hidden
 
         with open(os.path.join(sys.argv[2], "cell.json")) as f, recbole_warnings_hidden():
             run_cell(json.load(f), sys.argv[2])

@@ -17,30 +17,16 @@ options:
 Exit status: 0 when the command succeeded, non-zero when it failed. Results go to stdout, logs to stderr.
 """
 import argparse
-import contextlib
 import os
 import sys
-import warnings
 
 from recbole_diff import __version__, properties_dir
+from recbole_diff.runtime import parse_key_values, recbole_warnings_hidden
+
+# Each command's module is imported when the command runs: `recbole-diff --help` stays instant, and only `tune`
+# imports ray.
 
 SUBCOMMANDS = ("run", "doctor", "demo", "bench", "tune")
-
-
-def _parse_key_values(words):
-    """``--key=value`` words to a dict with RecBole's value conversion (numbers, lists, bools)."""
-    from recbole.config import Config as RecBoleConfig
-
-    out, bad = {}, []
-    for word in words:
-        if not word.startswith("--") or "=" not in word:
-            bad.append(word)
-            continue
-        key, value = word[2:].split("=", 1)
-        out[key] = value
-    if bad:
-        raise SystemExit(f"recbole-diff: cannot read {' '.join(bad)}; write options as --key=value.")
-    return RecBoleConfig._convert_config_dict(None, out)
 
 
 def run_command(argv):
@@ -51,7 +37,7 @@ def run_command(argv):
     parser.add_argument("--config_files", default=None, help="space-separated yaml files")
     parser.add_argument("--saved", default="true", help="save and reload the best checkpoint (default true)")
     args, rest = parser.parse_known_args(argv)
-    config_dict = _parse_key_values(rest)
+    config_dict = parse_key_values(rest)
     files = args.config_files.strip().split(" ") if args.config_files else None
 
     from recbole_diff.quick_start import run_recbole_diff
@@ -95,15 +81,6 @@ def print_result_table(result):
     print("\n".join(lines), flush=True)
 
 
-@contextlib.contextmanager
-def recbole_warnings_hidden():
-    """RecBole 1.2.1 calls pandas and torch APIs that print blocks of FutureWarnings on every run; our entry
-    points hide those (only those: a user's own code importing recbole_diff keeps its warnings)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
-        yield
-
-
 def main(argv=None):
     """Run a command; returns the process exit status (0 on success)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -123,6 +100,10 @@ def main(argv=None):
             from recbole_diff.tune import tune_command
 
             tune_command(argv)
+        elif command == "bench" and "--report" in argv:  # the results page from the committed grids
+            from recbole_diff.report import report_command
+
+            report_command(argv)
         elif command == "bench":
             from recbole_diff.benchmark import bench_command
 

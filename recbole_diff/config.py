@@ -15,7 +15,9 @@ from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
 from recbole_diff import properties_dir
-from recbole_diff.utils import get_model, is_plugin, read_yaml, sequential_model_names
+from recbole_diff.io import read_yaml
+from recbole_diff.model.plugin.base import is_plugin, sequential_model_names
+from recbole_diff.model.registry import get_model
 
 RECBOLE_PROPERTIES = os.path.join(os.path.dirname(os.path.realpath(__import__("recbole").__file__)), "properties")
 

@@ -9,6 +9,7 @@ host. :func:`device_path` forces that path on the CPU too, so that a CPU-only te
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+import numpy as np
 import torch
 
 _FORCED = ContextVar("recbole_diff_device_path", default=False)
@@ -54,3 +55,11 @@ def mixed_precision(config, device):
     device = torch.device(device)
     enabled = mode == "bf16" and (device.type != "cpu" or bool(_key(config, "mixed_precision_on_cpu")))
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def argsort_descending(v):
+    """Per row of a 2-d tensor, the indices from the largest value to the smallest; ties in no set order.
+    On CPU numpy's (AVX-512) quicksort is about 4x faster than torch's sort over a row of all items."""
+    if v.device.type != "cpu":
+        return torch.argsort(v, dim=1, descending=True)
+    return torch.from_numpy(np.argsort(-v.numpy(), axis=1, kind="quicksort"))

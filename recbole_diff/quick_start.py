@@ -12,13 +12,17 @@ from recbole.utils import init_seed, set_color
 
 from recbole_diff.config import Config
 from recbole_diff.evaluation import hold_out_last, long_term_evaluate
-from recbole_diff.utils import get_model, get_trainer, init_logger, load_checkpoint, set_threads
+from recbole_diff.io import load_checkpoint
+from recbole_diff.model.registry import get_model
+from recbole_diff.runtime import autograd_anomaly_off, init_logger, set_threads
+from recbole_diff.trainer.registry import get_trainer
 
 
 def build_config(model=None, dataset=None, config_file_list=None, config_dict=None, backbone=None, cmd_line=True):
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict,
                     backbone=backbone, cmd_line=cmd_line)
     set_threads(config["threads"])
+    autograd_anomaly_off()
     return config
 
 
@@ -163,6 +167,7 @@ def load_data_and_model(model_file, config_dict=None):
     for key, value in (config_dict or {}).items():
         config[key] = value
     set_threads(config["threads"])
+    autograd_anomaly_off()
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()

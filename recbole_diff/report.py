@@ -40,6 +40,7 @@ import json
 import os
 
 from recbole_diff.benchmark import _aggregate, _mean_std, _paired, lift_and_p
+from recbole_diff.io import read_yaml
 
 DEFAULT_SPEC = os.path.join("benchmarks", "report.yaml")
 DEFAULT_OUT = os.path.join("docs", "results.md")
@@ -52,8 +53,6 @@ class ReportError(ValueError):
 
 # ---- reading ------------------------------------------------------------------------------------------
 def load_spec(path):
-    from recbole_diff.utils import read_yaml
-
     spec = read_yaml(path, "Report file", ReportError, ReportError)
     if not isinstance(spec, dict) or not spec.get("claims") or not spec.get("datasets"):
         raise ReportError(f"Report file '{path}' needs 'datasets' and a non-empty 'claims' list.")
@@ -348,5 +347,5 @@ def report_command(argv):
     try:
         build(args.report, args.out)
     except ReportError as e:
-        raise SystemExit(f"recbole-diff bench --report: {e}")
+        raise SystemExit(f"recbole-diff bench --report: {e}") from e
     print(f"[report] wrote {args.out}")

@@ -20,6 +20,12 @@ import time
 
 import yaml
 
+from recbole_diff.io import read_yaml
+from recbole_diff.runtime import parse_key_values
+
+# ray, RecBole and the rest of recbole-diff are imported where a search or a trial needs them: reading and checking
+# a search space stays light.
+
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
 
 
@@ -29,8 +35,6 @@ class SearchSpaceError(ValueError):
 
 def load_space(path):
     """Read and check a search-space yaml; returns {key: (distribution, args)}."""
-    from recbole_diff.utils import read_yaml
-
     raw = read_yaml(path, "Search space file", SearchSpaceError, SearchSpaceError)
     if not isinstance(raw, dict) or not raw:
         raise SearchSpaceError(f"Search space file '{path}' must map config keys to distributions, "
@@ -38,10 +42,12 @@ def load_space(path):
     space = {}
     for key, spec in raw.items():
         if not isinstance(spec, dict) or len(spec) != 1:
-            raise SearchSpaceError(f"{path}: '{key}' needs exactly one distribution, one of {DISTRIBUTIONS}; got {spec!r}.")
+            raise SearchSpaceError(f"{path}: '{key}' needs exactly one distribution, one of {DISTRIBUTIONS}; "
+                                   f"got {spec!r}.")
         (dist, args), = spec.items()
         if dist not in DISTRIBUTIONS:
-            raise SearchSpaceError(f"{path}: '{key}' uses unknown distribution '{dist}'; choose one of {DISTRIBUTIONS}.")
+            raise SearchSpaceError(f"{path}: '{key}' uses unknown distribution '{dist}'; choose one of "
+                                   f"{DISTRIBUTIONS}.")
         if not isinstance(args, list) or not args:
             raise SearchSpaceError(f"{path}: '{key}: {dist}' needs a list of arguments, got {args!r}.")
         if dist in ("uniform", "loguniform", "randint") and len(args) != 2:
@@ -95,8 +101,10 @@ def trainable(params, base):
     torch.set_num_threads(1)
     from recbole.utils import init_seed
 
+    from recbole_diff.model.registry import get_model
     from recbole_diff.quick_start import build_config, prepare_data
-    from recbole_diff.utils import get_model, get_trainer, init_logger
+    from recbole_diff.runtime import init_logger
+    from recbole_diff.trainer.registry import get_trainer
 
     trial_dir = os.getcwd()  # Tune runs each trial in its own folder
     # each trial trains once, reporting every validation to the scheduler: no resume points shared by trials
@@ -181,7 +189,8 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
     # distribution) go through the same key and type checks as a run's.
     sample = {k: args[0] for k, (dist, args) in space.items()}
     try:
-        Config(model=model, dataset=dataset, config_file_list=config_files, config_dict=dict(config_dict or {}, **sample),
+        Config(model=model, dataset=dataset, config_file_list=config_files,
+               config_dict=dict(config_dict or {}, **sample),
                backbone=backbone, cmd_line=False)
     except (KeyError, TypeError) as e:
         raise SearchSpaceError(f"{space_path}: {e}") from e
@@ -246,8 +255,6 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
 
 
 def tune_command(argv):
-    from recbole_diff.cli import _parse_key_values
-
     parser = argparse.ArgumentParser(prog="recbole-diff tune", description="Ray Tune search over a config space.")
     parser.add_argument("--model", required=True)
     parser.add_argument("--dataset", required=True)
@@ -262,9 +269,9 @@ def tune_command(argv):
     parser.add_argument("--search_seed", type=int, default=None, help="seed of the trial sampling (default: seed)")
     args, rest = parser.parse_known_args(argv)
     try:
-        run_tune(args.model, args.dataset, args.space, args.samples, config_dict=_parse_key_values(rest),
+        run_tune(args.model, args.dataset, args.space, args.samples, config_dict=parse_key_values(rest),
                  config_files=args.config_files.split() if args.config_files else None, backbone=args.backbone,
                  address=args.address, cpus=args.cpus, scheduler=args.scheduler, out_dir=args.out,
                  search_seed=args.search_seed)
     except SearchSpaceError as e:
-        raise SystemExit(f"recbole-diff tune: {e}")
+        raise SystemExit(f"recbole-diff tune: {e}") from e

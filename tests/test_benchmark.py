@@ -4,10 +4,9 @@ import os
 
 import pytest
 import yaml
+from helpers import DATA_PATH, SLICE, TINY
 
 from recbole_diff.benchmark import BenchmarkError, load_grid, run_grid
-
-from conftest import DATA_PATH, SLICE, TINY
 
 
 def write_grid(tmp_path, **extra):
@@ -92,7 +91,7 @@ def test_bad_grids_are_refused(tmp_path):
 
 
 def test_cells_locked_by_a_live_process_are_left_alone_and_stale_locks_taken_over(tmp_path):
-    from recbole_diff.utils import claim_lock
+    from recbole_diff.io import claim_lock
 
     lock = str(tmp_path / "running.lock")
     assert claim_lock(lock)
@@ -127,9 +126,8 @@ def test_every_shipped_preset_loads():
 
 
 def test_methods_and_seeds_select_cells_and_unknown_names_are_refused():
-    from recbole_diff.benchmark import cells, select
-
     from recbole_diff import properties_dir
+    from recbole_diff.benchmark import cells, select
 
     grid = cells(load_grid(os.path.join(properties_dir(), "bench", "diffuasr_ml-100k.yaml")))
     chosen = select(grid, methods=["DiffuASR-CG@SASRec", "random"], seeds=[2021])

@@ -3,14 +3,13 @@ import os
 import sys
 
 import pytest
+from helpers import DATA_PATH, SLICE, TINY
 from recbole.utils import InputType
 
+from recbole_diff import get_model, get_trainer
 from recbole_diff.config import Config
 from recbole_diff.model.plugin.base import PluginRecommender
 from recbole_diff.trainer import CompatMixin
-from recbole_diff.utils import get_model, get_trainer
-
-from conftest import DATA_PATH, SLICE, TINY
 
 
 def make(model="SASRec", **overrides):

@@ -6,18 +6,24 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import DATA_PATH, SLICE, TINY
 from recbole.data import create_dataset, data_preparation
 
+from recbole_diff import get_model, get_trainer
 from recbole_diff.data.augment import (
-    Sequences, augmenter_users, history_mask, random_prefix, random_seq_prefix, read_atomic, round_to_items,
-    training_sequences, write_augmented_dataset,
+    Sequences,
+    augmenter_users,
+    history_mask,
+    random_prefix,
+    random_seq_prefix,
+    read_atomic,
+    round_to_items,
+    training_sequences,
+    write_augmented_dataset,
 )
 from recbole_diff.model.plugin.diffuasr import AUG_HEADS, AUG_RAW, AugmenterLoader
 from recbole_diff.model.plugin.sunet import SUNet
 from recbole_diff.quick_start import build_config, load_data_and_model, prepare_data, run_recbole_diff
-from recbole_diff.utils import get_model, get_trainer
-
-from conftest import DATA_PATH, SLICE, TINY
 
 ASR = dict(TINY, hidden_size=16, diffusion_embedding_size=16, unet_channels=[8, 16, 16], M=3, augmenter_epochs=2,
            augmenter_train_steps=None, sampler="ddim", sample_steps=5, epochs=2)
@@ -297,7 +303,8 @@ def test_augmenter_sees_training_items_only(tmp_path):
     # RecBole's training rows are (history, target) in time order; a user's first row's history is the first item
     inter = train.dataset.inter_feat
     own = {}
-    for u, i, history in zip(inter["user_id"].tolist(), inter["item_id"].tolist(), inter["item_id_list"][:, 0].tolist()):
+    columns = (inter["user_id"].tolist(), inter["item_id"].tolist(), inter["item_id_list"][:, 0].tolist())
+    for u, i, history in zip(*columns):
         own.setdefault(u, [history]).append(i)
     assert len(own) == int((seqs.lengths > 0).sum())
     assert all(seqs.of(u).tolist() == items for u, items in own.items())  # whole sequences, in order

@@ -1,15 +1,14 @@
 """DiffuRec / DiffuRecSys behaviour on the test slice."""
 import pytest
 import torch
+from helpers import SLICE, TINY
 from recbole.data import create_dataset, data_preparation
 from recbole.data.interaction import Interaction
 from recbole.utils import init_seed
 
+from recbole_diff import get_model, get_trainer
 from recbole_diff.config import Config
 from recbole_diff.quick_start import load_data_and_model, run_recbole_diff
-from recbole_diff.utils import get_model, get_trainer
-
-from conftest import SLICE, TINY
 
 SMALL = dict(TINY, hidden_size=16, n_blocks=2, n_heads=2)
 
@@ -122,7 +121,7 @@ def test_multi_sample_inference_averages_distributions():
     assert scores.shape == (inter[model.ITEM_SEQ].shape[0], model.n_items)
     assert torch.allclose(torch.logsumexp(scores, dim=1), torch.zeros(scores.shape[0]), atol=1e-4)
     # the same three reverse runs (same generator, in order), averaged here as probabilities
-    from recbole_diff.utils import eval_generator
+    from recbole_diff.model.utils import eval_generator
 
     seq, seq_len = inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN]
     generator = eval_generator(model.eval_seed, inter, model.USER_ID, seq.device)
@@ -145,7 +144,8 @@ def test_sampled_evaluation_scores_one_run_per_user():
         model.ITEM_SEQ_LEN: seq_len.repeat_interleave(4), model.ITEM_ID: items.repeat(3)})
     scores = model.predict(rows).view(3, 4)
     # each user's candidates are read off that user's own full ranking
-    full = model.full_sort_predict(Interaction({model.USER_ID: users, model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: seq_len}))
+    full = model.full_sort_predict(
+        Interaction({model.USER_ID: users, model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: seq_len}))
     assert torch.allclose(scores, full[:, items], atol=1e-5)
 
 

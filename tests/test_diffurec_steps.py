@@ -2,10 +2,9 @@
 process); bf16 autocast."""
 import pytest
 import torch
+from test_diffurec import build, first_batch
 
 from recbole_diff.diffusion import GaussianDiffusion
-
-from test_diffurec import build, first_batch
 
 
 @pytest.mark.parametrize("name", ["DiffuRec", "DiffuRecSys"])
@@ -67,7 +66,7 @@ def test_bad_step_settings_are_refused(key, value, match):
 
 # ---- mixed_precision: bf16 ------------------------------------------------------------------------------------
 def fit(name, tmp_path, **overrides):
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     config, model, train, test = build(name, checkpoint_dir=str(tmp_path), epochs=3, **overrides)
     trainer = get_trainer(config["MODEL_TYPE"], name)(config, model)
@@ -107,7 +106,7 @@ def test_bf16_scores_are_ranked_in_fp32():
 
 
 def test_an_unknown_mixed_precision_is_refused_before_training(tmp_path):
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     config, model, _, _ = build(checkpoint_dir=str(tmp_path), mixed_precision="fp16")
     with pytest.raises(ValueError, match="mixed_precision must be one of"):

@@ -5,8 +5,17 @@ import pytest
 import torch
 
 from recbole_diff.diffusion import (
-    SCHEDULES, ClassifierGuidance, GaussianDiffusion, LossAwareSampler, StepEmbedding, UniformSampler,
-    classifier_free, make_betas, make_noise, spaced_steps, timestep_embedding,
+    SCHEDULES,
+    ClassifierGuidance,
+    GaussianDiffusion,
+    LossAwareSampler,
+    StepEmbedding,
+    UniformSampler,
+    classifier_free,
+    make_betas,
+    make_noise,
+    spaced_steps,
+    timestep_embedding,
 )
 
 

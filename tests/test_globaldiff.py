@@ -3,19 +3,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SLICE, TINY
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
+from recbole_diff import get_model, get_trainer
 from recbole_diff.config import Config
 from recbole_diff.data.globaldiff import (
-    ItemSimilarity, bernoulli_targets, reweighted_targets, sample_mask_positions, training_pairs, user_sequences,
+    ItemSimilarity,
+    bernoulli_targets,
+    reweighted_targets,
+    sample_mask_positions,
+    training_pairs,
+    user_sequences,
 )
 from recbole_diff.model.plugin.globaldiff import borda_fuse, descending_order, fused_topk
 from recbole_diff.quick_start import load_data_and_model, run_recbole_diff
 from recbole_diff.trainer import GlobalDiffTrainer
-from recbole_diff.utils import get_model, get_trainer
-
-from conftest import SLICE, TINY
 
 FAST = dict(TINY, epochs=1, diffusion_epochs=2, hidden_size=16, inner_size=32, n_layers=1, n_heads=1,
             embedding_size=16, approx_hidden=16)
@@ -203,7 +207,8 @@ def test_fast_borda_equals_the_stable_sort_definition_with_ties_and_zeros():
     for gamma in (0.0, 0.3, 1.0):
         assert torch.equal(borda_fuse(y, x, gamma), gamma * reference(y) + (1 - gamma) * reference(x)
                            if 0 < gamma < 1 else reference(y if gamma == 1 else x))
-    assert torch.equal(descending_order(x)[::3, :10], torch.argsort(x[::3], dim=1, descending=True, stable=True)[:, :10])
+    assert torch.equal(descending_order(x)[::3, :10],
+                       torch.argsort(x[::3], dim=1, descending=True, stable=True)[:, :10])
     # every tie in index order, zeros included (what sampled evaluation's places need)
     assert torch.equal(descending_order(x, zero_ties=True), torch.argsort(x, dim=1, descending=True, stable=True))
 

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from conftest import DATA_PATH, SLICE
+from helpers import DATA_PATH, SLICE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,16 +3,15 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from helpers import SLICE, TINY
+from host_guard import CONVERSIONS, HostTransferError, guarded, no_host_transfers
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
+from test_diffurec import first_batch
 
+from recbole_diff import get_model
 from recbole_diff.config import Config
 from recbole_diff.device import host_fast_path
-from recbole_diff.utils import get_model
-
-from test_diffurec import first_batch
-from conftest import SLICE, TINY
-from host_guard import CONVERSIONS, HostTransferError, guarded, no_host_transfers
 
 READS = {
     "cpu": lambda t: t.cpu(),

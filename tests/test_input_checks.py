@@ -10,17 +10,16 @@ import types
 import warnings
 
 import pytest
-import yaml
+from helpers import DATA_PATH, SLICE, TINY
+from test_benchmark import write_grid
 
 import recbole_diff
+from recbole_diff import get_model, get_trainer
 from recbole_diff.benchmark import BenchmarkError, run_grid
-from recbole_diff.cli import _parse_key_values, main
+from recbole_diff.cli import main
 from recbole_diff.config import Config, UnknownKeyError, UnknownKeyWarning
-from recbole_diff.quick_start import build_config, prepare_data, run_recbole_diff
-from recbole_diff.utils import get_model, get_trainer
-
-from conftest import DATA_PATH, SLICE, TINY
-from test_benchmark import write_grid
+from recbole_diff.quick_start import build_config, prepare_data
+from recbole_diff.runtime import parse_key_values
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SASREC_KEYS = {k: v for k, v in TINY.items() if k != "embedding_size"}  # SASRec reads no embedding_size
@@ -140,7 +139,7 @@ def test_recboles_future_warnings_are_hidden_in_our_entry_points_only():
 # ---- 4. validate before compute ------------------------------------------------------------------------------
 def test_keys_with_a_tilde_default_are_type_checked_at_config_time():
     with pytest.raises(TypeError, match="'sample_steps' must be of type int"):
-        make("GlobalDiff", **_parse_key_values(["--sample_steps=abc"]))
+        make("GlobalDiff", **parse_key_values(["--sample_steps=abc"]))
     with pytest.raises(TypeError, match="'resume_dir' must be of type str"):
         make(resume_dir=3)
     assert make("GlobalDiff", sample_steps=5)["sample_steps"] == 5
@@ -210,7 +209,8 @@ def _trainer(tmp_path, **overrides):
 def test_runs_sharing_a_resume_dir_keep_points_of_their_own(tmp_path):
     first = _trainer(tmp_path)._resume_point().path
     assert _trainer(tmp_path)._resume_point().path == first  # the same run finds its point again
-    others = {_trainer(tmp_path, seed=7)._resume_point().path, _trainer(tmp_path, learning_rate=0.01)._resume_point().path}
+    others = {_trainer(tmp_path, seed=7)._resume_point().path,
+              _trainer(tmp_path, learning_rate=0.01)._resume_point().path}
     assert first not in others and len(others) == 2
     assert os.path.basename(first).startswith(f"Trainer-SASRec-{SLICE}-seed2020-")
 
@@ -218,7 +218,7 @@ def test_runs_sharing_a_resume_dir_keep_points_of_their_own(tmp_path):
 def test_identical_runs_started_in_the_same_second_log_to_files_of_their_own(tmp_path, monkeypatch):
     from recbole.utils import logger as recbole_logger
 
-    from recbole_diff.utils import init_logger
+    from recbole_diff.runtime import init_logger
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(recbole_logger, "get_local_time", lambda: "Jan-01-2026_00-00-00")

@@ -5,18 +5,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SLICE, TINY
 
+from recbole_diff import get_model, get_trainer
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import (
-    PreferenceStore, TrainingItems, ascending_ranks, check_store_meta, compute_preference_store, draw_band,
-    hbr_weights, nns_band, store_meta,
+    PreferenceStore,
+    TrainingItems,
+    ascending_ranks,
+    check_store_meta,
+    compute_preference_store,
+    draw_band,
+    hbr_weights,
+    nns_band,
+    store_meta,
 )
-from recbole_diff.model.plugin.pdrec import LAST_FIELD
-from recbole_diff.model.plugin.pdrec import mark_last_rows
+from recbole_diff.model.plugin.pdrec import LAST_FIELD, mark_last_rows
 from recbole_diff.quick_start import build_config, load_data_and_model, prepare_data, run_recbole_diff
-from recbole_diff.utils import get_model, get_trainer
-
-from conftest import SLICE, TINY
 
 PD = dict(TINY, tidiffrec_epochs=1, tidiffrec={"dims_dnn": [32]}, dpa_m=20, dpa_n=3,
           learning_rate=0.005)

@@ -4,6 +4,7 @@ import glob
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SLICE, TINY
 from recbole.data import create_dataset, data_preparation
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import init_seed
@@ -11,8 +12,6 @@ from recbole.utils import init_seed
 from recbole_diff.config import Config
 from recbole_diff.model.plugin.base import PluginRecommender, Stage
 from recbole_diff.trainer import PluginTrainer
-
-from conftest import SLICE, TINY
 
 
 class Head(PluginRecommender):

@@ -6,15 +6,15 @@ import sys
 
 import pytest
 import torch
+from helpers import SLICE
 from recbole.utils import ModelType
 
-from recbole_diff.cli import _parse_key_values, main, run_command
+from recbole_diff import get_model, get_trainer
+from recbole_diff.cli import main, run_command
 from recbole_diff.doctor import check_versions
 from recbole_diff.quick_start import build_config, load_data_and_model, run_recbole_diff
+from recbole_diff.runtime import parse_key_values
 from recbole_diff.trainer import Trainer
-from recbole_diff.utils import get_model, get_trainer
-
-from conftest import SLICE
 
 
 def test_cli_trains_saves_and_the_reloaded_model_scores_the_same(tiny, capsys):
@@ -35,7 +35,7 @@ def test_cli_trains_saves_and_the_reloaded_model_scores_the_same(tiny, capsys):
     # ... and in a new process, which has built no Config (RecBole's metrics need its numpy aliases)
     code = ("import json, sys\n"
             "from recbole_diff.quick_start import load_data_and_model\n"
-            "from recbole_diff.utils import get_trainer\n"
+            "from recbole_diff import get_trainer\n"
             "config, model, _, _, _, test = load_data_and_model(sys.argv[1])\n"
             "trainer = get_trainer(config['MODEL_TYPE'], config['model'])(config, model)\n"
             "print(json.dumps(dict(trainer.evaluate(test, load_best_model=False))))\n")
@@ -96,10 +96,10 @@ def test_threads_default_to_one_and_are_overridable(tiny):
 
 
 def test_cli_words_are_converted_like_recbole_and_bad_words_refused():
-    assert _parse_key_values(["--epochs=3", "--topk=[5,10]", "--show_progress=false", "--data_path=a/b"]) == {
+    assert parse_key_values(["--epochs=3", "--topk=[5,10]", "--show_progress=false", "--data_path=a/b"]) == {
         "epochs": 3, "topk": [5, 10], "show_progress": False, "data_path": "a/b"}
     with pytest.raises(SystemExit, match="--key=value"):
-        _parse_key_values(["epochs", "3"])
+        parse_key_values(["epochs", "3"])
 
 
 def test_doctor_flags_known_broken_versions():

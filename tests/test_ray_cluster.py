@@ -13,8 +13,7 @@ import time
 
 import pytest
 import yaml
-
-from conftest import DATA_PATH, SLICE, TINY
+from helpers import DATA_PATH, SLICE, TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the venv's ray, beside its python

@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 
-from recbole_diff.report import ReportError, Grids, baseline_rows, build, claim_rows, load_spec
+from recbole_diff.report import Grids, ReportError, baseline_rows, build, claim_rows, load_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

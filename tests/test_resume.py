@@ -9,16 +9,14 @@ from contextlib import contextmanager
 
 import pytest
 import yaml
-
+from helpers import DATA_PATH, SLICE, TINY
 from recbole.trainer import Trainer as RecBoleTrainer
-
-from recbole_diff.quick_start import run_recbole_diff
-from recbole_diff.trainer import resume
-
-from conftest import DATA_PATH, SLICE, TINY
 from test_diffuasr import ASR
 from test_globaldiff import FAST
 from test_pdrec import PD
+
+from recbole_diff.quick_start import run_recbole_diff
+from recbole_diff.trainer import resume
 
 
 class Killed(Exception):
@@ -94,10 +92,11 @@ def test_a_killed_training_goes_on_where_it_stopped_and_ends_as_an_unbroken_one(
 
 
 def test_no_resume_points_without_checkpoints_or_for_trainers_they_do_not_cover(tmp_path):
+    from recbole.trainer import RecVAETrainer
+
     from recbole_diff.config import Config
     from recbole_diff.quick_start import prepare_data
     from recbole_diff.trainer.trainer import compat_trainer
-    from recbole.trainer import RecVAETrainer
 
     cfg = dict(TINY, epochs=2, checkpoint_dir=str(tmp_path / "saved"), resume_dir=str(tmp_path / "resume"))
     run_recbole_diff("SASRec", SLICE, config_dict=cfg, cmd_line=False, saved=False)
@@ -105,7 +104,7 @@ def test_no_resume_points_without_checkpoints_or_for_trainers_they_do_not_cover(
 
     config = Config(model="RecVAE", dataset=SLICE, config_dict=cfg, cmd_line=False)
     _, train, _, _ = prepare_data(config)
-    from recbole_diff.utils import get_model
+    from recbole_diff import get_model
 
     trainer = compat_trainer(RecVAETrainer)(config, get_model("RecVAE")(config, train.dataset))
     assert trainer._resume_point() is None  # two optimisers swapped per epoch: not in a point

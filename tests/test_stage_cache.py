@@ -7,16 +7,15 @@ import time
 
 import pytest
 import torch
-
-from recbole_diff.config import Config
-from recbole_diff.quick_start import run_recbole_diff
-from recbole_diff.trainer.stage_cache import Stage, stage_key
-from recbole_diff.utils import load_checkpoint
-
-from conftest import SLICE
+from helpers import SLICE
 from test_diffuasr import ASR
 from test_globaldiff import FAST
 from test_pdrec import PD
+
+from recbole_diff.config import Config
+from recbole_diff.io import load_checkpoint
+from recbole_diff.quick_start import run_recbole_diff
+from recbole_diff.trainer.stage_cache import Stage, stage_key
 
 
 def _config(model="GlobalDiff", **overrides):
@@ -38,20 +37,20 @@ def test_the_stage_key_holds_the_backbones_keys_only():
 
 
 def test_data_files_count_by_content_not_by_time(tmp_path):
-    from recbole_diff.trainer.stage_cache import _data_files
+    from recbole_diff.trainer.settings import data_files
 
     folder = tmp_path / "d"
     folder.mkdir()
     data = folder / "d.inter"
     data.write_text("user_id:token\titem_id:token\n1\t2\n")
-    before = _data_files({"data_path": str(folder)})
+    before = data_files({"data_path": str(folder)})
     os.utime(data, (1, 1))  # provisioned again: same bytes, another time
-    assert _data_files({"data_path": str(folder)}) == before
+    assert data_files({"data_path": str(folder)}) == before
     # same size, other content, written as datasets are provisioned (a new file moved in): a new inode, so the
     # test does not depend on the file system's time resolution
     (folder / "new").write_text("user_id:token\titem_id:token\n1\t3\n")
     os.replace(folder / "new", data)
-    after = _data_files({"data_path": str(folder)})
+    after = data_files({"data_path": str(folder)})
     assert after != before and after["d.inter"][0] == before["d.inter"][0]
 
 
@@ -100,7 +99,8 @@ def test_pdrec_runs_share_tidiffrec_and_give_the_same_results(tmp_path):
 
 def test_diffuasr_runs_that_differ_in_sampling_only_share_the_augmenter(tmp_path):
     def run(cache, **overrides):
-        cfg = dict(ASR, epochs=1, checkpoint_dir=str(tmp_path / "saved"), **dict(dict(guide="cg", guidance_scale=1.0), **overrides))
+        cfg = dict(ASR, epochs=1, checkpoint_dir=str(tmp_path / "saved"),
+                   **dict(dict(guide="cg", guidance_scale=1.0), **overrides))
         if cache:
             cfg["stage_cache"] = str(tmp_path / "stages")
         return run_recbole_diff("DiffuASR", SLICE, config_dict=cfg, cmd_line=False)

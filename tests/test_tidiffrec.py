@@ -2,13 +2,12 @@
 import numpy as np
 import pytest
 import torch
+from helpers import SLICE, TINY
 from recbole.data.dataloader import UserDataLoader
 
+from recbole_diff import get_model
 from recbole_diff.model.plugin.tidiffrec import interval_weights
 from recbole_diff.quick_start import build_config, prepare_data
-from recbole_diff.utils import get_model
-
-from conftest import SLICE, TINY
 
 
 def test_interval_weights_are_min_max_scaled_per_user():
@@ -168,7 +167,7 @@ def test_preferences_with_the_sparse_first_step_equal_recboles_reverse_run():
 
 
 def test_trainer_steps_with_a_fused_adamw():
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     config, model, _, _, _ = build()
     trainer = get_trainer(config["MODEL_TYPE"], "TIDiffRec")(config, model)

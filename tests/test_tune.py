@@ -4,11 +4,10 @@ import os
 
 import pytest
 import yaml
+from helpers import SLICE, TINY
 
 from recbole_diff.config import Config
 from recbole_diff.tune import SearchSpaceError, load_space
-
-from conftest import SLICE, TINY
 
 
 def write(tmp_path, text):
@@ -38,11 +37,10 @@ def test_every_shipped_space_is_valid():
     import glob
     import os
 
+    from helpers import SLICE, TINY
+
     from recbole_diff import properties_dir
-
     from recbole_diff.quick_start import build_config
-
-    from conftest import SLICE, TINY
 
     files = glob.glob(os.path.join(properties_dir(), "tune", "*.yaml"))
     assert len(files) >= 5
@@ -56,9 +54,8 @@ def test_every_shipped_space_is_valid():
 @pytest.mark.tune
 def test_two_trials_on_local_ray_write_a_loadable_best_config(tmp_path):
     ray = pytest.importorskip("ray")
-    from recbole_diff.tune import run_tune
-
     from recbole_diff.trainer.resume import plain_settings
+    from recbole_diff.tune import run_tune
 
     space = write(tmp_path, "learning_rate: {grid: [0.001, 0.01]}\n")
     # the model's size in a config file, the rest as overrides: best.yaml must keep both

@@ -19,7 +19,8 @@ import torch
 from recbole.utils import set_color
 from tqdm import tqdm
 
-from recbole_diff.utils import argsort_descending
+from recbole_diff.device import argsort_descending
+from recbole_diff.io import atomic_write
 
 STORE_VERSION = 2
 
@@ -116,11 +117,10 @@ class PreferenceStore:
         return self
 
     def save(self, path):
-        tmp = f"{path}.tmp-{os.getpid()}"
         data = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in asdict(self).items()}
         data["topm"] = data["topm"].int()  # item ids fit int32; halves the file
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            torch.save(data, tmp)
 
     @classmethod
     def load(cls, path, device="cpu"):

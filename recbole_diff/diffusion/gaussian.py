@@ -94,11 +94,6 @@ class GaussianDiffusion(nn.Module):
             self.register_buffer(name, value.float())
 
     # ---- forward process -----------------------------------------------------------------------------
-    def q_mean_variance(self, x0, t):
-        mean = _gather(self.sqrt_alphas_cumprod, t, x0.dim()) * x0
-        var = _gather(1.0 - self.alphas_cumprod, t, x0.dim())
-        return mean, var
-
     def q_sample(self, x0, t, noise=None):
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; pass ``make_noise(...)`` for offset noise."""
         if noise is None:

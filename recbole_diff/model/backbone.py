@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 
-
 def _forward_seq_len(model, seq, seq_len):
     return model.forward(seq, seq_len)
 

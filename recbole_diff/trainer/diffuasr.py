@@ -10,17 +10,17 @@ Evaluation scores the original loaders' users with their generated items prepend
 import copy
 import os
 
+import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import ModelType, init_seed, set_color
 
-import torch
-
 from recbole_diff.data.augment import augmented_name, write_augmented_dataset
 from recbole_diff.evaluation import group_metrics
+from recbole_diff.model.registry import get_model
 from recbole_diff.trainer.plugin import PluginTrainer
+from recbole_diff.trainer.registry import get_trainer
 from recbole_diff.trainer.stage_cache import stage_key
 from recbole_diff.trainer.trainer import unique_checkpoint_path
-from recbole_diff.utils import get_model, get_trainer
 
 # the keys that shape the generated items, recorded (hashed) in the augmented dataset's name
 _DIFFUSION_SETTINGS = (

@@ -26,12 +26,15 @@ from recbole.data.dataloader import UserDataLoader
 from recbole.utils import ModelType, init_seed, set_color
 
 from recbole_diff.config import stage_config
-from recbole_diff.model.plugin.base import STAGE_KEYS
+from recbole_diff.io import load_checkpoint
+from recbole_diff.model.plugin.base import STAGE_KEYS, is_plugin
+from recbole_diff.model.registry import get_model
+from recbole_diff.trainer.registry import get_trainer
 from recbole_diff.trainer.resume import plain_settings, point_name, resume_point, run_settings
+from recbole_diff.trainer.settings import data_files, plain
 from recbole_diff.trainer.stage_cache import Stage as CacheEntry
-from recbole_diff.trainer.stage_cache import _data_files, _plain, claim_or_wait, shared_stage, stage_key
+from recbole_diff.trainer.stage_cache import claim_or_wait, shared_stage, stage_key
 from recbole_diff.trainer.trainer import Trainer, unique_checkpoint_path
-from recbole_diff.utils import get_model, get_trainer, is_plugin, load_checkpoint
 
 # a built RecBole trainer's attribute for each training key a stage may set
 _TRAINER_ATTRS = ("epochs", "learning_rate", "weight_decay", "stopping_step", "eval_step", "learner")
@@ -54,7 +57,7 @@ def apply_stage_keys(trainer, overrides, params):
 
 
 def _digest(value):
-    return hashlib.sha1(json.dumps(value, sort_keys=True, default=_plain).encode()).hexdigest()[:12]
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=plain).encode()).hexdigest()[:12]
 
 
 class StageTrainer(Trainer):
@@ -252,7 +255,7 @@ class PluginTrainer(Trainer):
             values["backbone_stage"] = (self.config["backbone_checkpoint"]
                                         or stage_key(self.config, self.model.backbone_name)["config"])
         return {"stage_model": f"{type(self.model).__name__}-{stage.name}", "config": values,
-                "data_files": _data_files(self.config)}
+                "data_files": data_files(self.config)}
 
     def _fit_stage(self, stage, train_data, valid_data, flags, needed=True):
         key = self.fit_stage_key(stage) if stage.cache and self.config["stage_cache"] else None

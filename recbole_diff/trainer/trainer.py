@@ -27,14 +27,15 @@ import uuid
 
 import numpy as np
 import torch
-
+from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.model.abstract_recommender import AbstractRecommender
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import EvaluatorType, get_local_time
 
 from recbole_diff.device import mixed_precision
+from recbole_diff.io import atomic_write, load_checkpoint
+from recbole_diff.model.utils import seeded_numpy
 from recbole_diff.trainer.resume import point_name, resume_point, rng_state, run_settings, set_rng_state
-from recbole_diff.utils import load_checkpoint, seeded_numpy
 
 
 def unique_checkpoint_path(config, tag=None):
@@ -155,9 +156,8 @@ class CompatMixin:
         """The killed run's best checkpoint, copied to this run's own file: it may lie in another run's folder
         (a shared stage's point), which this run must not write to."""
         if os.path.isfile(path):
-            tmp = f"{self.saved_model_file}.{os.getpid()}.tmp"
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, self.saved_model_file)
+            with atomic_write(self.saved_model_file) as tmp:
+                shutil.copyfile(path, tmp)
         elif needed:
             raise FileNotFoundError(f"resume_dir: the best checkpoint '{path}' of the run to resume is gone. Delete "
                                     "its resume point to train from the start.")
@@ -191,6 +191,18 @@ class CompatMixin:
         self.start_sampled_eval(eval_data)
         with seeded_numpy(self.config["seed"]), mixed_precision(self.config, self.device):
             return super().evaluate(eval_data, load_best_model=False, model_file=None, show_progress=show_progress)
+
+    def batch_scorer(self, eval_data):
+        """The function :meth:`evaluate` scores each batch of ``eval_data`` with, for evaluation code of its own
+        (per-group metrics): batch -> (interaction, scores, positive_u, positive_i), one row of scores over all
+        items per user of the batch."""
+        self.tot_item_num = eval_data._dataset.item_num
+        if not isinstance(eval_data, FullSortEvalDataLoader):
+            self.start_sampled_eval(eval_data)
+            return self._neg_sample_batch_eval
+        if self.item_tensor is None:
+            self.item_tensor = eval_data._dataset.get_item_feature().to(self.device)
+        return self._full_sort_batch_eval
 
     def start_sampled_eval(self, eval_data):
         """Before scoring ``eval_data``'s batches with ``fast_sampled_eval``: which fields belong to the item, and

@@ -22,13 +22,15 @@ yaml's). ``<stage>_train_steps`` is a budget in optimiser steps instead of epoch
 ``backbone`` or ``model`` stage instead of training it; ``<stage>: {key: value}`` sets any key of a ``model``
 stage's own config.
 """
+import importlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import ModelType
 
 from recbole_diff.model.backbone import BackboneAdapter
-from recbole_diff.utils import get_model
+from recbole_diff.model.registry import get_model, our_model_names
 
 STAGE_KINDS = ("backbone", "model", "fit", "compute")
 # <stage>_<key> -> the RecBole key it sets for that stage
@@ -164,3 +166,21 @@ class PluginRecommender(SequentialRecommender):
             yield self
         finally:
             self.eval_mode = saved
+
+
+def is_plugin(model_class):
+    """A model built around a backbone (a :class:`PluginRecommender`)."""
+    return isinstance(model_class, type) and issubclass(model_class, PluginRecommender)
+
+
+def sequential_model_names():
+    """Models a plugin can take as its backbone: RecBole's sequential models and ours that are not plugins."""
+    pkg = importlib.import_module("recbole.model.sequential_recommender")
+    names = [name for name in dir(pkg) if isinstance(getattr(pkg, name), type)
+             and getattr(getattr(pkg, name), "type", None) == ModelType.SEQUENTIAL
+             and hasattr(getattr(pkg, name), "calculate_loss")]
+    for name in our_model_names():
+        model = get_model(name)
+        if model.type == ModelType.SEQUENTIAL and not is_plugin(model):
+            names.append(name)
+    return sorted(set(names))

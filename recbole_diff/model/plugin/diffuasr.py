@@ -27,12 +27,18 @@ from recbole.utils import set_color
 from tqdm import tqdm
 
 from recbole_diff.data.augment import (
-    augmenter_users, history_mask, random_prefix, random_seq_prefix, round_to_items, training_sequences,
+    augmenter_users,
+    history_mask,
+    random_prefix,
+    random_seq_prefix,
+    round_to_items,
+    training_sequences,
 )
 from recbole_diff.diffusion import ClassifierGuidance, GaussianDiffusion, classifier_free
 from recbole_diff.model.plugin.base import PluginRecommender, Stage
 from recbole_diff.model.plugin.sunet import SUNet, square_side
-from recbole_diff.utils import get_model, predict_from_full_sort, require_keys
+from recbole_diff.model.registry import get_model
+from recbole_diff.model.utils import predict_from_full_sort, require_keys
 
 AUGMENTERS = ("diffusion", "random", "random_seq")
 GUIDES = ("cg", "cf", "none")

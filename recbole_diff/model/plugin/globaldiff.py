@@ -17,13 +17,21 @@ import torch.nn.functional as F
 from recbole.utils import InputType
 
 from recbole_diff.data.globaldiff import (
-    SIMILARITY_WINDOWS, ItemSimilarity, UserSequenceLoader, bernoulli_targets, reweighted_targets,
-    sample_mask_positions, training_pairs, user_sequences, window_pairs,
+    SIMILARITY_WINDOWS,
+    ItemSimilarity,
+    UserSequenceLoader,
+    bernoulli_targets,
+    reweighted_targets,
+    sample_mask_positions,
+    training_pairs,
+    user_sequences,
+    window_pairs,
 )
+from recbole_diff.device import argsort_descending
 from recbole_diff.diffusion import GaussianDiffusion, make_step_sampler
 from recbole_diff.model.plugin.approximators import GlobalApproximator
 from recbole_diff.model.plugin.base import PluginRecommender, Stage
-from recbole_diff.utils import argsort_descending, eval_generator, predict_from_full_sort, require_keys
+from recbole_diff.model.utils import eval_generator, predict_from_full_sort, require_keys
 
 GUIDANCE = ("full", "target", "none")
 EVAL_MODES = ("ensemble", "backbone", "diffusion_only")

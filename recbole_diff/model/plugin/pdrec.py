@@ -28,12 +28,21 @@ from recbole.utils import InputType, set_color
 
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import (
-    STORE_VERSION, PreferenceStore, TrainingItems, check_store_meta, compute_preference_store, draw_band,
-    hbr_weights, model_fingerprint, store_meta, timed,
+    STORE_VERSION,
+    PreferenceStore,
+    TrainingItems,
+    check_store_meta,
+    compute_preference_store,
+    draw_band,
+    hbr_weights,
+    model_fingerprint,
+    store_meta,
+    timed,
 )
 from recbole_diff.model.backbone import BackboneAdapter
 from recbole_diff.model.plugin.base import PluginRecommender, Stage
-from recbole_diff.utils import get_model, predict_from_full_sort, require_keys
+from recbole_diff.model.registry import get_model
+from recbole_diff.model.utils import predict_from_full_sort, require_keys
 
 SCORES = ("dot", "cosine")
 DPA_STATES = ("last", "prefix")

@@ -85,7 +85,8 @@ class SUNet(nn.Module):
             if i < levels - 1:
                 self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
                 skips.append(cur)
-        self.mid = nn.ModuleList([ResBlock(cur, cur, z_dim, dropout), AttnBlock(cur), ResBlock(cur, cur, z_dim, dropout)])
+        self.mid = nn.ModuleList([ResBlock(cur, cur, z_dim, dropout), AttnBlock(cur),
+                                  ResBlock(cur, cur, z_dim, dropout)])
         self.up = nn.ModuleList()
         for i, ch in reversed(list(enumerate(channels))):
             for _ in range(res_blocks + 1):

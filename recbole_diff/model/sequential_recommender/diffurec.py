@@ -27,7 +27,7 @@ from torch import nn
 from recbole_diff.device import host_fast_path
 from recbole_diff.diffusion import OFFSET_MODES, GaussianDiffusion, StepEmbedding, make_noise
 from recbole_diff.model.padding import length_groups
-from recbole_diff.utils import eval_generator, predict_from_full_sort, require_keys
+from recbole_diff.model.utils import eval_generator, predict_from_full_sort, require_keys
 
 APPROXIMATORS = ("add", "cross_attention")
 SAMPLERS = ("ancestral", "ddim")
@@ -145,7 +145,8 @@ class DiffuRec(SequentialRecommender):
             raise ValueError(f"sample_steps must be an integer in [1, diffusion_steps = {config['diffusion_steps']}] "
                              f"or ~ (all steps), got {steps!r}.")
         if config["hidden_size"] % config["n_heads"]:
-            raise ValueError(f"hidden_size ({config['hidden_size']}) must be divisible by n_heads ({config['n_heads']}).")
+            raise ValueError(f"hidden_size ({config['hidden_size']}) must be divisible by n_heads "
+                             f"({config['n_heads']}).")
 
     # ---- the denoiser --------------------------------------------------------------------------------
     def _trim(self, item_seq, item_seq_len):
@@ -207,7 +208,7 @@ class DiffuRec(SequentialRecommender):
         x_t = self.diffusion.q_sample(x0, t, self.training_noise(x0.shape, x0.device))
         predictions, targets = [], []
         for rows in self._groups(item_seq_len):
-            pick = (lambda v: v) if rows is None else (lambda v: v[rows])  # noqa: E731
+            pick = (lambda v: v) if rows is None else (lambda v: v[rows])  # noqa: B023 (used in this iteration only)
             lengths = pick(item_seq_len)
             history, pad_mask = self.encode_history(self._trim(pick(item_seq), lengths))
             predictions.append(self.denoise(history, pad_mask, lengths, pick(x_t), pick(t)))
@@ -247,7 +248,8 @@ class DiffuRec(SequentialRecommender):
             return self._item_scores(self._reverse_grouped(item_seq, item_seq_len, generator))
         probs = 0
         for _ in range(self.inference_samples):
-            probs = probs + F.softmax(self._item_scores(self._reverse_grouped(item_seq, item_seq_len, generator)), dim=-1)
+            scores = self._item_scores(self._reverse_grouped(item_seq, item_seq_len, generator))
+            probs = probs + F.softmax(scores, dim=-1)
         return torch.log(probs / self.inference_samples)
 
     def _item_scores(self, x0_hat):
