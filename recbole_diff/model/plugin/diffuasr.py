@@ -21,7 +21,7 @@ from recbole.data.interaction import Interaction
 from recbole.model.abstract_recommender import SequentialRecommender
 
 from recbole_diff.data.augment import round_to_items
-from recbole_diff.diffusion import ClassifierGuidance, GaussianDiffusion, classifier_free
+from recbole_diff.diffusion import ClassifierGuidance, GaussianDiffusion, StepOptions, classifier_free
 from recbole_diff.model.plugin.frozen import FrozenBackboneMixin
 from recbole_diff.model.plugin.sunet import SUNet, square_side
 from recbole_diff.utils import get_model, predict_from_full_sort, require_keys
@@ -98,9 +98,10 @@ class Augmenter(nn.Module):
         def fn(x, t, c):
             return model_fn(x, t, c=c) if self.guide == "cf" else self.sunet(x, t, c)
 
-        return self.diffusion.sample(fn, shape=(len(c), self.m, self.d), steps=steps, sampler=sampler, eta=eta,
-                                     model_kwargs={"c": c}, denoised_fn=self.clip(), guidance=guidance,
-                                     generator=generator, device=c.device)
+        x_T = torch.randn((len(c), self.m, self.d), device=c.device, generator=generator)
+        options = StepOptions(model_kwargs={"c": c}, denoised_fn=self.clip(), guidance=guidance)
+        return self.diffusion.sample(fn, x_T, steps=steps, sampler=sampler, eta=eta, generator=generator,
+                                     options=options)
 
 
 class DiffuASR(FrozenBackboneMixin, SequentialRecommender):
