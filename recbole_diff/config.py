@@ -1,8 +1,9 @@
 """RecBole ``Config`` that knows recbole-diff's models and yamls.
 
 Layering, lowest priority first: RecBole's overall, model, dataset and model-type yamls (RecBole's own
-hook), then ``properties/overall.yaml``, then for a plugin the backbone's RecBole yaml and ours, then
-``properties/model/<Model>.yaml``, then the user's files, dict and command line.
+hook), then ``properties/overall.yaml``, then the yamls of the models ``<Model>`` subclasses (``model_yamls``),
+then for a plugin its backbone's (the same way), then ``properties/model/<Model>.yaml``, then the user's files,
+dict and command line.
 """
 import copy
 import difflib
@@ -107,10 +108,15 @@ def all_yaml_keys():
 
 
 def model_yamls(model_name, model_class):
-    """(yamls of the RecBole models ``model_class`` subclasses, base first; ``properties/model/<name>.yaml``).
-    A model of ours that subclasses a RecBole model (TIDiffRec < DiffRec) starts from its parent's yaml."""
-    parents = [os.path.join(RECBOLE_PROPERTIES, "model", f"{base.__name__}.yaml")
-               for base in reversed(model_class.__mro__[1:]) if base.__module__.startswith("recbole.model.")]
+    """(yamls of the models ``model_class`` subclasses, base first; ``properties/model/<name>.yaml``).
+    A model of ours starts from its parents' yamls: RecBole's for a RecBole parent (TIDiffRec < DiffRec), ours
+    for one of ours (DiffuRecSys < DiffuRec), so that its own yaml states only what differs."""
+    parents = []
+    for base in reversed(model_class.__mro__[1:]):
+        if base.__module__.startswith("recbole.model."):
+            parents.append(os.path.join(RECBOLE_PROPERTIES, "model", f"{base.__name__}.yaml"))
+        elif base.__module__.startswith("recbole_diff.model."):
+            parents.append(os.path.join(properties_dir(), "model", f"{base.__name__}.yaml"))
     return parents, os.path.join(properties_dir(), "model", f"{model_name}.yaml")
 
 
@@ -211,10 +217,9 @@ class Config(RecBoleConfig):
         parents, own_yaml = model_yamls(model, model_class)
         layers += parents
         if self.backbone is not None:
-            layers += [
-                os.path.join(RECBOLE_PROPERTIES, "model", f"{self.backbone}.yaml"),
-                os.path.join(own, "model", f"{self.backbone}.yaml"),
-            ]
+            backbone_parents, backbone_yaml = model_yamls(self.backbone, self.backbone_class)
+            layers += backbone_parents + [os.path.join(RECBOLE_PROPERTIES, "model", f"{self.backbone}.yaml"),
+                                          backbone_yaml]
         layers.append(own_yaml)
         for path in layers:
             if os.path.isfile(path):

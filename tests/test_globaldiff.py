@@ -17,7 +17,7 @@ from recbole_diff.data.globaldiff import (
     training_pairs,
     user_sequences,
 )
-from recbole_diff.model.plugin.globaldiff import borda_fuse, descending_order, fused_topk
+from recbole_diff.model.plugin.globaldiff import EVAL_MODES, GlobalDiff, borda_fuse, descending_order, fused_topk
 from recbole_diff.quick_start import load_data_and_model, run_recbole_diff
 from recbole_diff.trainer import GlobalDiffTrainer
 
@@ -219,6 +219,55 @@ def test_gamma_one_reproduces_the_backbones_ranking_exactly():
     y = torch.softmax(logits.double(), dim=-1)
     fused = borda_fuse(y, torch.rand(8, 500), 1.0)
     assert torch.equal(torch.argsort(fused, dim=1, descending=True), torch.argsort(logits, dim=1, descending=True))
+
+
+def test_every_eval_mode_filter_and_fusion_composes_the_same_inference_steps():
+    """eval_mode x filter_history x topk_fusion on one model: the backbone mode is the backbone's own scores,
+    diffusion_only is the diffusion vote the ensemble fuses, the ensemble is the Borda count of the two votes and
+    its exact top-k the full count's top k; history items are never ranked with filter_history. A model whose
+    choices come from its config scores as the one switched to them."""
+    config, dataset, train, _, test = build(fusion_candidates=60)
+    model = get_model("GlobalDiff")(config, train.dataset).eval()
+    assert set(model.SCORERS) == set(EVAL_MODES)
+    with torch.no_grad():
+        model.backbone.item_embedding.weight.mul_(40)  # peaked scores, as a trained model's: rows get certified
+    inter = next(iter(test))[0]
+    k, rows = max(config["topk"]), len(inter)
+    assert model.fusion_k == k
+    with torch.no_grad():
+        for filter_history in (False, True):
+            model.filter_history, model.fusion_fallbacks = filter_history, 0
+            history = model._history_mask(inter[model.ITEM_SEQ], model.n_items)
+            scores = {}
+            for mode in EVAL_MODES:
+                with model.evaluating(mode):
+                    scores[mode] = model.full_sort_predict(inter)
+                    with model.ranking_depth(model.n_items):  # as with topk_fusion: False
+                        scores[mode, "full"] = model.full_sort_predict(inter)
+            own = model.backbone.full_sort_predict(inter)
+            assert torch.equal(scores["backbone"], own.masked_fill(history, float("-inf")) if filter_history else own)
+            d = scores["diffusion_only"]
+            for mode in ("backbone", "diffusion_only"):  # they rank every item whatever the depth
+                assert torch.equal(scores[mode], scores[mode, "full"])
+            assert torch.allclose(d.sum(dim=1), torch.ones(rows, dtype=d.dtype))
+            y = torch.softmax(scores["backbone"].double(), dim=-1)
+            assert torch.equal(scores["ensemble", "full"], borda_fuse(y, d, model.gamma))
+            assert 0 < model.fusion_fallbacks < rows  # the top-k fusion certified most rows, ranked the rest in full
+            top = descending_order(scores["ensemble"])[:, :k]
+            assert torch.equal(top, descending_order(scores["ensemble", "full"])[:, :k])
+            if filter_history:
+                assert (d[history] == 0).all() and not history.gather(1, top).any()
+                assert not history.gather(1, descending_order(scores["backbone"])[:, :k]).any()
+            else:
+                assert history.gather(1, top).any()  # the filter, not the model, keeps history out
+    switched = model.state_dict()
+    for mode in EVAL_MODES:
+        chosen = dict(FAST, fusion_candidates=60, eval_mode=mode, filter_history=True, topk_fusion=False)
+        built = GlobalDiff(Config(model="GlobalDiff", dataset=SLICE, backbone="SASRec", config_dict=chosen,
+                                  cmd_line=False), train.dataset)
+        built.load_state_dict(switched)
+        with torch.no_grad(), model.evaluating(mode), model.ranking_depth(model.n_items):
+            assert torch.equal(built.eval().full_sort_predict(inter), model.full_sort_predict(inter))
 
 
 def test_condition_never_sees_the_masked_item_with_a_causal_backbone():

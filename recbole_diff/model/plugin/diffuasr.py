@@ -34,7 +34,7 @@ from recbole_diff.data.augment import (
     round_to_items,
     training_sequences,
 )
-from recbole_diff.diffusion import ClassifierGuidance, GaussianDiffusion, classifier_free
+from recbole_diff.diffusion import ClassifierGuidance, GaussianDiffusion, StepOptions, classifier_free
 from recbole_diff.model.plugin.base import PluginRecommender, Stage
 from recbole_diff.model.plugin.sunet import SUNet, square_side
 from recbole_diff.model.registry import get_model
@@ -125,9 +125,10 @@ class Augmenter(nn.Module):
         def fn(x, t, c):
             return model_fn(x, t, c=c) if self.guide == "cf" else self.sunet(x, t, c)
 
-        return self.diffusion.sample(fn, shape=(len(c), self.m, self.d), steps=steps, sampler=sampler, eta=eta,
-                                     model_kwargs={"c": c}, denoised_fn=self.clip(), guidance=guidance,
-                                     generator=generator, device=c.device)
+        x_T = torch.randn((len(c), self.m, self.d), device=c.device, generator=generator)
+        options = StepOptions(model_kwargs={"c": c}, denoised_fn=self.clip(), guidance=guidance)
+        return self.diffusion.sample(fn, x_T, steps=steps, sampler=sampler, eta=eta, generator=generator,
+                                     options=options)
 
 
 class DiffuASR(PluginRecommender):

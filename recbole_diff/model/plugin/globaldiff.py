@@ -91,6 +91,24 @@ def borda_fuse(y, x0, gamma):
     return gamma * ranked(y) + (1 - gamma) * ranked(x0)
 
 
+def softmax_distribution(x0_hat, exclude=None):
+    """``x0_norm: softmax``: the softmax of x0_hat, the ``exclude``d items at 0."""
+    if exclude is not None:
+        x0_hat = x0_hat.masked_fill(exclude, float("-inf"))
+    return torch.softmax(x0_hat, dim=-1)
+
+
+def l1_distribution(x0_hat, exclude=None):
+    """``x0_norm: l1``: x0_hat clipped at 0 and divided by its sum, the ``exclude``d items at 0."""
+    x = x0_hat.clamp(min=0)
+    if exclude is not None:
+        x = x.masked_fill(exclude, 0.0)
+    return x / x.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+X0_NORMS = {"softmax": softmax_distribution, "l1": l1_distribution}
+
+
 def _nonzero_ties(values):
     """Rows of descending ``values`` with two equal non-zero neighbours: their order among themselves would come
     from the index, which a top-k does not keep (equal zeros score 0 wherever they are placed)."""
@@ -362,30 +380,52 @@ class GlobalDiff(PluginRecommender):
         return estimate * self._mse_scale() if self.diffusion_loss == "mse" else estimate
 
     # ---- inference -----------------------------------------------------------------------------------
+    # Named steps; each key picks its step by name where it is read (benchmarks switch them on a live model):
+    #   eval_mode backbone:       backbone_scores (the backbone's own full_sort_predict, history dropped)
+    #   eval_mode diffusion_only: votes (backbone pass -> drop history -> diffusion_input -> denoise_scores ->
+    #                             normalise), the diffusion side
+    #   eval_mode ensemble:       votes, then fuse (exact top-k with fusion_k, else the full Borda count)
+    SCORERS = {"ensemble": "ensemble_scores", "backbone": "backbone_scores", "diffusion_only": "diffusion_scores"}
+    Y_FORMS = {"softmax": "_y_softmax", "logits": "_y_logits", "topk": "_y_topk"}
+
     def _history_mask(self, item_seq, n_items):
         mask = torch.zeros(item_seq.shape[0], n_items, dtype=torch.bool, device=item_seq.device)
         mask.scatter_(1, item_seq, True)
         mask[:, 0] = False
         return mask
 
+    def excluded_items(self, item_seq, n_items):
+        """The items dropped from every ranking: each user's history with ``filter_history``, else None."""
+        return self._history_mask(item_seq, n_items) if self.filter_history else None
+
+    @staticmethod
+    def drop_items(logits, excluded):
+        return logits if excluded is None else logits.masked_fill(excluded, float("-inf"))
+
     def diffusion_input(self, logits, y=None):
-        """The backbone's prediction in the form the diffusion model starts from: its softmax (the paper), its
-        raw logits (the authors' code), or a binary vector of its ``y_topk`` best items, the form of the
-        Bernoulli x0 the model is trained on. A filtered history item (-inf logit) takes its row's lowest finite
-        logit. With ``diffusion_loss: mse``, ``y_scale: unit`` gives y the length of the x0 estimates it is mixed
-        with in the reverse steps (the training x0's); with ``ce`` those are logits and y enters as formed."""
-        if self.y_form == "softmax":
-            x = (torch.softmax(logits.double(), dim=-1) if y is None else y).float()
-        elif self.y_form == "logits":
-            finite = torch.isfinite(logits)
-            lowest = logits.masked_fill(~finite, float("inf")).min(dim=-1, keepdim=True).values
-            x = torch.where(finite, logits, lowest)
-        else:
-            top = torch.topk(logits, min(self.y_topk, logits.shape[1]), dim=1).indices
-            x = torch.zeros_like(logits).scatter_(1, top, 1.0)
+        """The backbone's prediction in the form the diffusion model starts from (``y_form``, see the
+        ``_y_*`` steps). With ``diffusion_loss: mse``, ``y_scale: unit`` gives y the length of the x0 estimates it
+        is mixed with in the reverse steps (the training x0's); with ``ce`` those are logits and y enters as
+        formed. ``y``: the softmax of ``logits`` when the caller has it."""
+        x = getattr(self, self.Y_FORMS[self.y_form])(logits, y)
         if self.y_scale == "unit" and self.diffusion_loss == "mse":
             x = F.normalize(x, dim=-1) * self._mse_scale()
         return x
+
+    def _y_softmax(self, logits, y):
+        """The softmax (the paper)."""
+        return (torch.softmax(logits.double(), dim=-1) if y is None else y).float()
+
+    def _y_logits(self, logits, y):
+        """The raw logits (the authors' code); a dropped history item (-inf) takes its row's lowest finite one."""
+        finite = torch.isfinite(logits)
+        lowest = logits.masked_fill(~finite, float("inf")).min(dim=-1, keepdim=True).values
+        return torch.where(finite, logits, lowest)
+
+    def _y_topk(self, logits, y):
+        """A binary vector of the ``y_topk`` best items: the form of the Bernoulli x0 the model is trained on."""
+        top = torch.topk(logits, min(self.y_topk, logits.shape[1]), dim=1).indices
+        return torch.zeros_like(logits).scatter_(1, top, 1.0)
 
     def denoise_scores(self, y, cond, generator=None):
         """The backbone's y as the state at ``start_step``, noised on to the last step, reversed to x0_hat."""
@@ -403,6 +443,53 @@ class GlobalDiff(PluginRecommender):
         return self.diffusion.sample(model_fn, x_T=x, steps=self.sample_steps, generator=generator,
                                      stochastic=self.sampling_noise)
 
+    def normalise(self, x0_hat, exclude=None):
+        """x0_hat as a distribution over items (``x0_norm``), the ``exclude``d items at 0. ``softmax`` suits logits
+        (``diffusion_loss: ce``); an MSE-trained x0_hat estimates a 0/1 vector (entries of at most ~1), whose
+        softmax is nearly flat: the diffusion side loses most of its vote in the Borda count, which ``l1`` (clip
+        at 0, divide by the sum) keeps."""
+        return X0_NORMS[self.x0_norm](x0_hat, exclude)
+
+    def votes(self, interaction):
+        """One backbone pass -> (y, d): the backbone's softmax and the diffusion model's distribution, both
+        without the excluded items."""
+        seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        logits, states = self.adapter.scores_and_states(interaction)  # the scores and the condition at once
+        excluded = self.excluded_items(seq, logits.shape[1])
+        logits = self.drop_items(logits, excluded)
+        y = torch.softmax(logits.double(), dim=-1)  # once: the diffusion input and the Borda count share it
+        cond = self.condition_from_states(states, lens - 1, lens)
+        generator = eval_generator(self.eval_seed, interaction, self.USER_ID, self.device)
+        x0_hat = self.denoise_scores(self.diffusion_input(logits, y), cond, generator)
+        return y, self.normalise(x0_hat.double(), excluded)
+
+    def fuse(self, y, d, fusion_k=None):
+        """The Borda count of the two votes: exactly its best ``fusion_k`` items (see :func:`fused_topk`), or the
+        whole ranking (None)."""
+        if fusion_k is None:
+            return borda_fuse(y, d, self.gamma)
+        scores, certified = fused_topk(y, d, self.gamma, fusion_k, self.fusion_candidates)
+        if scores.device.type == "cpu":
+            self.fusion_fallbacks += int((~certified).sum())
+        return scores
+
+    # The scorers of the eval modes; ``fusion_k`` is the ranking depth the caller reads (None: every item's
+    # place), which only the ensemble's top-k fusion needs: the others rank every item.
+    def backbone_scores(self, interaction, fusion_k=None):
+        """The backbone alone, as it scores on its own (``full_sort_predict``), without the excluded items."""
+        logits = self.adapter.item_scores(interaction)
+        return self.drop_items(logits, self.excluded_items(interaction[self.ITEM_SEQ], logits.shape[1]))
+
+    def diffusion_scores(self, interaction, fusion_k=None):
+        """The diffusion model alone (the paper's Figure 5)."""
+        return self.votes(interaction)[1]
+
+    def ensemble_scores(self, interaction, fusion_k=None):
+        return self.fuse(*self.votes(interaction), fusion_k)
+
+    def _scores(self, interaction, fusion_k=None):
+        return getattr(self, self.SCORERS[self.eval_mode])(interaction, fusion_k)
+
     def full_sort_predict(self, interaction):
         """Full-ranking scores. The ensemble scores only its best ``fusion_k`` items, exactly in the Borda order
         (every other item -inf), when the metrics read no deeper (see :func:`fused_topk`)."""
@@ -418,43 +505,6 @@ class GlobalDiff(PluginRecommender):
             yield self
         finally:
             self.fusion_k = saved
-
-    def _scores(self, interaction, fusion_k=None):
-        seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
-        if self.eval_mode == "backbone":
-            logits, states = self.adapter.item_scores(interaction), None
-        else:  # one backbone pass gives both the scores and the condition
-            logits, states = self.adapter.scores_and_states(interaction)
-        if self.filter_history:
-            logits = logits.masked_fill(self._history_mask(seq, logits.shape[1]), float("-inf"))
-        if self.eval_mode == "backbone":
-            return logits
-        cond = self.condition_from_states(states, lens - 1, lens)
-        y = torch.softmax(logits.double(), dim=-1)  # once: the diffusion input and the Borda count share it
-        generator = eval_generator(self.eval_seed, interaction, self.USER_ID, self.device)
-        x0_hat = self.denoise_scores(self.diffusion_input(logits, y), cond, generator)
-        d = self.normalise(x0_hat.double(), self._history_mask(seq, x0_hat.shape[1]) if self.filter_history else None)
-        if self.eval_mode == "diffusion_only":
-            return d
-        if fusion_k is None:
-            return borda_fuse(y, d, self.gamma)
-        scores, certified = fused_topk(y, d, self.gamma, fusion_k, self.fusion_candidates)
-        if scores.device.type == "cpu":
-            self.fusion_fallbacks += int((~certified).sum())
-        return scores
-
-    def normalise(self, x0_hat, exclude=None):
-        """x0_hat as a distribution over items. ``softmax`` suits logits (``diffusion_loss: ce``); an MSE-trained
-        x0_hat estimates a 0/1 vector (entries of at most ~1), whose softmax is nearly flat: the diffusion side
-        loses most of its vote in the Borda count, which ``l1`` (clip at 0, divide by the sum) keeps."""
-        if self.x0_norm == "softmax":
-            if exclude is not None:
-                x0_hat = x0_hat.masked_fill(exclude, float("-inf"))
-            return torch.softmax(x0_hat, dim=-1)
-        x = x0_hat.clamp(min=0)
-        if exclude is not None:
-            x = x.masked_fill(exclude, 0.0)
-        return x / x.sum(dim=-1, keepdim=True).clamp(min=1e-12)
 
     def predict(self, interaction):
         """Sampled evaluation: each row's item in its user's full-sort order, as a score (higher is better).
