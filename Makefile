@@ -25,12 +25,10 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python run_recbole_diff.py
 
-# The format check joins once the code base has been through `ruff format`: make test FORMAT_CHECK=1
-FORMAT_CHECK ?=
 test: install
 	$(BIN)/lint-imports
 	$(BIN)/ruff check .
-	$(if $(FORMAT_CHECK),$(BIN)/ruff format --check .)
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 clean-venv:

@@ -4,6 +4,7 @@ The default yamls live in the top-level ``properties/`` folder of the repository
 package data of ``recbole_diff.properties`` so that a non-editable install finds them too; an editable
 install resolves them from the source tree (see ``recbole_diff.properties_dir``).
 """
+
 import os
 import re
 

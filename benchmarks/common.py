@@ -1,4 +1,5 @@
 """Shared helpers for the benchmark scripts: one thread, a quiet config, RecBole data for a dataset."""
+
 import os
 import sys
 
@@ -28,8 +29,12 @@ def build(model, dataset, **overrides):
     from recbole_diff import get_model
     from recbole_diff.config import Config
 
-    config = Config(model=model, dataset=dataset, cmd_line=False,
-                    config_dict=dict(dataset_kwargs(dataset), show_progress=False, state="ERROR", **overrides))
+    config = Config(
+        model=model,
+        dataset=dataset,
+        cmd_line=False,
+        config_dict=dict(dataset_kwargs(dataset), show_progress=False, state="ERROR", **overrides),
+    )
     init_seed(config["seed"], config["reproducibility"])
     data = create_dataset(config)
     train, valid, test = data_preparation(config, data)

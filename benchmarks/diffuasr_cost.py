@@ -6,6 +6,7 @@ guidance (a doubled batch per step), on the same users with the same trained aug
 
 Quality per sampler comes from full pipeline runs (see properties/bench/diffuasr_*.yaml).
 """
+
 import argparse
 import time
 
@@ -27,18 +28,34 @@ def main():
 
     out = {"dataset": args.dataset, "users": args.users, "threads": torch.get_num_threads(), "runs": {}}
     for guide in ("cg", "cf"):
-        config, model, train, valid, _ = build("DiffuASR", args.dataset, backbone=args.backbone, guide=guide,
-                                           MAX_ITEM_LIST_LENGTH=50, augmenter_epochs=args.augmenter_epochs,
-                                           augmenter_train_steps=None)
+        config, model, train, valid, _ = build(
+            "DiffuASR",
+            args.dataset,
+            backbone=args.backbone,
+            guide=guide,
+            MAX_ITEM_LIST_LENGTH=50,
+            augmenter_epochs=args.augmenter_epochs,
+            augmenter_train_steps=None,
+        )
         trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
         model.freeze_backbone()  # an untrained backbone costs the same as a trained one
-        out["config"] = {k: config[k] for k in ("M", "diffusion_embedding_size", "unet_channels", "unet_res_blocks",
-                                                "x0_scale", "diffusion_steps", "generation_batch_size")}
+        out["config"] = {
+            k: config[k]
+            for k in (
+                "M",
+                "diffusion_embedding_size",
+                "unet_channels",
+                "unet_res_blocks",
+                "x0_scale",
+                "diffusion_steps",
+                "generation_batch_size",
+            )
+        }
         seqs = training_sequences(train.dataset)
         start = time.perf_counter()
         trainer.run_stage("augmenter", train, valid, verbose=False, saved=False)
         out[f"augmenter_{guide}_seconds_per_epoch"] = (time.perf_counter() - start) / args.augmenter_epochs
-        users = torch.nonzero(seqs.lengths > 0).flatten()[:args.users]
+        users = torch.nonzero(seqs.lengths > 0).flatten()[: args.users]
         for sampler, steps in (("ancestral", None), ("ddim", 100), ("ddim", 50)):
             config["sampler"], config["sample_steps"] = sampler, steps
             _, seconds = model.generate(seqs, users)

@@ -11,6 +11,7 @@ user's own items (and repeats) forbidden at rounding and allowed.
     python benchmarks/diffuasr_exclude.py --dataset ml-100k --preset properties/bench/diffuasr_ml-100k.yaml \\
         [--guide cf] [--seed 2020] [--key=value ...] [--out results.json]
 """
+
 import argparse
 import copy
 import logging
@@ -26,8 +27,12 @@ def prefix_stats(sequences, users, prefix, n_items):
 
     own = history_mask(sequences, users, n_items).gather(1, prefix).float().mean().item()
     repeats = 1.0 - sum(len(set(row.tolist())) for row in prefix) / prefix.numel()
-    return {"own_items": own, "repeats": repeats, "padding": int((prefix == 0).sum()),
-            "distinct": int(prefix.unique().numel())}
+    return {
+        "own_items": own,
+        "repeats": repeats,
+        "padding": int((prefix == 0).sum()),
+        "distinct": int(prefix.unique().numel()),
+    }
 
 
 def main():
@@ -54,12 +59,30 @@ def main():
     trainer.run_stage("augmenter", train, valid, verbose=False, saved=False)
     with model.evaluating("backbone"):
         original = test_results(trainer, test)
-    out = {"dataset": args.dataset, "backbone": args.backbone, "guide": args.guide, "seed": args.seed,
-           "config": {k: config[k] for k in ("M", "guidance_scale", "sampler", "sample_steps", "augmenter_train_steps",
-                                              "MAX_ITEM_LIST_LENGTH", "epochs")},
-           "backbone_seconds": backbone_seconds, "augmenter_seconds": trainer.info["augmenter_seconds"],
-           "augmenter_final_loss": trainer.info["augmenter_final_loss"],
-           "original": {"valid": trainer.valid_results.get("backbone"), **original}, "fidelity": {}, "runs": {}}
+    out = {
+        "dataset": args.dataset,
+        "backbone": args.backbone,
+        "guide": args.guide,
+        "seed": args.seed,
+        "config": {
+            k: config[k]
+            for k in (
+                "M",
+                "guidance_scale",
+                "sampler",
+                "sample_steps",
+                "augmenter_train_steps",
+                "MAX_ITEM_LIST_LENGTH",
+                "epochs",
+            )
+        },
+        "backbone_seconds": backbone_seconds,
+        "augmenter_seconds": trainer.info["augmenter_seconds"],
+        "augmenter_final_loss": trainer.info["augmenter_final_loss"],
+        "original": {"valid": trainer.valid_results.get("backbone"), **original},
+        "fidelity": {},
+        "runs": {},
+    }
 
     fid_users = augmenter_users(sequences, model.m, int(config["augmenter_min_raw"]))
     real = sequences.heads(fid_users, model.m)
@@ -79,9 +102,12 @@ def main():
         start = time.perf_counter()
         _, valid_result = trainer.train_on_augmented(name, root, train.dataset, verbose=False)
         out["runs"][f"exclude_{exclude}"] = {
-            "generation_seconds": generation_seconds, "backbone_seconds": time.perf_counter() - start,
+            "generation_seconds": generation_seconds,
+            "backbone_seconds": time.perf_counter() - start,
             "prefix": prefix_stats(sequences, users, prefix, model.n_items),
-            "valid": {k: float(v) for k, v in valid_result.items()}, **test_results(trainer, test)}
+            "valid": {k: float(v) for k, v in valid_result.items()},
+            **test_results(trainer, test),
+        }
         print(exclude, out["runs"][f"exclude_{exclude}"], flush=True)
     report(out, args.out)
 

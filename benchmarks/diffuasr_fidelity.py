@@ -17,6 +17,7 @@ scale fix).
     python benchmarks/diffuasr_fidelity.py --dataset ml-100k --preset properties/bench/diffuasr_ml-100k.yaml \
         [--guide cf] [--seed 2020] [--key=value ...] [--out results.json]
 """
+
 import argparse
 
 import torch
@@ -46,14 +47,16 @@ def generate_from_raw(trainer, sequences, users, batch=256, exclude=False):
     generator = torch.Generator().manual_seed(int(c["seed"]))
     out, stds = [], []
     for lo in range(0, len(users), batch):
-        b = users[lo:lo + batch]
+        b = users[lo : lo + batch]
         flat, offsets = sequences.bags(b, start=model.m)
         cond = aug.condition(flat, offsets)
-        log_prob = (model.first_item_log_prob(sequences.heads(b, model.m + 1)[:, model.m]) if c["guide"] == "cg"
-                    else None)
+        log_prob = (
+            model.first_item_log_prob(sequences.heads(b, model.m + 1)[:, model.m]) if c["guide"] == "cg" else None
+        )
         with torch.enable_grad():
-            x0 = aug.sample(cond, float(c["guidance_scale"]), c["sampler"], c["sample_steps"], float(c["eta"]), log_prob,
-                            generator)
+            x0 = aug.sample(
+                cond, float(c["guidance_scale"]), c["sampler"], c["sample_steps"], float(c["eta"]), log_prob, generator
+            )
         stds.append(x0.std().item())
         out.append(model.round(x0, history_mask(sequences, b, model.n_items, start=model.m) if exclude else None))
     return torch.cat(out), sum(stds) / len(stds)
@@ -63,8 +66,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--backbone", default="SASRec")
-    parser.add_argument("--preset", default=None,
-                        help="take the shared keys of a bench preset (e.g. the DiffuASR grid)")
+    parser.add_argument(
+        "--preset", default=None, help="take the shared keys of a bench preset (e.g. the DiffuASR grid)"
+    )
     parser.add_argument("--guide", default="cf")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--work", default=None, help="checkpoints (default: a new folder)")
@@ -90,14 +94,29 @@ def main():
     counts = torch.bincount(sequences.bags(torch.arange(len(sequences.lengths)))[0], minlength=model.n_items).float()
     counts[0] = 0
     popular = torch.multinomial(counts, real.numel(), replacement=True, generator=gen).view(real.shape)
-    keys_shown = ("guide", "guidance_scale", "M", "sampler", "sample_steps", "x0_scale", "clip_x0", "augmenter_train_steps",
-                  "augmenter_epochs")
-    out = {"dataset": args.dataset, "backbone": args.backbone, "seed": args.seed, "users": len(users),
-           "config": {k: config[k] for k in keys_shown},
-           "augmenter_seconds": trainer.info["augmenter_seconds"],
-           "augmenter_final_loss": trainer.info["augmenter_final_loss"],
-           "diffusion": dict(closeness(generated, real, table), x0_std=x0_std),
-           "uniform": closeness(uniform, real, table), "popularity": closeness(popular, real, table)}
+    keys_shown = (
+        "guide",
+        "guidance_scale",
+        "M",
+        "sampler",
+        "sample_steps",
+        "x0_scale",
+        "clip_x0",
+        "augmenter_train_steps",
+        "augmenter_epochs",
+    )
+    out = {
+        "dataset": args.dataset,
+        "backbone": args.backbone,
+        "seed": args.seed,
+        "users": len(users),
+        "config": {k: config[k] for k in keys_shown},
+        "augmenter_seconds": trainer.info["augmenter_seconds"],
+        "augmenter_final_loss": trainer.info["augmenter_final_loss"],
+        "diffusion": dict(closeness(generated, real, table), x0_std=x0_std),
+        "uniform": closeness(uniform, real, table),
+        "popularity": closeness(popular, real, table),
+    }
     report(out, args.out)
 
 

@@ -9,6 +9,7 @@ three generations and three backbones on augmented data, where three bench cells
     python benchmarks/diffuasr_samplers.py --dataset ml-100k --preset properties/bench/diffuasr_ml-100k.yaml \
         [--guide cg] [--seed 2020] [--key=value ...] [--out results.json]
 """
+
 import argparse
 import copy
 import logging
@@ -46,8 +47,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--backbone", default="SASRec")
-    parser.add_argument("--preset", default=None,
-                        help="take the shared keys of a bench preset (e.g. the DiffuASR grid)")
+    parser.add_argument(
+        "--preset", default=None, help="take the shared keys of a bench preset (e.g. the DiffuASR grid)"
+    )
     parser.add_argument("--guide", default="cg")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--work", default=None, help="checkpoints and augmented datasets (default: a new folder)")
@@ -65,9 +67,16 @@ def main():
     trainer.run_stage("augmenter", train, valid, verbose=False, saved=False)
     users = model.augmentable_users(sequences, valid, logging.getLogger())
     with model.evaluating("backbone"):
-        out = {"dataset": args.dataset, "backbone": args.backbone, "guide": args.guide, "seed": args.seed,
-               "users": len(users), "augmenter_seconds": trainer.info["augmenter_seconds"],
-               "original": test_results(trainer, test), "runs": {}}
+        out = {
+            "dataset": args.dataset,
+            "backbone": args.backbone,
+            "guide": args.guide,
+            "seed": args.seed,
+            "users": len(users),
+            "augmenter_seconds": trainer.info["augmenter_seconds"],
+            "original": test_results(trainer, test),
+            "runs": {},
+        }
     initial = copy.deepcopy(model.final.state_dict())  # every augmented backbone starts from the same weights
     for sampler, steps in SAMPLERS:
         config["sampler"], config["sample_steps"] = sampler, steps
@@ -76,9 +85,12 @@ def main():
         model.final.load_state_dict(initial)
         trainer.train_on_augmented(name, root, train.dataset, verbose=False)
         label = f"{sampler}{steps or config['diffusion_steps']}"
-        out["runs"][label] = {"users_per_s": len(users) / generation_seconds,
-                              "generation_seconds": generation_seconds,
-                              "dataset": name, **test_results(trainer, test)}
+        out["runs"][label] = {
+            "users_per_s": len(users) / generation_seconds,
+            "generation_seconds": generation_seconds,
+            "dataset": name,
+            **test_results(trainer, test),
+        }
         print(label, out["runs"][label], flush=True)
     ancestral = out["runs"][f"ancestral{config['diffusion_steps']}"]
     for run in out["runs"].values():

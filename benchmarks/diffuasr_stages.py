@@ -17,6 +17,7 @@ seconds (``time.process_time``, one thread): what the stage costs on one core wh
     python benchmarks/diffuasr_stages.py --dataset sports --preset properties/bench/diffuasr_sports.yaml \
         [--backbone SASRec] [--out results.json]
 """
+
 import argparse
 import logging
 import time
@@ -94,9 +95,25 @@ def main():
     keys = overrides(args, extra)
     start = time.process_time()
     config, model, train, valid, test = build("DiffuASR", args.dataset, backbone=args.backbone, **keys)
-    out = {"dataset": args.dataset, "backbone": args.backbone, "data_seconds": time.process_time() - start,
-           "config": {k: config[k] for k in ("M", "sampler", "sample_steps", "augmenter_train_steps", "augmenter_batch_size",
-                                              "train_batch_size", "epochs", "MAX_ITEM_LIST_LENGTH", "eval_args")}}
+    out = {
+        "dataset": args.dataset,
+        "backbone": args.backbone,
+        "data_seconds": time.process_time() - start,
+        "config": {
+            k: config[k]
+            for k in (
+                "M",
+                "sampler",
+                "sample_steps",
+                "augmenter_train_steps",
+                "augmenter_batch_size",
+                "train_batch_size",
+                "epochs",
+                "MAX_ITEM_LIST_LENGTH",
+                "eval_args",
+            )
+        },
+    }
     epochs, m = int(config["epochs"]), int(config["M"])
     trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
     sequences = training_sequences(train.dataset)
@@ -108,9 +125,14 @@ def main():
     rate = train_rate(model.backbone, train, args.batches)
     plain = get_trainer(ModelType.SEQUENTIAL, args.backbone)(config, model.backbone)
     valid_s = seconds(lambda: plain.evaluate(valid, load_best_model=False))
-    out["backbone"] = {"rows": rows, "rows_per_s": rate, "batches_timed": args.batches,
-                       "epoch_train_s": rows / rate, "valid_pass_s": valid_s,
-                       "stage_s": epochs * (rows / rate + valid_s)}
+    out["backbone"] = {
+        "rows": rows,
+        "rows_per_s": rate,
+        "batches_timed": args.batches,
+        "epoch_train_s": rows / rate,
+        "valid_pass_s": valid_s,
+        "stage_s": epochs * (rows / rate + valid_s),
+    }
     print(out["backbone"], flush=True)
     model.freeze_backbone()
 
@@ -118,32 +140,45 @@ def main():
     model.init_embedding_from_backbone()
     teach = augmenter_users(sequences, m, int(config["augmenter_min_raw"]))
     step = augmenter_step_seconds(model, sequences, teach, int(config["augmenter_batch_size"]), args.augmenter_steps)
-    out["augmenter"] = {"users": len(teach), "step_s": step, "steps_timed": args.augmenter_steps,
-                        "stage_s": step * int(config["augmenter_train_steps"])}
+    out["augmenter"] = {
+        "users": len(teach),
+        "step_s": step,
+        "steps_timed": args.augmenter_steps,
+        "stage_s": step * int(config["augmenter_train_steps"]),
+    }
     print(out["augmenter"], flush=True)
 
     # generation, per guide and batch size, on the first users
     out["generation"] = {"users": len(users)}
-    sample = users[:args.gen_users]
+    sample = users[: args.gen_users]
     for guide in ("cf", "cg"):
         config["guide"], model.augmenter.guide = guide, guide
         for batch in args.gen_batch:
             config["generation_batch_size"] = batch
             ups = len(sample) / seconds(lambda: model.generate(sequences, sample))
-            out["generation"][f"{guide}_batch{batch}"] = {"users_timed": len(sample), "users_per_s": ups,
-                                                          "stage_s": len(users) / ups}
+            out["generation"][f"{guide}_batch{batch}"] = {
+                "users_timed": len(sample),
+                "users_per_s": ups,
+                "stage_s": len(users) / ups,
+            }
             print(guide, batch, out["generation"][f"{guide}_batch{batch}"], flush=True)
     from recbole_diff.data.augment import history_mask, round_to_items
+
     x0 = torch.randn(256, m, model.d)
     mask = history_mask(sequences, users[:256], model.n_items)
     out["generation"]["rounding_s_per_256_users"] = seconds(
-        lambda: round_to_items(x0, model.augmenter.embedding.weight, mask))
+        lambda: round_to_items(x0, model.augmenter.embedding.weight, mask)
+    )
 
     # the augmented backbone: the same cost per row over the augmented rows; its validation passes prepend M items
     model.prefix[users] = torch.randint(1, model.n_items, (len(users), m))
     valid_aug_s = seconds(lambda: trainer.evaluate(valid, load_best_model=False))
-    out["augmented_backbone"] = {"rows": aug_rows, "epoch_train_s": aug_rows / rate, "valid_pass_s": valid_aug_s,
-                                 "stage_s": epochs * (aug_rows / rate + valid_aug_s)}
+    out["augmented_backbone"] = {
+        "rows": aug_rows,
+        "epoch_train_s": aug_rows / rate,
+        "valid_pass_s": valid_aug_s,
+        "stage_s": epochs * (aug_rows / rate + valid_aug_s),
+    }
     print(out["augmented_backbone"], flush=True)
 
     # the test: uni100 and full ranking of the augmented backbone; the original backbone and the long-tail groups
@@ -152,11 +187,14 @@ def main():
     full_s = seconds(lambda: extra_mode_results(config, trainer))
     out["test"] = {"uni100_pass_s": test_s, "extra_modes_s": full_s, "stage_s": 4 * test_s + full_s}
     print(out["test"], flush=True)
-    out["cell_s"] = {"first_of_a_seed": sum(out[k]["stage_s"] for k in ("backbone", "augmenter", "augmented_backbone",
-                                                                         "test"))
-                     + out["generation"][f"{args.guide}_batch{args.gen_batch[0]}"]["stage_s"] + out["data_seconds"]}
-    out["cell_s"]["with_shared_stages"] = (out["cell_s"]["first_of_a_seed"] - out["backbone"]["stage_s"]
-                                           - out["augmenter"]["stage_s"])
+    out["cell_s"] = {
+        "first_of_a_seed": sum(out[k]["stage_s"] for k in ("backbone", "augmenter", "augmented_backbone", "test"))
+        + out["generation"][f"{args.guide}_batch{args.gen_batch[0]}"]["stage_s"]
+        + out["data_seconds"]
+    }
+    out["cell_s"]["with_shared_stages"] = (
+        out["cell_s"]["first_of_a_seed"] - out["backbone"]["stage_s"] - out["augmenter"]["stage_s"]
+    )
     report(out, args.out)
 
 

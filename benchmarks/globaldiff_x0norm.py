@@ -6,6 +6,7 @@ the items scored strictly higher.
 
     python benchmarks/globaldiff_x0norm.py <saved GlobalDiff .pth> [--batches 8] [--out results.json]
 """
+
 import argparse
 
 import torch
@@ -43,8 +44,12 @@ def main():
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     trainer.tot_item_num = valid._dataset.item_num
     out = {"checkpoint": args.checkpoint}
-    for mode, norm in (("backbone", "softmax"), ("ensemble", "softmax"), ("ensemble", "l1"),
-                       ("diffusion_only", "softmax")):
+    for mode, norm in (
+        ("backbone", "softmax"),
+        ("ensemble", "softmax"),
+        ("ensemble", "l1"),
+        ("diffusion_only", "softmax"),
+    ):
         model.x0_norm = norm
         with model.evaluating(mode):
             out[f"{mode}-{norm}"] = top10(trainer, model, valid, args.batches)

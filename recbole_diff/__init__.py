@@ -1,4 +1,5 @@
 """recbole-diff: diffusion models for sequential recommendation, the RecBole way."""
+
 import os
 
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ options:
 
 Exit status: 0 when the command succeeded, non-zero when it failed. Results go to stdout, logs to stderr.
 """
+
 import argparse
 import os
 import sys
@@ -42,17 +43,26 @@ def run_command(argv):
 
     from recbole_diff.quick_start import run_recbole_diff
 
-    result = run_recbole_diff(model=args.model, dataset=args.dataset, backbone=args.backbone,
-                              config_file_list=files, config_dict=config_dict,
-                              saved=str(args.saved).lower() != "false", cmd_line=False)
+    result = run_recbole_diff(
+        model=args.model,
+        dataset=args.dataset,
+        backbone=args.backbone,
+        config_file_list=files,
+        config_dict=config_dict,
+        saved=str(args.saved).lower() != "false",
+        cmd_line=False,
+    )
     print_result_table(result)
     return result
 
 
 def demo_command(argv):
     """The default demo: a small, fast configuration on RecBole's bundled ml-100k."""
-    parser = argparse.ArgumentParser(prog="recbole-diff demo", description="A small GlobalDiff run on RecBole's "
-                                     "bundled ml-100k (properties/demo.yaml); --key=value words override it.")
+    parser = argparse.ArgumentParser(
+        prog="recbole-diff demo",
+        description="A small GlobalDiff run on RecBole's "
+        "bundled ml-100k (properties/demo.yaml); --key=value words override it.",
+    )
     _, rest = parser.parse_known_args(argv)
     demo_yaml = os.path.join(properties_dir(), "demo.yaml")
     return run_command(["--config_files=" + demo_yaml] + list(rest))
@@ -61,8 +71,11 @@ def demo_command(argv):
 def doctor_command(argv):
     from recbole_diff.doctor import doctor
 
-    argparse.ArgumentParser(prog="recbole-diff doctor", description="Print the versions that matter and flag "
-                            "known-broken combinations; exit status 1 when one is found.").parse_args(argv)
+    argparse.ArgumentParser(
+        prog="recbole-diff doctor",
+        description="Print the versions that matter and flag "
+        "known-broken combinations; exit status 1 when one is found.",
+    ).parse_args(argv)
     return doctor()
 
 

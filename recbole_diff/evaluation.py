@@ -5,6 +5,7 @@ Each user's last ``horizon - 1`` interactions are held out before RecBole splits
 leave-one-out split trains on everything up to L-5, validates on L-4 and tests on L-3 (P = 1). The held-out
 items are then the targets for P = 2..4, scored from the same input as P = 1.
 """
+
 from contextlib import nullcontext
 
 import numpy as np
@@ -77,8 +78,11 @@ def long_term_evaluate(model, test_data, held_out, k=20, device=None):
             hits[p] += hit.sum()
             ndcg[p] += (hit / np.log2(rank + 2)).sum()
             counts[p] += len(rows)
-    return {f"P{p + 1}": {f"hit@{k}": float(hits[p] / counts[p]), f"ndcg@{k}": float(ndcg[p] / counts[p])}
-            for p in range(horizon) if counts[p]}
+    return {
+        f"P{p + 1}": {f"hit@{k}": float(hits[p] / counts[p]), f"ndcg@{k}": float(ndcg[p] / counts[p])}
+        for p in range(horizon)
+        if counts[p]
+    }
 
 
 @torch.no_grad()
@@ -123,6 +127,9 @@ def group_metrics(trainer, eval_data, user_lengths, bounds=(5, 20), k=10):
         name = f"{low}-{high}" if high is not None else f">{low - 1}"
         keep = (lengths >= low) & (lengths <= high if high is not None else torch.ones_like(lengths, dtype=torch.bool))
         n = int(keep.sum())
-        out[name] = {"users": n, f"hit@{k}": round(float(hits[keep].mean()), 4) if n else None,
-                     f"ndcg@{k}": round(float(gains[keep].mean()), 4) if n else None}
+        out[name] = {
+            "users": n,
+            f"hit@{k}": round(float(hits[keep].mean()), 4) if n else None,
+            f"ndcg@{k}": round(float(gains[keep].mean()), 4) if n else None,
+        }
     return out

@@ -2,6 +2,7 @@
 
 The bottom layer of recbole-diff: it imports nothing of the package, and every layer above may use it.
 """
+
 import contextlib
 import os
 import uuid

@@ -1,6 +1,7 @@
 """What the entry points (``run_recbole_diff``, the ``recbole-diff`` command, tune and bench trials) set up in a
 process before a run: its log file, torch's threads, autograd's anomaly switch, RecBole's warnings, and the
 ``--key=value`` words of a command line."""
+
 import contextlib
 import logging
 import os

@@ -1,5 +1,6 @@
 """What the tests share that is not a fixture: the shipped data slice and a tiny config, which test modules build
 their own module-level configs from (a fixture cannot be used there). Fixtures live in conftest.py."""
+
 import os
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -1,4 +1,5 @@
 """The backbone adapter reaches each RecBole model's own states and scores."""
+
 import pytest
 import torch
 from helpers import SLICE, TINY

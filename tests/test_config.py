@@ -1,4 +1,5 @@
 """Config layering, registration and early errors on bad input."""
+
 import os
 import sys
 
@@ -117,8 +118,9 @@ def test_a_model_of_ours_inherits_its_parents_yaml():
     assert {k: config.internal_config_dict[k] for k in expected} == expected
     stage = stage_config(make(), "DiffuRecSys")
     assert {k: stage[k] for k in expected} == expected
-    as_backbone = Config(model="GlobalDiff", backbone="DiffuRecSys", dataset=SLICE, config_dict=dict(TINY),
-                         cmd_line=False)
+    as_backbone = Config(
+        model="GlobalDiff", backbone="DiffuRecSys", dataset=SLICE, config_dict=dict(TINY), cmd_line=False
+    )
     plugin_own = _model_yaml("GlobalDiff")
     assert all(as_backbone[k] == v for k, v in expected.items() if k not in plugin_own and k not in TINY)
 

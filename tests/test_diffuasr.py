@@ -1,5 +1,6 @@
 """DiffuASR: SU-Net, the augmenter's loss and guidance, rounding, the baselines, the dataset writer and the
 pipeline (evaluation with prepended items equals the augmented dataset's own evaluation)."""
+
 import logging
 import os
 
@@ -25,21 +26,34 @@ from recbole_diff.model.plugin.diffuasr import AUG_HEADS, AUG_RAW, AugmenterLoad
 from recbole_diff.model.plugin.sunet import SUNet
 from recbole_diff.quick_start import build_config, load_data_and_model, prepare_data, run_recbole_diff
 
-ASR = dict(TINY, hidden_size=16, diffusion_embedding_size=16, unet_channels=[8, 16, 16], M=3, augmenter_epochs=2,
-           augmenter_train_steps=None, sampler="ddim", sample_steps=5, epochs=2)
+ASR = dict(
+    TINY,
+    hidden_size=16,
+    diffusion_embedding_size=16,
+    unet_channels=[8, 16, 16],
+    M=3,
+    augmenter_epochs=2,
+    augmenter_train_steps=None,
+    sampler="ddim",
+    sample_steps=5,
+    epochs=2,
+)
 
 
 def build(tmp_path, **overrides):
-    config = build_config("DiffuASR", SLICE, config_dict=dict(ASR, checkpoint_dir=str(tmp_path), **overrides),
-                          cmd_line=False)
+    config = build_config(
+        "DiffuASR", SLICE, config_dict=dict(ASR, checkpoint_dir=str(tmp_path), **overrides), cmd_line=False
+    )
     _, train, valid, test = prepare_data(config)
     torch.manual_seed(0)
     return config, get_model("DiffuASR")(config, train.dataset), train, valid, test
 
 
 # ---- SU-Net ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("m,d,channels", [(1, 16, (8, 16, 16)), (4, 64, (8, 16, 16, 16)), (10, 64, (8, 16, 16, 16)),
-                                          (7, 256, (8, 16, 16, 16))])
+@pytest.mark.parametrize(
+    "m,d,channels",
+    [(1, 16, (8, 16, 16)), (4, 64, (8, 16, 16, 16)), (10, 64, (8, 16, 16, 16)), (7, 256, (8, 16, 16, 16))],
+)
 def test_sunet_output_has_the_input_shape(m, d, channels):
     net = SUNet(m, d, channels)
     x = torch.randn(3, m, d)
@@ -125,12 +139,16 @@ def test_training_batches_hold_s_aug_and_s_raw_and_pool_them_as_the_generation_d
     for batch in batches:
         heads, raw = batch[AUG_HEADS], batch[AUG_RAW]
         for row_heads, row_raw in zip(heads, raw):
-            user = next(int(u) for u in users if seqs.of(u)[:model.m].tolist() == row_heads.tolist()
-                        and seqs.of(u)[model.m:].tolist() == row_raw[row_raw > 0].tolist())
+            user = next(
+                int(u)
+                for u in users
+                if seqs.of(u)[: model.m].tolist() == row_heads.tolist()
+                and seqs.of(u)[model.m :].tolist() == row_raw[row_raw > 0].tolist()
+            )
             seen.append(user)
     assert sorted(seen) == sorted(users.tolist())  # every user once an epoch, whole sequences
     batch = batches[0]
-    rows = [next(int(u) for u in users if seqs.of(u)[:model.m].tolist() == h.tolist()) for h in batch[AUG_HEADS]]
+    rows = [next(int(u) for u in users if seqs.of(u)[: model.m].tolist() == h.tolist()) for h in batch[AUG_HEADS]]
     flat, offsets = seqs.bags(torch.tensor(rows), start=model.m)
     padded = model.augmenter.condition(batch[AUG_RAW])
     assert torch.allclose(padded, model.augmenter.condition(flat, offsets), atol=1e-6)
@@ -226,8 +244,9 @@ def test_classifier_reads_a_generated_prefix_as_the_backbone_reads_those_items(t
     assert x.std().item() == pytest.approx(1.0, rel=0.2)
     with torch.no_grad():
         got = model.first_item_log_prob(first)(x, None)
-        scores = model.backbone.full_sort_predict(Interaction({
-            model.ITEM_SEQ: prefix, model.ITEM_SEQ_LEN: torch.full((6,), model.m)}))
+        scores = model.backbone.full_sort_predict(
+            Interaction({model.ITEM_SEQ: prefix, model.ITEM_SEQ_LEN: torch.full((6,), model.m)})
+        )
     log_p = torch.log_softmax(scores, dim=1) if softmax else torch.nn.functional.logsigmoid(scores)
     assert torch.allclose(got, log_p.gather(1, first[:, None]).squeeze(1), atol=1e-5)
 
@@ -319,8 +338,9 @@ def test_prepending_keeps_the_last_items_and_skips_users_without_a_prefix(tmp_pa
     seq[0, :4] = torch.tensor([1, 2, 3, 4])
     seq[1, :10] = torch.arange(11, 21)
     seq[2, :2] = torch.tensor([30, 31])
-    inter = Interaction({"user_id": torch.tensor([5, 5, 6]), "item_id_list": seq,
-                         "item_length": torch.tensor([4, 10, 2])})
+    inter = Interaction(
+        {"user_id": torch.tensor([5, 5, 6]), "item_id_list": seq, "item_length": torch.tensor([4, 10, 2])}
+    )
     out = model.augmented_input(inter)
     assert out["item_id_list"][0].tolist() == [7, 8, 9, 1, 2, 3, 4, 0, 0, 0] and out["item_length"][0] == 7
     assert out["item_id_list"][1].tolist() == list(range(11, 21)) and out["item_length"][1] == 10
@@ -344,15 +364,24 @@ def test_writer_keeps_every_interaction_and_the_held_out_targets(tmp_path):
     users = torch.arange(1, ds.user_num)
     prefix = torch.randint(1, ds.item_num, (len(users), 3), generator=torch.Generator().manual_seed(0))
     uid, iid = ds.uid_field, ds.iid_field
-    path = write_augmented_dataset(config["data_path"], SLICE, str(tmp_path / "aug"), "aug-slice",
-                                   list(ds.field2id_token[uid][users.numpy()]),
-                                   [list(r) for r in ds.field2id_token[iid][prefix.numpy()]], uid, iid, ds.time_field)
+    path = write_augmented_dataset(
+        config["data_path"],
+        SLICE,
+        str(tmp_path / "aug"),
+        "aug-slice",
+        list(ds.field2id_token[uid][users.numpy()]),
+        [list(r) for r in ds.field2id_token[iid][prefix.numpy()]],
+        uid,
+        iid,
+        ds.time_field,
+    )
     header, rows = read_atomic(os.path.join(path, "aug-slice.inter"))
     _, original = read_atomic(os.path.join(config["data_path"], f"{SLICE}.inter"))
-    assert rows[:len(original)] == original and len(rows) == len(original) + 3 * len(users)
+    assert rows[: len(original)] == original and len(rows) == len(original) + 3 * len(users)
 
-    aug_config = build_config("SASRec", "aug-slice", cmd_line=False,
-                              config_dict=dict(TINY, data_path=str(tmp_path / "aug")))
+    aug_config = build_config(
+        "SASRec", "aug-slice", cmd_line=False, config_dict=dict(TINY, data_path=str(tmp_path / "aug"))
+    )
     aug_train, aug_valid, aug_test = data_preparation(aug_config, create_dataset(aug_config))
 
     def held(loader):
@@ -369,8 +398,9 @@ def test_writer_keeps_every_interaction_and_the_held_out_targets(tmp_path):
         assert aug_seqs.of(au)[:3].tolist() == want
 
     with pytest.raises(FileExistsError, match="not overwritten"):
-        write_augmented_dataset(config["data_path"], SLICE, str(tmp_path / "aug"), "aug-slice", [], [], uid, iid,
-                                ds.time_field)
+        write_augmented_dataset(
+            config["data_path"], SLICE, str(tmp_path / "aug"), "aug-slice", [], [], uid, iid, ds.time_field
+        )
     assert read_atomic(os.path.join(path, "aug-slice.inter"))[1] == rows
 
 
@@ -387,8 +417,12 @@ def test_pipeline_scores_equal_the_augmented_datasets_own_and_reload(tmp_path):
 
     # the augmented backbone on the written dataset's own loaders gives the same test metrics
     name = os.path.basename(result["augmented_dataset"])
-    aug_config = build_config("SASRec", name, cmd_line=False, config_dict=dict(
-        ASR, data_path=os.path.dirname(result["augmented_dataset"]), checkpoint_dir=str(tmp_path)))
+    aug_config = build_config(
+        "SASRec",
+        name,
+        cmd_line=False,
+        config_dict=dict(ASR, data_path=os.path.dirname(result["augmented_dataset"]), checkpoint_dir=str(tmp_path)),
+    )
     _, _, aug_test = data_preparation(aug_config, create_dataset(aug_config))
     final = get_model("SASRec")(aug_config, aug_test.dataset)
     trainer = get_trainer(aug_config["MODEL_TYPE"], "SASRec")(aug_config, final)
@@ -405,8 +439,12 @@ def test_pipeline_scores_equal_the_augmented_datasets_own_and_reload(tmp_path):
 
 @pytest.mark.parametrize("augmenter", ["random", "random_seq"])
 def test_random_baselines_run_through_the_same_writer(tmp_path, augmenter):
-    result = run_recbole_diff("DiffuASR", SLICE, cmd_line=False,
-                              config_dict=dict(ASR, checkpoint_dir=str(tmp_path), augmenter=augmenter, epochs=1))
+    result = run_recbole_diff(
+        "DiffuASR",
+        SLICE,
+        cmd_line=False,
+        config_dict=dict(ASR, checkpoint_dir=str(tmp_path), augmenter=augmenter, epochs=1),
+    )
     assert f"-{augmenter}-SASRec-M3-" in result["augmented_dataset"] and "augmenter_seconds" not in result
 
 
@@ -415,8 +453,9 @@ def test_augmented_dataset_names_record_source_m_guide_gamma_steps_and_seed():
 
     name = augmented_name("sports", "SASRec", "diffusion", 10, 2021, "cg", 1.0, 50, "ddim", {"p_uncond": 0.1})
     assert name.startswith("sports-diffuasr-SASRec-M10-cg-g1-ddim50-seed2021-")
-    assert augmented_name("sports", "SASRec", "diffusion", 10, 2021, "cg", 1.0, None, "ancestral", {"p_uncond": 0.1}) \
-        .startswith("sports-diffuasr-SASRec-M10-cg-g1-ancestralall-seed2021-")
+    assert augmented_name(
+        "sports", "SASRec", "diffusion", 10, 2021, "cg", 1.0, None, "ancestral", {"p_uncond": 0.1}
+    ).startswith("sports-diffuasr-SASRec-M10-cg-g1-ancestralall-seed2021-")
     other = augmented_name("sports", "SASRec", "diffusion", 10, 2021, "cg", 1.0, 50, "ddim", {"p_uncond": 0.2})
     assert other != name  # any other setting gives another name, so no run meets another's dataset
     assert augmented_name("sports", "BERT4Rec", "random", 5, 2020) == "sports-random-BERT4Rec-M5-seed2020"
@@ -433,16 +472,23 @@ def test_long_tail_groups_follow_the_users_lengths(tmp_path):
         overall = trainer.evaluate(test, load_best_model=False)
     test_users = torch.as_tensor(test.dataset.inter_feat["user_id"])
     own = lengths[test_users]
-    expected = {"3-5": int(((own >= 3) & (own <= 5)).sum()), "6-20": int(((own >= 6) & (own <= 20)).sum()),
-                ">20": int((own > 20).sum())}
+    expected = {
+        "3-5": int(((own >= 3) & (own <= 5)).sum()),
+        "6-20": int(((own >= 6) & (own <= 20)).sum()),
+        ">20": int((own > 20).sum()),
+    }
     assert {name: g["users"] for name, g in groups.items()} == expected and min(expected.values()) > 0
     hit = sum(g["users"] * g["hit@10"] for g in groups.values()) / len(test_users)
     assert hit == pytest.approx(overall["hit@10"], abs=1e-4)  # the same candidates, the same ranks
 
 
 def test_backbone_on_augmented_data_trains_the_same_whatever_the_stages_before_drew(tmp_path):
-    result = run_recbole_diff("DiffuASR", SLICE, cmd_line=False,
-                              config_dict=dict(ASR, checkpoint_dir=str(tmp_path), augmenter="random", epochs=1))
+    result = run_recbole_diff(
+        "DiffuASR",
+        SLICE,
+        cmd_line=False,
+        config_dict=dict(ASR, checkpoint_dir=str(tmp_path), augmenter="random", epochs=1),
+    )
     root, name = os.path.split(result["augmented_dataset"])
     config, model, train, _, _ = build(tmp_path, augmenter="random", epochs=1)
     trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)

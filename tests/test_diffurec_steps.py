@@ -1,5 +1,6 @@
 """DiffuRec / DiffuRecSys inference over a strided subset of the reverse steps (the shared core's respaced
 process); bf16 autocast."""
+
 import pytest
 import torch
 from test_diffurec import build, first_batch
@@ -30,8 +31,10 @@ def test_the_core_runs_the_same_loop_for_all_steps_given_as_a_count_or_a_list():
         return torch.tanh(x_t @ weight) + 0.01 * t[:, None]
 
     x_T = torch.randn(5, 8)
-    runs = [diffusion.sample(model_fn, x_T=x_T, steps=steps, generator=torch.Generator().manual_seed(0))
-            for steps in (None, 32, list(range(31, -1, -1)))]
+    runs = [
+        diffusion.sample(model_fn, x_T=x_T, steps=steps, generator=torch.Generator().manual_seed(0))
+        for steps in (None, 32, list(range(31, -1, -1)))
+    ]
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
@@ -57,8 +60,10 @@ def test_ddim_is_deterministic_given_x_T():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("key,value,match", [("sample_steps", 0, "sample_steps"), ("sample_steps", 33, "sample_steps"),
-                                             ("sampler", "euler", "sampler")])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [("sample_steps", 0, "sample_steps"), ("sample_steps", 33, "sample_steps"), ("sampler", "euler", "sampler")],
+)
 def test_bad_step_settings_are_refused(key, value, match):
     with pytest.raises(ValueError, match=match):
         build(**{key: value})
@@ -75,7 +80,7 @@ def fit(name, tmp_path, **overrides):
     trainer.fit(train, saved=False)
     trained = list(dtypes)
     result = trainer.evaluate(test, load_best_model=False)
-    return result, set(trained), set(dtypes[len(trained):])
+    return result, set(trained), set(dtypes[len(trained) :])
 
 
 @pytest.mark.parametrize("name", ["DiffuRec", "DiffuRecSys"])

@@ -1,4 +1,5 @@
 """The diffusion core against closed forms."""
+
 import math
 
 import pytest
@@ -86,7 +87,7 @@ def test_posterior_of_known_x0_matches_gaussian_conditioning(t_value):
     cov = alpha.sqrt() * s2_prev
     var_t = alpha * s2_prev + beta
     mean_ref = a_prev * x0.double() + cov / var_t * (xt.double() - alpha.sqrt() * a_prev * x0.double())
-    var_ref = s2_prev - cov ** 2 / var_t
+    var_ref = s2_prev - cov**2 / var_t
     mean, var = diff.q_posterior_mean_variance(x0, xt, torch.tensor([t_value]))
     assert torch.allclose(mean.double(), mean_ref, atol=1e-5)
     assert var.item() == pytest.approx(var_ref.item(), rel=1e-4)
@@ -116,9 +117,11 @@ def test_last_reverse_step_adds_no_noise():
     diff = GaussianDiffusion("trunc_lin", 32, parameterization="x0")
     x0 = torch.randn(2, 3)
     t, last = torch.full((2,), 5), torch.full((2,), -1)
-    for step in (diff.p_sample(lambda x, t: x0, torch.randn(2, 3), torch.zeros(2, dtype=torch.long)),
-                 diff.p_sample(lambda x, t: x0, torch.randn(2, 3), t, last),
-                 diff.ddim_sample(lambda x, t: x0, torch.randn(2, 3), t, last, eta=1.0)):
+    for step in (
+        diff.p_sample(lambda x, t: x0, torch.randn(2, 3), torch.zeros(2, dtype=torch.long)),
+        diff.p_sample(lambda x, t: x0, torch.randn(2, 3), t, last),
+        diff.ddim_sample(lambda x, t: x0, torch.randn(2, 3), t, last, eta=1.0),
+    ):
         # so a chain's last state is its last x0 prediction, which `sample` returns
         assert torch.equal(step["sample"], step["pred_x0"]) and torch.allclose(step["sample"], x0, atol=1e-6)
 
@@ -130,7 +133,7 @@ def test_ddim_eta1_equals_ancestral_step_by_step_and_in_distribution():
     def model(x, t):
         a = diff.alphas_cumprod[t].sqrt()[:, None]
         b2 = 1 - diff.alphas_cumprod[t][:, None]
-        return b2.sqrt() * (x - a * m) / (a ** 2 * s ** 2 + b2)
+        return b2.sqrt() * (x - a * m) / (a**2 * s**2 + b2)
 
     # Same noise -> same step, for consecutive steps and for a respaced jump.
     x, z = torch.randn(6, 5), torch.randn(6, 5)
@@ -192,7 +195,9 @@ def test_classifier_free_with_gamma_zero_equals_unguided():
     kw = dict(steps=5, sampler="ddim", options=StepOptions(model_kwargs={"c": cond}))
     x_T = torch.randn(4, 3)
     plain = diff.sample(model, x_T, generator=torch.Generator().manual_seed(0), **kw)
-    guided = diff.sample(classifier_free(model, 0.0, {"c": null}), x_T, generator=torch.Generator().manual_seed(0), **kw)
+    guided = diff.sample(
+        classifier_free(model, 0.0, {"c": null}), x_T, generator=torch.Generator().manual_seed(0), **kw
+    )
     assert torch.equal(plain, guided)
     x, t = torch.randn(4, 3), torch.full((4,), 3)
     g = classifier_free(model, 2.0, {"c": null})(x, t, c=cond)
@@ -214,10 +219,15 @@ def test_classifier_guidance_pulls_towards_the_label():
     assert torch.allclose(step / step.norm(dim=-1, keepdim=True), (target / target.norm()).expand(8, 2), atol=1e-5)
 
 
-@pytest.mark.parametrize("mode,mean,var,dim_corr", [
-    ("none", 0.0, 1.0, 0.0), ("constant", 0.1, 1.0, 0.0), ("random", 0.0, 1.01, 0.01 / 1.01),
-    ("iid", 0.0, 1.01, 0.0),
-])
+@pytest.mark.parametrize(
+    "mode,mean,var,dim_corr",
+    [
+        ("none", 0.0, 1.0, 0.0),
+        ("constant", 0.1, 1.0, 0.0),
+        ("random", 0.0, 1.01, 0.01 / 1.01),
+        ("iid", 0.0, 1.01, 0.0),
+    ],
+)
 def test_offset_noise_modes_have_their_intended_moments(mode, mean, var, dim_corr):
     g = torch.Generator().manual_seed(0)
     eps = make_noise((200_000, 2), "cpu", mode=mode, scale=0.1, constant=1.0, generator=g)

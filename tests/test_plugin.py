@@ -1,4 +1,5 @@
 """The plugin contract: a model that lists its stages is trained by PluginTrainer without a trainer of its own."""
+
 import glob
 
 import pytest
@@ -69,11 +70,14 @@ def epochs(monkeypatch):
 
 
 def test_a_plugin_needs_only_its_stage_list(tmp_path, epochs):
-    config, model, train, valid, test = setup(tmp_path, stage_cache=str(tmp_path / "stages"), head_epochs=3,
-                                              head_learning_rate=0.01)
+    config, model, train, valid, test = setup(
+        tmp_path, stage_cache=str(tmp_path / "stages"), head_epochs=3, head_learning_rate=0.01
+    )
     trainer = PluginTrainer(config, model)
     assert trainer.epochs == 3 and trainer.optimizer.param_groups[0]["lr"] == 0.01  # <stage>_<key>
-    assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {id(p) for p in model.head.parameters()}
+    assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in model.head.parameters()
+    }
     trainer.fit(train, valid, saved=True)
     # the backbone trained with the run's keys, then the head with its own
     assert epochs == [("SASRec", 0), ("SASRec", 1), ("Head", 0), ("Head", 1), ("Head", 2)]
@@ -86,8 +90,9 @@ def test_a_plugin_needs_only_its_stage_list(tmp_path, epochs):
 
     # a second run finds the backbone in the stage cache: it loads it and trains the head only
     del epochs[:]
-    config, model2, train, valid, test = setup(tmp_path, stage_cache=str(tmp_path / "stages"), head_epochs=3,
-                                               head_learning_rate=0.01)
+    config, model2, train, valid, test = setup(
+        tmp_path, stage_cache=str(tmp_path / "stages"), head_epochs=3, head_learning_rate=0.01
+    )
     PluginTrainer(config, model2).fit(train, valid, saved=True)
     assert epochs == [("Head", 0), ("Head", 1), ("Head", 2)]
     assert len(glob.glob(str(tmp_path / "stages" / "SASRec-backbone-*.pth"))) == 1

@@ -1,4 +1,5 @@
 """resume_dir: a killed run started again goes on from its last epoch and ends as an unbroken run would."""
+
 import glob
 import json
 import os
@@ -134,8 +135,12 @@ def test_a_resume_point_of_other_settings_is_refused(tmp_path, monkeypatch):
     files = state["settings"]["data_files"]
     state["settings"]["data_files"] = {name: [size, 12345] for name, (size, _) in files.items()}
     resume.torch.save(state, point)
-    assert resume.ResumePoint(os.path.dirname(point), os.path.basename(point)[:-4],
-                              dict(state["settings"], data_files=files)).load() is not None
+    assert (
+        resume.ResumePoint(
+            os.path.dirname(point), os.path.basename(point)[:-4], dict(state["settings"], data_files=files)
+        ).load()
+        is not None
+    )
 
     # other data is another training
     old = {name: [size, 12345] for name, (size, _) in files.items()}
@@ -150,13 +155,20 @@ def test_a_resume_point_of_other_settings_is_refused(tmp_path, monkeypatch):
 
 
 def test_globaldiff_resumes_its_backbone_stage_beside_the_stage_and_its_diffusion_stage_in_the_run(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     base = dict(FAST, epochs=3, diffusion_epochs=3, stopping_step=10, diffusion_stopping_step=10)
-    unbroken = run("GlobalDiff", dict(base, checkpoint_dir=str(tmp_path / "a"), stage_cache=str(tmp_path / "sa"),
-                                      resume_dir=str(tmp_path / "ra")), backbone="SASRec")
+    unbroken = run(
+        "GlobalDiff",
+        dict(
+            base, checkpoint_dir=str(tmp_path / "a"), stage_cache=str(tmp_path / "sa"), resume_dir=str(tmp_path / "ra")
+        ),
+        backbone="SASRec",
+    )
 
-    cfg = dict(base, checkpoint_dir=str(tmp_path / "b"), stage_cache=str(tmp_path / "sb"),
-               resume_dir=str(tmp_path / "rb"))
+    cfg = dict(
+        base, checkpoint_dir=str(tmp_path / "b"), stage_cache=str(tmp_path / "sb"), resume_dir=str(tmp_path / "rb")
+    )
     with killed_after_point(monkeypatch, "SASRec", epoch=2):
         run("GlobalDiff", cfg, backbone="SASRec")
     # the stage's point is beside the stage, where any run that claims the stage next finds it
@@ -235,11 +247,16 @@ def test_a_bench_cell_killed_midway_is_resumed_by_the_next_run_of_the_grid(tmp_p
     from recbole_diff.benchmark import cell_dir, cells, load_grid, run_grid
 
     def grid(name):
-        spec = {"name": name, "datasets": [SLICE], "seeds": [1],
-                "config": dict({k: v for k, v in TINY.items() if k != "data_path"}, epochs=10, stopping_step=10,
-                               state="INFO"),
-                "dataset_config": {SLICE: {"data_path": DATA_PATH}},
-                "methods": [{"name": "SASRec", "model": "SASRec"}]}
+        spec = {
+            "name": name,
+            "datasets": [SLICE],
+            "seeds": [1],
+            "config": dict(
+                {k: v for k, v in TINY.items() if k != "data_path"}, epochs=10, stopping_step=10, state="INFO"
+            ),
+            "dataset_config": {SLICE: {"data_path": DATA_PATH}},
+            "methods": [{"name": "SASRec", "model": "SASRec"}],
+        }
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(spec))
         return str(path)

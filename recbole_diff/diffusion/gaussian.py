@@ -4,6 +4,7 @@ A model is any callable ``model_fn(x_t, t, **model_kwargs) -> tensor`` that pred
 (``parameterization='x0'``, DiffuRec, GlobalDiff) or the noise (``'eps'``, DiffuASR). All schedule tensors
 are buffers, so they follow ``.to(device)`` and are saved with the owning model.
 """
+
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -52,8 +53,9 @@ def spaced_steps(num_steps, sample_steps):
     # evenly spaced in float64 from both ends, as torch.linspace computes them, rounded half to even; in Python
     # because the schedule is host data (a sampling loop must not read tensors back)
     stride, half = (num_steps - 1) / (sample_steps - 1), sample_steps // 2
-    points = [i * stride if i < half else (num_steps - 1) - (sample_steps - 1 - i) * stride
-              for i in range(sample_steps)]
+    points = [
+        i * stride if i < half else (num_steps - 1) - (sample_steps - 1 - i) * stride for i in range(sample_steps)
+    ]
     return sorted({round(p) for p in points}, reverse=True)
 
 
@@ -87,8 +89,9 @@ class GaussianDiffusion(nn.Module):
         schedule_kwargs: forwarded to ``make_betas`` (``beta_start``, ``noise_scale``, ``noise_min`` ...).
     """
 
-    def __init__(self, schedule="linear", steps=1000, parameterization="eps", variance="fixed_small",
-                 **schedule_kwargs):
+    def __init__(
+        self, schedule="linear", steps=1000, parameterization="eps", variance="fixed_small", **schedule_kwargs
+    ):
         super().__init__()
         if parameterization not in ("x0", "eps"):
             raise ValueError(f"parameterization must be 'x0' or 'eps', got '{parameterization}'.")
@@ -120,8 +123,10 @@ class GaussianDiffusion(nn.Module):
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; pass ``make_noise(...)`` for offset noise."""
         if noise is None:
             noise = torch.randn_like(x0)
-        return (_gather(self.sqrt_alphas_cumprod, t, x0.dim()) * x0
-                + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0.dim()) * noise)
+        return (
+            _gather(self.sqrt_alphas_cumprod, t, x0.dim()) * x0
+            + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0.dim()) * noise
+        )
 
     def q_sample_from(self, x_s, s, t, noise=None):
         """Continue the forward process from step ``s`` to a later step ``t`` (GlobalDiff treats the backbone's
@@ -133,17 +138,22 @@ class GaussianDiffusion(nn.Module):
 
     def q_posterior_mean_variance(self, x0, x_t, t):
         """Mean and variance of q(x_{t-1} | x_t, x0)."""
-        mean = (_gather(self.posterior_mean_coef1, t, x_t.dim()) * x0
-                + _gather(self.posterior_mean_coef2, t, x_t.dim()) * x_t)
+        mean = (
+            _gather(self.posterior_mean_coef1, t, x_t.dim()) * x0
+            + _gather(self.posterior_mean_coef2, t, x_t.dim()) * x_t
+        )
         return mean, _gather(self.posterior_variance, t, x_t.dim())
 
     def predict_x0_from_eps(self, x_t, t, eps):
-        return (_gather(self.sqrt_recip_alphas_cumprod, t, x_t.dim()) * x_t
-                - _gather(self.sqrt_recipm1_alphas_cumprod, t, x_t.dim()) * eps)
+        return (
+            _gather(self.sqrt_recip_alphas_cumprod, t, x_t.dim()) * x_t
+            - _gather(self.sqrt_recipm1_alphas_cumprod, t, x_t.dim()) * eps
+        )
 
     def predict_eps_from_x0(self, x_t, t, x0):
-        return ((_gather(self.sqrt_recip_alphas_cumprod, t, x_t.dim()) * x_t - x0)
-                / _gather(self.sqrt_recipm1_alphas_cumprod, t, x_t.dim()))
+        return (_gather(self.sqrt_recip_alphas_cumprod, t, x_t.dim()) * x_t - x0) / _gather(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t.dim()
+        )
 
     # ---- reverse process -----------------------------------------------------------------------------
     def model_predictions(self, model_fn, x_t, t, options=None):
@@ -209,10 +219,10 @@ class GaussianDiffusion(nn.Module):
         pred = self.model_predictions(model_fn, x_t, t, options)
         abar_t, abar_prev, *_ = self._step_coefficients(t, t_prev, x_t.dim())
         sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).clamp(min=0).sqrt()
-        mean = abar_prev.sqrt() * pred["pred_x0"] + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * pred["pred_eps"]
+        mean = abar_prev.sqrt() * pred["pred_x0"] + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * pred["pred_eps"]
         if noise is None:
             noise = torch.randn_like(x_t)
-        pred["mean"], pred["variance"] = mean, sigma ** 2
+        pred["mean"], pred["variance"] = mean, sigma**2
         pred["sample"] = mean + sigma * noise
         return pred
 
@@ -225,8 +235,9 @@ class GaussianDiffusion(nn.Module):
             return spaced_steps(self.num_steps, steps)
         return sorted((int(s) for s in steps), reverse=True)
 
-    def sample(self, model_fn, x_T, steps=None, sampler="ancestral", eta=0.0, generator=None, stochastic=True,
-               options=None):
+    def sample(
+        self, model_fn, x_T, steps=None, sampler="ancestral", eta=0.0, generator=None, stochastic=True, options=None
+    ):
         """Run the reverse process from ``x_T`` and return the final x0 prediction (the last step lands on x0,
         so it is also the chain's last state).
 
@@ -246,8 +257,7 @@ class GaussianDiffusion(nn.Module):
         for step, prev in zip(schedule, schedule[1:] + [-1]):
             t = torch.full((batch,), step, device=device, dtype=torch.long)
             t_prev = torch.full((batch,), prev, device=device, dtype=torch.long)
-            noise = (torch.randn(x.shape, device=device, generator=generator) if stochastic
-                     else torch.zeros_like(x))
+            noise = torch.randn(x.shape, device=device, generator=generator) if stochastic else torch.zeros_like(x)
             if sampler == "ancestral":
                 out = self.p_sample(model_fn, x, t, t_prev, options, noise)
             else:

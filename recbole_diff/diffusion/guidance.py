@@ -7,6 +7,7 @@
   it shifts the predicted noise by ``-gamma * sqrt(1 - abar_t) * grad_x log p(y | x_t)`` and recomputes x0,
   which works for ancestral and DDIM sampling alike (Dhariwal & Nichol's score conditioning).
 """
+
 import torch
 
 from recbole_diff.diffusion.gaussian import _gather

@@ -1,4 +1,5 @@
 """Model lookup by name: recbole-diff's models first, then RecBole's."""
+
 import importlib
 
 from recbole.utils import get_model as recbole_get_model
@@ -31,8 +32,12 @@ def recbole_model_names():
     """Names of every model RecBole 1.2.1 ships, read from its model packages."""
     names = []
     # exlib_recommender is left out: importing it needs xgboost and lightgbm.
-    for sub in ("general_recommender", "sequential_recommender", "context_aware_recommender",
-                "knowledge_aware_recommender"):
+    for sub in (
+        "general_recommender",
+        "sequential_recommender",
+        "context_aware_recommender",
+        "knowledge_aware_recommender",
+    ):
         pkg = importlib.import_module(f"recbole.model.{sub}")
         for attr in dir(pkg):
             obj = getattr(pkg, attr)

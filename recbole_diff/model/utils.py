@@ -1,5 +1,6 @@
 """Helpers our models share: config checks, seeded randomness for evaluation, and sampled scores read off a full
 sort."""
+
 import contextlib
 
 import numpy as np

@@ -7,6 +7,7 @@
 Evaluation scores the original loaders' users with their generated items prepended (see
 :class:`~recbole_diff.model.plugin.diffuasr.DiffuASR`); the results add the long-tail groups.
 """
+
 import copy
 import os
 
@@ -24,10 +25,25 @@ from recbole_diff.trainer.trainer import unique_checkpoint_path
 
 # the keys that shape the generated items, recorded (hashed) in the augmented dataset's name
 _DIFFUSION_SETTINGS = (
-    "embedding_init", "freeze_embedding", "condition", "p_uncond", "diffusion_steps", "noise_schedule", "eta",
-    "diffusion_embedding_size", "unet_channels", "unet_res_blocks", "unet_dropout", "augmenter_epochs",
-    "augmenter_train_steps", "augmenter_learning_rate", "augmenter_batch_size", "augmenter_min_raw",
-    "classifier_logprob", "x0_scale", "clip_x0",
+    "embedding_init",
+    "freeze_embedding",
+    "condition",
+    "p_uncond",
+    "diffusion_steps",
+    "noise_schedule",
+    "eta",
+    "diffusion_embedding_size",
+    "unet_channels",
+    "unet_res_blocks",
+    "unet_dropout",
+    "augmenter_epochs",
+    "augmenter_train_steps",
+    "augmenter_learning_rate",
+    "augmenter_batch_size",
+    "augmenter_min_raw",
+    "classifier_logprob",
+    "x0_scale",
+    "clip_x0",
 )
 
 
@@ -38,8 +54,9 @@ class DiffuASRTrainer(PluginTrainer):
         users = self.model.generated_users
         if self.model.generation_reused and os.path.isdir(os.path.join(root, name)):
             self.info["augmented_dataset"] = os.path.join(root, name)  # written (atomically) from these items
-            self.logger.info(set_color(f"resume_dir: using the augmented dataset {root}/{name} an earlier attempt "
-                                       "wrote", "green"))
+            self.logger.info(
+                set_color(f"resume_dir: using the augmented dataset {root}/{name} an earlier attempt wrote", "green")
+            )
         else:
             self.write_dataset(train_data.dataset, self.model.prefix[users.to(self.model.prefix.device)].cpu(), users)
         score, result = self.train_on_augmented(name, root, train_data.dataset, **flags)
@@ -62,8 +79,17 @@ class DiffuASRTrainer(PluginTrainer):
         uid, iid = train_dataset.uid_field, train_dataset.iid_field
         user_tokens = train_dataset.field2id_token[uid][users.numpy()]
         item_tokens = train_dataset.field2id_token[iid][prefix.numpy()]
-        path = write_augmented_dataset(c["data_path"], c["dataset"], root, name, list(user_tokens),
-                                       [list(row) for row in item_tokens], uid, iid, train_dataset.time_field)
+        path = write_augmented_dataset(
+            c["data_path"],
+            c["dataset"],
+            root,
+            name,
+            list(user_tokens),
+            [list(row) for row in item_tokens],
+            uid,
+            iid,
+            train_dataset.time_field,
+        )
         self.logger.info(set_color(f"DiffuASR: wrote the augmented dataset {path}", "green"))
         self.info["augmented_dataset"] = path
         return name, root
@@ -77,8 +103,18 @@ class DiffuASRTrainer(PluginTrainer):
             # the backbone shapes what is generated (item space, classifier): two runs that differ only there
             # must not collide on one name
             settings["backbone"] = c["backbone_checkpoint"] or stage_key(c, self.model.backbone_name)["config"]
-        name = augmented_name(c["dataset"], self.model.backbone_name, c["augmenter"], self.model.m, c["seed"],
-                              c["guide"], float(c["guidance_scale"]), c["sample_steps"], c["sampler"], settings)
+        name = augmented_name(
+            c["dataset"],
+            self.model.backbone_name,
+            c["augmenter"],
+            self.model.m,
+            c["seed"],
+            c["guide"],
+            float(c["guidance_scale"]),
+            c["sample_steps"],
+            c["sampler"],
+            settings,
+        )
         return name, c["augmented_data_path"] or os.path.join(c["checkpoint_dir"], "augmented")
 
     def train_on_augmented(self, name, root, train_dataset, verbose=True, saved=True, show_progress=False):
@@ -87,8 +123,10 @@ class DiffuASRTrainer(PluginTrainer):
         train, valid, _ = data_preparation(config, dataset)
         iid = train_dataset.iid_field
         if dataset.item_num != train_dataset.item_num:
-            raise ValueError(f"The augmented dataset has {dataset.item_num} items, the original "
-                             f"{train_dataset.item_num}; a filter in the config removed items. Drop it for DiffuASR.")
+            raise ValueError(
+                f"The augmented dataset has {dataset.item_num} items, the original "
+                f"{train_dataset.item_num}; a filter in the config removed items. Drop it for DiffuASR."
+            )
         tokens = train_dataset.field2id_token[iid]
         mapping = torch.as_tensor([0] + [dataset.field2token_id[iid][t] for t in tokens[1:]], dtype=torch.long)
         self.model.item_to_final.copy_(mapping.to(self.model.item_to_final.device))

@@ -6,6 +6,7 @@ alone, ``diffusion_valid_signal: diffusion_only``): the ensemble's score is domi
 hardly moves while the diffusion model still learns, so stopping on it ended training after a few dozen steps.
 The ensemble's validation is still logged at every validation and is the run's ``best_valid_result`` (at the
 checkpoint the diffusion signal chose)."""
+
 import math
 
 import torch
@@ -24,7 +25,7 @@ def validation_subset(valid_data, n_users, seed):
     if not n_users or n_users >= len(dataset) or not isinstance(valid_data, FullSortEvalDataLoader):
         return valid_data
     generator = torch.Generator().manual_seed(int(seed))
-    rows = torch.sort(torch.randperm(len(dataset), generator=generator)[:int(n_users)]).values
+    rows = torch.sort(torch.randperm(len(dataset), generator=generator)[: int(n_users)]).values
     subset = dataset.copy(dataset.inter_feat[rows])
     return FullSortEvalDataLoader(valid_data.config, subset, valid_data._sampler, shuffle=False)
 
@@ -34,8 +35,9 @@ class GlobalDiffTrainer(PluginTrainer):
         super().__init__(config, model)
         self.valid_signal = config["diffusion_valid_signal"]
         if self.valid_signal not in VALID_SIGNALS:
-            raise ValueError(f"GlobalDiff: diffusion_valid_signal must be one of {VALID_SIGNALS}, got "
-                             f"'{self.valid_signal}'.")
+            raise ValueError(
+                f"GlobalDiff: diffusion_valid_signal must be one of {VALID_SIGNALS}, got '{self.valid_signal}'."
+            )
 
     def _diffusion_eval_step(self, batches_per_epoch):
         """Validate every ``diffusion_eval_step`` epochs; by default every ``diffusion_eval_every_steps``
@@ -51,15 +53,20 @@ class GlobalDiffTrainer(PluginTrainer):
             with self.model.evaluating("backbone"):
                 self.valid_results["backbone"] = self.evaluate(valid_data, load_best_model=False)
             # the figure the ensemble's validations compare with (the backbone's own training validated unfiltered)
-            self.logger.info(set_color("GlobalDiff: the backbone's validation, scored as the ensemble's", "blue")
-                             + f": {dict2str(self.valid_results['backbone'])}")
+            self.logger.info(
+                set_color("GlobalDiff: the backbone's validation, scored as the ensemble's", "blue")
+                + f": {dict2str(self.valid_results['backbone'])}"
+            )
             valid_data = validation_subset(valid_data, self.config["diffusion_valid_users"], self.config["seed"])
         loader = self.stage_loader(stage, train_data)
         self.eval_step = self._diffusion_eval_step(len(loader))
-        self.logger.info(set_color("GlobalDiff: training the diffusion model on the frozen backbone", "green")
-                         + f" ({len(loader)} optimiser steps an epoch, <= {self.epochs} epochs, validated on "
-                           f"{self.valid_signal} every {self.eval_step} epochs"
-                         + (f" over {len(valid_data._dataset)} users" if valid_data is not None else "") + ")")
+        self.logger.info(
+            set_color("GlobalDiff: training the diffusion model on the frozen backbone", "green")
+            + f" ({len(loader)} optimiser steps an epoch, <= {self.epochs} epochs, validated on "
+            f"{self.valid_signal} every {self.eval_step} epochs"
+            + (f" over {len(valid_data._dataset)} users" if valid_data is not None else "")
+            + ")"
+        )
         result = self.train_final(loader, valid_data, flags, callback_fn)
         self.logger.info(f"GlobalDiff: the diffusion stage took {self.optimiser_steps} optimiser steps")
         return result
@@ -71,8 +78,10 @@ class GlobalDiffTrainer(PluginTrainer):
             return super()._valid_epoch(valid_data, show_progress)
         with self.model.evaluating("diffusion_only"):
             score, own = super()._valid_epoch(valid_data, show_progress)
-        self.logger.info(set_color("diffusion alone, valid", "blue") + f" ({self.optimiser_steps} optimiser steps,"
-                         f" {self.valid_metric} {score:.4f}): {dict2str(own)}")
+        self.logger.info(
+            set_color("diffusion alone, valid", "blue") + f" ({self.optimiser_steps} optimiser steps,"
+            f" {self.valid_metric} {score:.4f}): {dict2str(own)}"
+        )
         _, ensemble = super()._valid_epoch(valid_data, show_progress)
         return score, ensemble
 

@@ -15,6 +15,7 @@ trainer): its best checkpoint and validation result are the run's. A stage that 
 (``Stage.only_for``) is not trained when that stage is stored already: a new machine resumes from the latest
 stored stage.
 """
+
 import hashlib
 import json
 import math
@@ -42,8 +43,9 @@ _TRAINER_ATTRS = ("epochs", "learning_rate", "weight_decay", "stopping_step", "e
 
 def stage_overrides(config, stage):
     """``{RecBole key: value}`` from the ``<stage>_<key>`` keys that are set (see ``STAGE_KEYS``)."""
-    return {key: config[stage.key(suffix)] for suffix, key in STAGE_KEYS.items()
-            if config[stage.key(suffix)] is not None}
+    return {
+        key: config[stage.key(suffix)] for suffix, key in STAGE_KEYS.items() if config[stage.key(suffix)] is not None
+    }
 
 
 def apply_stage_keys(trainer, overrides, params):
@@ -79,8 +81,10 @@ class PluginTrainer(Trainer):
         super().__init__(config, model)
         self.final = model.stages()[-1]
         if self.final.kind != "fit":
-            raise ValueError(f"{type(model).__name__}: the last stage is the run's own training and must be a 'fit' "
-                             f"stage, got '{self.final.kind}'.")
+            raise ValueError(
+                f"{type(model).__name__}: the last stage is the run's own training and must be a 'fit' "
+                f"stage, got '{self.final.kind}'."
+            )
         apply_stage_keys(self, stage_overrides(config, self.final), model.stage_parameters(self.final.name))
         self.checkpoints = {}  # stage name -> the checkpoint it was loaded from or trained into
         self.valid_results = {}  # stage name -> its best validation result
@@ -103,8 +107,10 @@ class PluginTrainer(Trainer):
         that time or vary one stage run them one by one."""
         stages = {s.name: s for s in self.model.stages()[:-1]}
         if name not in stages:
-            raise ValueError(f"{type(self.model).__name__} has no stage '{name}' before its last; its stages: "
-                             f"{', '.join(s.name for s in self.model.stages())}.")
+            raise ValueError(
+                f"{type(self.model).__name__} has no stage '{name}' before its last; its stages: "
+                f"{', '.join(s.name for s in self.model.stages())}."
+            )
         self._run(stages[name], train_data, valid_data, dict(verbose=verbose, saved=saved, show_progress=show_progress))
 
     def _run(self, stage, train_data, valid_data, flags, needed=True):
@@ -186,14 +192,17 @@ class PluginTrainer(Trainer):
                     self.load_stage_model(stage, module, entry.path)
                     checkpoint, self.valid_results[stage.name] = entry.path, entry.meta.get("valid_result")
                 elif not needed:
-                    self.logger.info(f"{type(self.model).__name__}: stage '{stage.name}' is not needed (the stage "
-                                     f"'{stage.only_for}' is stored)")
+                    self.logger.info(
+                        f"{type(self.model).__name__}: stage '{stage.name}' is not needed (the stage "
+                        f"'{stage.only_for}' is stored)"
+                    )
                     return
                 else:
                     entry.trainer(trainer)
                     checkpoint = self._train_stage_model(stage, trainer, train_data, valid_data, flags)
-                    if checkpoint and entry.store(checkpoint, drop=("optimizer",),
-                                                  valid_result=self.valid_results[stage.name]):
+                    if checkpoint and entry.store(
+                        checkpoint, drop=("optimizer",), valid_result=self.valid_results[stage.name]
+                    ):
                         checkpoint = entry.path if stage.kind == "model" else checkpoint
         self.checkpoints[stage.name] = checkpoint
         if stage.kind == "model":
@@ -203,8 +212,11 @@ class PluginTrainer(Trainer):
 
     def _train_stage_model(self, stage, trainer, train_data, valid_data, flags):
         name = self.stage_model_name(stage)
-        self.logger.info(set_color(f"{type(self.model).__name__}: training {name} (stage '{stage.name}') with "
-                                   "RecBole's recipe", "green"))
+        self.logger.info(
+            set_color(
+                f"{type(self.model).__name__}: training {name} (stage '{stage.name}') with RecBole's recipe", "green"
+            )
+        )
         if stage.kind == "backbone":
             overrides = stage_overrides(self.config, stage)
             if overrides:
@@ -225,23 +237,28 @@ class PluginTrainer(Trainer):
         """Load ``path`` into ``module`` after checking that it holds the stage's model on this dataset (a
         plugin's checkpoint gives its backbone)."""
         name, key = self.stage_model_name(stage), stage.key("checkpoint")
-        self.logger.info(set_color(f"{type(self.model).__name__}: loading {name} (stage '{stage.name}') from {path}",
-                                   "green"))
+        self.logger.info(
+            set_color(f"{type(self.model).__name__}: loading {name} (stage '{stage.name}') from {path}", "green")
+        )
         checkpoint = load_checkpoint(path, self.device)
         saved = checkpoint["config"]
         plugin = is_plugin(get_model(saved["model"]))
         trained_for = saved["backbone"] if plugin else saved["model"]
         if trained_for != name or str(saved["dataset"]) != str(self.config["dataset"]):
-            raise ValueError(f"{key} '{path}' holds a {trained_for} trained on '{saved['dataset']}', but this run "
-                             f"needs a {name} on '{self.config['dataset']}'.")
+            raise ValueError(
+                f"{key} '{path}' holds a {trained_for} trained on '{saved['dataset']}', but this run "
+                f"needs a {name} on '{self.config['dataset']}'."
+            )
         state = checkpoint["state_dict"]
         if plugin and any(k.startswith("backbone.") for k in state):  # a plugin run's checkpoint: its backbone
-            state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+            state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
         own = module.state_dict()
         bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
         if bad:
-            raise ValueError(f"{key} '{path}' does not match this dataset/config: '{bad[0]}' differs (item count, "
-                             "hidden size or sequence length changed?).")
+            raise ValueError(
+                f"{key} '{path}' does not match this dataset/config: '{bad[0]}' differs (item count, "
+                "hidden size or sequence length changed?)."
+            )
         module.load_state_dict(state)
 
     # ---- fit stages before the last ----------------------------------------------------------------------
@@ -252,10 +269,14 @@ class PluginTrainer(Trainer):
         values = {k: v for k, v in plain_settings(self.config).items() if k not in ignored}
         values.update(self.model.stage_settings(stage.name))
         if hasattr(self.model, "backbone_name"):
-            values["backbone_stage"] = (self.config["backbone_checkpoint"]
-                                        or stage_key(self.config, self.model.backbone_name)["config"])
-        return {"stage_model": f"{type(self.model).__name__}-{stage.name}", "config": values,
-                "data_files": data_files(self.config)}
+            values["backbone_stage"] = (
+                self.config["backbone_checkpoint"] or stage_key(self.config, self.model.backbone_name)["config"]
+            )
+        return {
+            "stage_model": f"{type(self.model).__name__}-{stage.name}",
+            "config": values,
+            "data_files": data_files(self.config),
+        }
 
     def _fit_stage(self, stage, train_data, valid_data, flags, needed=True):
         key = self.fit_stage_key(stage) if stage.cache and self.config["stage_cache"] else None
@@ -264,23 +285,35 @@ class PluginTrainer(Trainer):
             if entry.hit:
                 self.model.load_stage_state(stage.name, load_checkpoint(entry.path, self.device))
                 # this run spent no time on it: cost tables would count the training twice
-                self.info.update({f"{stage.name}_seconds": 0.0, f"{stage.name}_stage": entry.path,
-                                  f"{stage.name}_trained_seconds": entry.meta[f"{stage.name}_seconds"],
-                                  f"{stage.name}_final_loss": entry.meta[f"{stage.name}_final_loss"]})
+                self.info.update(
+                    {
+                        f"{stage.name}_seconds": 0.0,
+                        f"{stage.name}_stage": entry.path,
+                        f"{stage.name}_trained_seconds": entry.meta[f"{stage.name}_seconds"],
+                        f"{stage.name}_final_loss": entry.meta[f"{stage.name}_final_loss"],
+                    }
+                )
                 return
             loader = self.model.stage_data(stage.name, train_data, self.logger)  # may freeze parameters: first
             trainer = StageTrainer(self.config, self.model, stage)
             self.set_step_budget(stage, loader, trainer)
             entry.trainer(trainer)  # its resume point beside the stage: whichever run claims it goes on
             trainer.saved_model_file = unique_checkpoint_path(self.config, tag=stage.name)
-            self.logger.info(set_color(f"{type(self.model).__name__}: training its {stage.name} ({len(loader)} "
-                                       f"optimiser steps an epoch, {trainer.epochs} epochs)", "green"))
+            self.logger.info(
+                set_color(
+                    f"{type(self.model).__name__}: training its {stage.name} ({len(loader)} "
+                    f"optimiser steps an epoch, {trainer.epochs} epochs)",
+                    "green",
+                )
+            )
             start = time.perf_counter()
             trainer.fit(loader, None, **flags)
             self.model.eval()
             last = trainer.train_loss_dict.get(trainer.epochs - 1)
-            meta = {f"{stage.name}_seconds": time.perf_counter() - start,
-                    f"{stage.name}_final_loss": None if last is None else last / max(len(loader), 1)}
+            meta = {
+                f"{stage.name}_seconds": time.perf_counter() - start,
+                f"{stage.name}_final_loss": None if last is None else last / max(len(loader), 1),
+            }
             self.info.update(meta)
             if entry.folder is not None:
                 tmp = f"{entry.path}.{os.getpid()}.src"
@@ -306,8 +339,10 @@ class PluginTrainer(Trainer):
         it is computed from plus the settings only it reads. A model given as ``<stage>_checkpoint`` is not
         described by its key: what is computed from it goes beside that file instead."""
         source = self.source_stage(stage)
-        if not (stage.cache and self.config["stage_cache"] and source is not None) \
-                or self.config[source.key("checkpoint")]:
+        if (
+            not (stage.cache and self.config["stage_cache"] and source is not None)
+            or self.config[source.key("checkpoint")]
+        ):
             return None
         _, name, config = self._entry(source)
         key = stage_key(config, name)
@@ -318,8 +353,9 @@ class PluginTrainer(Trainer):
     def _compute_stage(self, stage, train_data, valid_data, flags, needed=True):
         key = self.compute_cache_key(stage)
         if key is not None:
-            with shared_stage(self.config, f"{type(self.model).__name__}-{stage.name}", None, self.logger,
-                              key=key) as entry:
+            with shared_stage(
+                self.config, f"{type(self.model).__name__}-{stage.name}", None, self.logger, key=key
+            ) as entry:
                 if entry.hit:
                     product = self.model.load_stage(stage.name, entry.path, train_data, entry.meta)
                     self.model.set_stage_result(stage.name, product, entry.path, reused=True)
@@ -352,8 +388,9 @@ class PluginTrainer(Trainer):
         mine = claim_or_wait(path + ".lock", lambda: os.path.isfile(path), self.logger, f"{stage.name} {path}")
         try:
             if not mine:
-                self.model.set_stage_result(stage.name, self.model.load_stage(stage.name, path, train_data, None),
-                                            path, reused=True)
+                self.model.set_stage_result(
+                    stage.name, self.model.load_stage(stage.name, path, train_data, None), path, reused=True
+                )
                 return
             product = self.model.compute_stage(stage.name, train_data, valid_data, self.logger)
             product.save(path)
@@ -365,8 +402,11 @@ class PluginTrainer(Trainer):
     def _compute_in_point(self, stage, train_data, valid_data):
         """A stage computed per run, kept in the run's resume point so that a killed run does not compute it
         again."""
-        point = resume_point(self.resume_dir, point_name(self.config, f"{type(self.model).__name__}-{stage.name}"),
-                             run_settings(self.config))
+        point = resume_point(
+            self.resume_dir,
+            point_name(self.config, f"{type(self.model).__name__}-{stage.name}"),
+            run_settings(self.config),
+        )
         state = point.load()
         if state is not None:
             self.logger.info(f"resume_dir: stage '{stage.name}' of an earlier attempt, from {point.path}")
@@ -390,8 +430,9 @@ class PluginTrainer(Trainer):
             key = self.fit_stage_key(stage) if self.config["stage_cache"] else None
         if key is None:
             return False
-        return CacheEntry(self.config["stage_cache"], f"{type(self.model).__name__}-{stage.name}", self.config, None,
-                          key=key)._load()
+        return CacheEntry(
+            self.config["stage_cache"], f"{type(self.model).__name__}-{stage.name}", self.config, None, key=key
+        )._load()
 
     # ---- results -----------------------------------------------------------------------------------------
     def extra_results(self, valid_data=None, test_data=None):
@@ -408,7 +449,8 @@ class PluginTrainer(Trainer):
                 out[stage.key("checkpoint")] = self.checkpoints.get(stage.name)
                 if stage.name in self.stage_trainers and test_data is not None:
                     out[stage.key("test_result")] = self.stage_trainers[stage.name].evaluate(
-                        test_data, load_best_model=False)
+                        test_data, load_best_model=False
+                    )
         out[self.final.key("steps_trained")] = self.optimiser_steps
         if test_data is not None and "backbone" in self.model.EVAL_MODES:
             with self.model.evaluating("backbone"):

@@ -1,4 +1,5 @@
 """Trainer lookup by model name: recbole-diff's ``<Model>Trainer`` first, then RecBole's made safe."""
+
 import importlib
 
 from recbole.utils import get_trainer as recbole_get_trainer

@@ -13,6 +13,7 @@ A point keeps the settings it was made with; a run where a key has another value
 that names the key, rather than continuing another training. Keys only one side has (a default a newer
 version added) do not count. Data files count by size and content (older points kept their time: by size).
 """
+
 import hashlib
 import json
 import os

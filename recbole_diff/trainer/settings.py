@@ -1,18 +1,45 @@
 """What identifies a training, for the stage cache and for resume points: the config keys that count (all but
 bookkeeping), in a form json keeps, and the data files by size and content."""
+
 import glob
 import hashlib
 import numbers
 import os
 
 # keys that cannot change what a stage learns
-BOOKKEEPING = frozenset({
-    "model", "checkpoint_dir", "device", "gpu_id", "use_gpu", "worker", "threads", "show_progress", "state",
-    "log_wandb", "wandb_project", "eval_batch_size", "extra_test_modes", "loss_decimal_place",
-    "metric_decimal_place", "save_dataset", "save_dataloaders", "dataset_save_path",
-    "dataloaders_save_path", "local_rank", "nproc", "world_size", "offset", "ip", "port", "stage_cache",
-    "fast_sampled_eval", "resume_dir", "strict_keys",
-})
+BOOKKEEPING = frozenset(
+    {
+        "model",
+        "checkpoint_dir",
+        "device",
+        "gpu_id",
+        "use_gpu",
+        "worker",
+        "threads",
+        "show_progress",
+        "state",
+        "log_wandb",
+        "wandb_project",
+        "eval_batch_size",
+        "extra_test_modes",
+        "loss_decimal_place",
+        "metric_decimal_place",
+        "save_dataset",
+        "save_dataloaders",
+        "dataset_save_path",
+        "dataloaders_save_path",
+        "local_rank",
+        "nproc",
+        "world_size",
+        "offset",
+        "ip",
+        "port",
+        "stage_cache",
+        "fast_sampled_eval",
+        "resume_dir",
+        "strict_keys",
+    }
+)
 
 
 def plain(value):
@@ -41,5 +68,8 @@ def data_files(config):
     """Each data file's size and content hash. Not its time: a dataset copied or provisioned again (a shared
     folder is, at every session here) is the same data, and a stage or a resume point must still match it."""
     folder = str(config["data_path"])  # RecBole's Config has joined the dataset's name on already
-    return {os.path.basename(p): [os.path.getsize(p), file_digest(p)]
-            for p in sorted(glob.glob(os.path.join(folder, "*"))) if os.path.isfile(p)}
+    return {
+        os.path.basename(p): [os.path.getsize(p), file_digest(p)]
+        for p in sorted(glob.glob(os.path.join(folder, "*")))
+        if os.path.isfile(p)
+    }

@@ -12,6 +12,7 @@ is a second stage of its own, keyed by everything but what only its sampling rea
 ``PluginTrainer.fit_stage_key``). Runs started together wait for the one training the
 stage (a lock file with its pid); a lock left by a dead process is taken over.
 """
+
 import hashlib
 import json
 import os

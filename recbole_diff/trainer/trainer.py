@@ -21,6 +21,7 @@ What RecBole 1.2.1's Trainer does that every recbole-diff run would hit:
 * A killed run loses its training. With ``resume_dir`` each ``fit`` keeps a point to resume from before every
   epoch, and the same run started again goes on from there (see :mod:`recbole_diff.trainer.resume`).
 """
+
 import os
 import shutil
 import uuid
@@ -101,8 +102,14 @@ class CompatMixin:
             self.logger.info(f"resume_dir: {point.name} goes on at epoch {self.start_epoch} from {point.path}")
         self._resume = point
         try:
-            result = super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
-                                 callback_fn=callback_fn)
+            result = super().fit(
+                train_data,
+                valid_data,
+                verbose=verbose,
+                saved=saved,
+                show_progress=show_progress,
+                callback_fn=callback_fn,
+            )
         finally:
             self._resume = None
         if point is not None:
@@ -123,19 +130,29 @@ class CompatMixin:
         if base is not RecBoleTrainer:
             # RecBole's other trainers keep state of their own (two optimisers, cluster centroids, inner
             # loaders' generators) that a point does not hold: they train from the start
-            self.logger.warning(f"resume_dir: {base.__name__} is not covered by resume points; it trains from the "
-                                "start")
+            self.logger.warning(
+                f"resume_dir: {base.__name__} is not covered by resume points; it trains from the start"
+            )
             return None
-        name = point_name(self.config, self.point_kind or f"{type(self).__name__}-{type(self.model).__name__}",
-                          self.resume_settings)
+        name = point_name(
+            self.config, self.point_kind or f"{type(self).__name__}-{type(self.model).__name__}", self.resume_settings
+        )
         return resume_point(self.resume_dir, name, self.resume_settings or run_settings(self.config))
 
     def _training_state(self, train_data, epoch, done=False):
-        return {"epoch": epoch, "done": done, "model": self.model.state_dict(),
-                "other_parameter": self._other_parameter(), "optimizer": self.optimizer.state_dict(),
-                "cur_step": self.cur_step, "best_valid_score": self.best_valid_score,
-                "best_valid_result": self.best_valid_result, "saved_model_file": self.saved_model_file,
-                "train_loss_dict": dict(self.train_loss_dict), "rng": rng_state(train_data)}
+        return {
+            "epoch": epoch,
+            "done": done,
+            "model": self.model.state_dict(),
+            "other_parameter": self._other_parameter(),
+            "optimizer": self.optimizer.state_dict(),
+            "cur_step": self.cur_step,
+            "best_valid_score": self.best_valid_score,
+            "best_valid_result": self.best_valid_result,
+            "saved_model_file": self.saved_model_file,
+            "train_loss_dict": dict(self.train_loss_dict),
+            "rng": rng_state(train_data),
+        }
 
     def _other_parameter(self):
         # some RecBole models list sub-modules here, which the state dict holds already; setting a copy back
@@ -159,8 +176,10 @@ class CompatMixin:
             with atomic_write(self.saved_model_file) as tmp:
                 shutil.copyfile(path, tmp)
         elif needed:
-            raise FileNotFoundError(f"resume_dir: the best checkpoint '{path}' of the run to resume is gone. Delete "
-                                    "its resume point to train from the start.")
+            raise FileNotFoundError(
+                f"resume_dir: the best checkpoint '{path}' of the run to resume is gone. Delete "
+                "its resume point to train from the start."
+            )
 
     def load_model_file(self, model_file=None):
         """Load a checkpoint's weights into ``self.model`` (the best one of this run by default)."""
@@ -225,8 +244,11 @@ class CompatMixin:
         """``model.predict``'s scores of the batch's rows, from one full sort per user row; None where that
         cannot be done (see the module doc)."""
         verified = self._full_sort_agrees
-        if not self.config["fast_sampled_eval"] or verified is False \
-                or self.config["eval_type"] != EvaluatorType.RANKING:
+        if (
+            not self.config["fast_sampled_eval"]
+            or verified is False
+            or self.config["eval_type"] != EvaluatorType.RANKING
+        ):
             return None
         src = source_rows(row_idx, positive_u)
         if src is None:
@@ -255,16 +277,29 @@ class CompatMixin:
     def _agrees_with_predict(self, interaction, scores):
         """The same items at -inf (a model's masked history) and the same finite scores up to float rounding."""
         n = interaction.length
-        reference = (self.model.predict(interaction.to(self.device)) if n <= self.test_batch_size
-                     else self._spilt_predict(interaction, n)).view(-1).double()
+        reference = (
+            (
+                self.model.predict(interaction.to(self.device))
+                if n <= self.test_batch_size
+                else self._spilt_predict(interaction, n)
+            )
+            .view(-1)
+            .double()
+        )
         scores = scores.double()
         finite = torch.isfinite(reference)
-        agrees = torch.equal(finite, torch.isfinite(scores)) and (not finite.any() or torch.allclose(
-            scores[finite], reference[finite], rtol=1e-5, atol=1e-6 * max(1.0, float(reference[finite].abs().max()))))
+        agrees = torch.equal(finite, torch.isfinite(scores)) and (
+            not finite.any()
+            or torch.allclose(
+                scores[finite], reference[finite], rtol=1e-5, atol=1e-6 * max(1.0, float(reference[finite].abs().max()))
+            )
+        )
         if not agrees and type(self.model) not in self._disagreed:
             self._disagreed.add(type(self.model))
-            self.logger.warning(f"fast_sampled_eval: {type(self.model).__name__}'s full_sort_predict does not "
-                                f"give its predict scores; sampled evaluation scores every row with predict")
+            self.logger.warning(
+                f"fast_sampled_eval: {type(self.model).__name__}'s full_sort_predict does not "
+                f"give its predict scores; sampled evaluation scores every row with predict"
+            )
         return agrees
 
     def resume_checkpoint(self, resume_file):
@@ -288,10 +323,14 @@ def compat_trainer(trainer_class):
     if issubclass(trainer_class, CompatMixin) or not issubclass(trainer_class, RecBoleTrainer):
         return trainer_class
     if trainer_class not in _COMPAT_CACHE:
-        _COMPAT_CACHE[trainer_class] = type(trainer_class.__name__, (CompatMixin, trainer_class), {
-            "__module__": __name__,
-            "__doc__": f"RecBole's {trainer_class.__name__} with recbole-diff's checkpoint handling.",
-        })
+        _COMPAT_CACHE[trainer_class] = type(
+            trainer_class.__name__,
+            (CompatMixin, trainer_class),
+            {
+                "__module__": __name__,
+                "__doc__": f"RecBole's {trainer_class.__name__} with recbole-diff's checkpoint handling.",
+            },
+        )
     return _COMPAT_CACHE[trainer_class]
 
 

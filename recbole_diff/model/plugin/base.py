@@ -22,6 +22,7 @@ yaml's). ``<stage>_train_steps`` is a budget in optimiser steps instead of epoch
 ``backbone`` or ``model`` stage instead of training it; ``<stage>: {key: value}`` sets any key of a ``model``
 stage's own config.
 """
+
 import importlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,8 +36,12 @@ from recbole_diff.model.registry import get_model, our_model_names
 STAGE_KINDS = ("backbone", "model", "fit", "compute")
 # <stage>_<key> -> the RecBole key it sets for that stage
 STAGE_KEYS = {
-    "epochs": "epochs", "learning_rate": "learning_rate", "weight_decay": "weight_decay",
-    "stopping_step": "stopping_step", "eval_step": "eval_step", "batch_size": "train_batch_size",
+    "epochs": "epochs",
+    "learning_rate": "learning_rate",
+    "weight_decay": "weight_decay",
+    "stopping_step": "stopping_step",
+    "eval_step": "eval_step",
+    "batch_size": "train_batch_size",
     "learner": "learner",
 }
 
@@ -176,9 +181,13 @@ def is_plugin(model_class):
 def sequential_model_names():
     """Models a plugin can take as its backbone: RecBole's sequential models and ours that are not plugins."""
     pkg = importlib.import_module("recbole.model.sequential_recommender")
-    names = [name for name in dir(pkg) if isinstance(getattr(pkg, name), type)
-             and getattr(getattr(pkg, name), "type", None) == ModelType.SEQUENTIAL
-             and hasattr(getattr(pkg, name), "calculate_loss")]
+    names = [
+        name
+        for name in dir(pkg)
+        if isinstance(getattr(pkg, name), type)
+        and getattr(getattr(pkg, name), "type", None) == ModelType.SEQUENTIAL
+        and hasattr(getattr(pkg, name), "calculate_loss")
+    ]
     for name in our_model_names():
         model = get_model(name)
         if model.type == ModelType.SEQUENTIAL and not is_plugin(model):

@@ -15,6 +15,7 @@ then frozen), ``augmenter`` (the eps loss through RecBole's ``Trainer.fit``; sha
 that differ only in sampling keys), ``generation`` (:meth:`DiffuASR.generate`), ``augmented`` (the backbone trained
 on the augmented dataset). See ``docs/diffuasr.md``.
 """
+
 import math
 import time
 from logging import getLogger
@@ -47,10 +48,23 @@ EVAL_MODES = ("augmented", "backbone")
 CG_BACKBONES = ("SASRec", "LightSANs", "GRU4Rec", "NARM", "NextItNet", "STAMP", "BERT4Rec")
 # keys read only when the trained augmenter is sampled or its items are used: runs that differ in these alone
 # (a grid's samplers, step counts, guidance strengths) share one augmenter through ``stage_cache``
-SAMPLING_KEYS = frozenset({
-    "guidance_scale", "guide", "p_uncond", "sampler", "sample_steps", "eta", "classifier_logprob", "clip_x0",
-    "exclude_history", "generation_batch_size", "augmented_data_path", "eval_mode", "long_tail_bounds",
-})
+SAMPLING_KEYS = frozenset(
+    {
+        "guidance_scale",
+        "guide",
+        "p_uncond",
+        "sampler",
+        "sample_steps",
+        "eta",
+        "classifier_logprob",
+        "clip_x0",
+        "exclude_history",
+        "generation_batch_size",
+        "augmented_data_path",
+        "eval_mode",
+        "long_tail_bounds",
+    }
+)
 # raised whenever what the augmenter's training does changes while its weights keep their shapes, so that a
 # stored augmenter of older code is not loaded as if it were this code's
 AUGMENTER_STAGE_VERSION = 2
@@ -66,11 +80,13 @@ class Augmenter(nn.Module):
         self.m, self.d = m, d
         self.embedding = nn.Embedding(n_items, d, padding_idx=0)
         nn.init.normal_(self.embedding.weight, std=0.1)
-        self.sunet = SUNet(m, d, tuple(config["unet_channels"]), int(config["unet_res_blocks"]),
-                           dropout=float(config["unet_dropout"]))
+        self.sunet = SUNet(
+            m, d, tuple(config["unet_channels"]), int(config["unet_res_blocks"]), dropout=float(config["unet_dropout"])
+        )
         self.null = nn.Parameter(torch.zeros(d))  # classifier-free guidance's "no condition"
-        self.diffusion = GaussianDiffusion(config["noise_schedule"], int(config["diffusion_steps"]),
-                                           parameterization="eps", variance="fixed_small")
+        self.diffusion = GaussianDiffusion(
+            config["noise_schedule"], int(config["diffusion_steps"]), parameterization="eps", variance="fixed_small"
+        )
         self.pool = config["condition"]
         self.p_uncond = float(config["p_uncond"])
         self.guide = config["guide"]
@@ -110,8 +126,7 @@ class Augmenter(nn.Module):
         noise = torch.randn_like(x0)
         return F.mse_loss(self.sunet(self.diffusion.q_sample(x0, t, noise), t, c), noise)
 
-    def sample(self, c, guidance_scale=0.0, sampler="ancestral", steps=None, eta=0.0, log_prob_fn=None,
-               generator=None):
+    def sample(self, c, guidance_scale=0.0, sampler="ancestral", steps=None, eta=0.0, log_prob_fn=None, generator=None):
         """x0 [B, M, d] from noise, guided as configured: ``cf`` combines the conditional and null branches,
         ``cg`` shifts the noise by ``log_prob_fn(x_t, t)``'s gradient."""
         model_fn, guidance = self.sunet, ()
@@ -127,8 +142,9 @@ class Augmenter(nn.Module):
 
         x_T = torch.randn((len(c), self.m, self.d), device=c.device, generator=generator)
         options = StepOptions(model_kwargs={"c": c}, denoised_fn=self.clip(), guidance=guidance)
-        return self.diffusion.sample(fn, x_T, steps=steps, sampler=sampler, eta=eta, generator=generator,
-                                     options=options)
+        return self.diffusion.sample(
+            fn, x_T, steps=steps, sampler=sampler, eta=eta, generator=generator, options=options
+        )
 
 
 class DiffuASR(PluginRecommender):
@@ -136,14 +152,42 @@ class DiffuASR(PluginRecommender):
 
     # No input_type: RecBole then derives it from loss_type, as for the backbone the loaders are built for.
     EVAL_MODES = EVAL_MODES
-    STAGES = (Stage("backbone", "backbone"), Stage("augmenter", "fit"), Stage("generation", "compute", cache=False),
-              Stage("augmented", "fit", cache=False))
+    STAGES = (
+        Stage("backbone", "backbone"),
+        Stage("augmenter", "fit"),
+        Stage("generation", "compute", cache=False),
+        Stage("augmented", "fit", cache=False),
+    )
 
-    REQUIRED = ("backbone", "augmenter", "M", "guide", "guidance_scale", "p_uncond", "diffusion_steps",
-                "noise_schedule", "sampler", "eta", "condition", "embedding_init", "freeze_embedding", "unet_channels",
-                "unet_res_blocks", "unet_dropout", "augmenter_epochs", "augmenter_learning_rate",
-                "augmenter_batch_size", "augmenter_min_raw", "exclude_history", "generation_batch_size",
-                "eval_mode", "long_tail_bounds", "classifier_logprob", "x0_scale", "clip_x0")
+    REQUIRED = (
+        "backbone",
+        "augmenter",
+        "M",
+        "guide",
+        "guidance_scale",
+        "p_uncond",
+        "diffusion_steps",
+        "noise_schedule",
+        "sampler",
+        "eta",
+        "condition",
+        "embedding_init",
+        "freeze_embedding",
+        "unet_channels",
+        "unet_res_blocks",
+        "unet_dropout",
+        "augmenter_epochs",
+        "augmenter_learning_rate",
+        "augmenter_batch_size",
+        "augmenter_min_raw",
+        "exclude_history",
+        "generation_batch_size",
+        "eval_mode",
+        "long_tail_bounds",
+        "classifier_logprob",
+        "x0_scale",
+        "clip_x0",
+    )
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -159,24 +203,34 @@ class DiffuASR(PluginRecommender):
         if self.augmenter is not None and int(config["unet_channels"][0]) < self.m:
             # measured on ml-100k (M = 10, the authors' first width 8): the network cannot pass x_t through, its
             # eps loss stays ~0.24 even at large t where x_t is nearly eps, and the generated items are near random
-            getLogger().warning(f"DiffuASR: unet_channels starts at {config['unet_channels'][0]} channels for "
-                                f"M = {self.m} positions; the SU-Net cannot carry x_t through that first level. "
-                                f"Use a first width >= M (the default [16, 16, 16, 16]).")
+            getLogger().warning(
+                f"DiffuASR: unet_channels starts at {config['unet_channels'][0]} channels for "
+                f"M = {self.m} positions; the SU-Net cannot carry x_t through that first level. "
+                f"Use a first width >= M (the default [16, 16, 16, 16])."
+            )
         if self.augmenter is not None and config["embedding_init"] == "backbone":
             own = self.adapter.item_embeddings().shape[1]
             if own != self.d:
-                raise ValueError(f"DiffuASR embedding_init: backbone needs diffusion_embedding_size = the backbone's "
-                                 f"item embedding size ({own}), got {self.d}; or use embedding_init: random.")
+                raise ValueError(
+                    f"DiffuASR embedding_init: backbone needs diffusion_embedding_size = the backbone's "
+                    f"item embedding size ({own}), got {self.d}; or use embedding_init: random."
+                )
         if self.augmenter is not None and config["guide"] == "cg" and self.backbone_name not in CG_BACKBONES:
-            raise ValueError(f"DiffuASR guide: cg feeds the generated prefix to the backbone through its item table; "
-                             f"'{self.backbone_name}' embeds a graph of the session instead. Use guide: cf, or one of "
-                             f"{', '.join(CG_BACKBONES)}.")
+            raise ValueError(
+                f"DiffuASR guide: cg feeds the generated prefix to the backbone through its item table; "
+                f"'{self.backbone_name}' embeds a graph of the session instead. Use guide: cf, or one of "
+                f"{', '.join(CG_BACKBONES)}."
+            )
         if self.augmenter is not None and config["guide"] == "cg" and config["embedding_init"] != "backbone":
-            raise ValueError("DiffuASR guide: cg reads the generated prefix with the trained backbone, so the "
-                             "augmenter must live in its item space: set embedding_init: backbone.")
+            raise ValueError(
+                "DiffuASR guide: cg reads the generated prefix with the trained backbone, so the "
+                "augmenter must live in its item space: set embedding_init: backbone."
+            )
         if self.m + int(self.adapter.spec.mask_token) > self.max_seq_length:
-            raise ValueError(f"DiffuASR: M = {self.m} does not fit MAX_ITEM_LIST_LENGTH = {self.max_seq_length}"
-                             f"{' with the mask token' if self.adapter.spec.mask_token else ''}.")
+            raise ValueError(
+                f"DiffuASR: M = {self.m} does not fit MAX_ITEM_LIST_LENGTH = {self.max_seq_length}"
+                f"{' with the mask token' if self.adapter.spec.mask_token else ''}."
+            )
         self.register_buffer("prefix", torch.zeros(dataset.user_num, self.m, dtype=torch.long))
         self.register_buffer("item_to_final", torch.arange(self.n_items))
         self.eval_mode = config["eval_mode"]
@@ -190,10 +244,16 @@ class DiffuASR(PluginRecommender):
 
     @staticmethod
     def _check_choices(config):
-        for key, allowed in (("augmenter", AUGMENTERS), ("guide", GUIDES), ("eval_mode", EVAL_MODES),
-                             ("sampler", ("ancestral", "ddim")), ("condition", ("mean", "sum")),
-                             ("embedding_init", ("backbone", "random")),
-                             ("classifier_logprob", ("auto", "sigmoid", "softmax")), ("x0_scale", ("unit", "raw"))):
+        for key, allowed in (
+            ("augmenter", AUGMENTERS),
+            ("guide", GUIDES),
+            ("eval_mode", EVAL_MODES),
+            ("sampler", ("ancestral", "ddim")),
+            ("condition", ("mean", "sum")),
+            ("embedding_init", ("backbone", "random")),
+            ("classifier_logprob", ("auto", "sigmoid", "softmax")),
+            ("x0_scale", ("unit", "raw")),
+        ):
             if config[key] not in allowed:
                 raise ValueError(f"DiffuASR: {key} must be one of {allowed}, got '{config[key]}'.")
         if int(config["M"]) < 1:
@@ -225,16 +285,25 @@ class DiffuASR(PluginRecommender):
             self.init_embedding_from_backbone()
         users = augmenter_users(sequences, self.m, int(self.config["augmenter_min_raw"]))
         if len(users) == 0:
-            raise ValueError(f"DiffuASR: no user has M + augmenter_min_raw = {self.m + int(self.config['augmenter_min_raw'])}"
-                             " training items to learn from; lower M or augmenter_min_raw.")
-        (logger or getLogger()).info(set_color(f"DiffuASR: the augmenter learns from {len(users)} sequences (first "
-                                               f"{self.m} items generated from the rest)", "green"))
+            raise ValueError(
+                f"DiffuASR: no user has M + augmenter_min_raw = {self.m + int(self.config['augmenter_min_raw'])}"
+                " training items to learn from; lower M or augmenter_min_raw."
+            )
+        (logger or getLogger()).info(
+            set_color(
+                f"DiffuASR: the augmenter learns from {len(users)} sequences (first "
+                f"{self.m} items generated from the rest)",
+                "green",
+            )
+        )
         return AugmenterLoader(train_data.dataset, sequences, users, self.m, int(self.config["augmenter_batch_size"]))
 
     def calculate_loss(self, interaction):
         if self.stage != "augmenter":
-            raise RuntimeError("DiffuASR trains its augmenter here; the backbones are trained by their own RecBole "
-                               "trainers in the plugin's stages (run_recbole_diff walks them).")
+            raise RuntimeError(
+                "DiffuASR trains its augmenter here; the backbones are trained by their own RecBole "
+                "trainers in the plugin's stages (run_recbole_diff walks them)."
+            )
         return self.augmenter.loss(interaction[AUG_HEADS], interaction[AUG_RAW])
 
     def stage_ignores(self, name):
@@ -265,11 +334,15 @@ class DiffuASR(PluginRecommender):
         """Generated items for every user whose split they cannot change: {users, prefix, info}."""
         sequences = self.training_sequences(train_data)
         users = self.augmentable_users(sequences, valid_data, logger)
-        logger.info(set_color(f"DiffuASR: generating {self.m} items for {len(users)} users "
-                              f"({self.augmenter_kind})", "green"))
+        logger.info(
+            set_color(f"DiffuASR: generating {self.m} items for {len(users)} users ({self.augmenter_kind})", "green")
+        )
         prefix, seconds = self.generate(sequences, users, bool(self.config["show_progress"]))
-        info = {"generation_seconds": seconds, "generation_users_per_s": len(users) / max(seconds, 1e-9),
-                "users_not_augmented": self.stage_info.get("users_not_augmented", 0)}
+        info = {
+            "generation_seconds": seconds,
+            "generation_users_per_s": len(users) / max(seconds, 1e-9),
+            "users_not_augmented": self.stage_info.get("users_not_augmented", 0),
+        }
         logger.info(f"DiffuASR: {info['generation_users_per_s']:.1f} users/s")
         return {"users": users, "prefix": prefix, "info": info}
 
@@ -305,11 +378,12 @@ class DiffuASR(PluginRecommender):
         batch = int(c["generation_batch_size"])
         chunks = range(0, len(users), batch)
         if show_progress:
-            chunks = tqdm(chunks, total=math.ceil(len(users) / batch), ncols=100,
-                          desc=set_color("DiffuASR generation", "pink"))
+            chunks = tqdm(
+                chunks, total=math.ceil(len(users) / batch), ncols=100, desc=set_color("DiffuASR generation", "pink")
+            )
         out, start = [], time.perf_counter()
         for lo in chunks:
-            b = users[lo:lo + batch]
+            b = users[lo : lo + batch]
             exclude = history_mask(sequences, b, self.n_items) if c["exclude_history"] else None
             if self.augmenter_kind == "random":
                 items = random_prefix(b, self.m, self.n_items, cpu_gen, exclude)
@@ -329,8 +403,9 @@ class DiffuASR(PluginRecommender):
         log_prob = None
         if c["guide"] == "cg":
             log_prob = self.first_item_log_prob(sequences.heads(users, 1)[:, 0].to(self.device))
-        x0 = aug.sample(cond, float(c["guidance_scale"]), c["sampler"], c["sample_steps"], float(c["eta"]), log_prob,
-                        generator)
+        x0 = aug.sample(
+            cond, float(c["guidance_scale"]), c["sampler"], c["sample_steps"], float(c["eta"]), log_prob, generator
+        )
         return self.round(x0, None if exclude is None else exclude.to(self.device))
 
     # ---- the backbone on the original data ---------------------------------------------------------------
@@ -365,7 +440,7 @@ class DiffuASR(PluginRecommender):
             def replace(_module, inputs, out):
                 where = inputs[0] == placeholder
                 out = out.clone()
-                out[where] = x[:, -int(where[0].sum()):].reshape(-1, x.shape[-1]).to(out.dtype)
+                out[where] = x[:, -int(where[0].sum()) :].reshape(-1, x.shape[-1]).to(out.dtype)
                 return out
 
             handle = self.backbone.item_embedding.register_forward_hook(replace)
@@ -414,7 +489,6 @@ class DiffuASR(PluginRecommender):
         return predict_from_full_sort(self, interaction, self.full_sort_predict)
 
 
-
 class AugmenterLoader:
     """The augmenter's training batches as RecBole Interactions, users reshuffled every epoch: each user's first
     M training items (S_aug) and the rest, 0-padded to the batch's longest (S_raw)."""
@@ -430,7 +504,7 @@ class AugmenterLoader:
     def __iter__(self):
         order = self.users[torch.randperm(len(self.users))]
         for lo in range(0, len(order), self.batch_size):
-            b = order[lo:lo + self.batch_size]
+            b = order[lo : lo + self.batch_size]
             flat, offsets = self.sequences.bags(b, start=self.m)
             counts = torch.diff(offsets, append=torch.tensor([len(flat)]))
             raw = torch.zeros(len(b), int(counts.max()), dtype=torch.long)

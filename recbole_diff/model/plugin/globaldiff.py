@@ -9,6 +9,7 @@ Inference: the backbone's softmax ``y`` is taken as the diffusion state at step 
 the last step, denoised to ``x0_hat``, and the two are fused by a Borda count with ``gamma``.
 See ``docs/globaldiff.md`` for every key and for where this differs from the authors' code.
 """
+
 from contextlib import contextmanager
 
 import numpy as np
@@ -72,14 +73,16 @@ def descending_places(v, zero_ties=False):
     in index order, as ``descending_order``)."""
     places = torch.empty_like(v)
     m = v.shape[1]
-    places.scatter_(1, descending_order(v, zero_ties),
-                    torch.arange(m, 0, -1, device=v.device, dtype=v.dtype).expand_as(v))
+    places.scatter_(
+        1, descending_order(v, zero_ties), torch.arange(m, 0, -1, device=v.device, dtype=v.dtype).expand_as(v)
+    )
     return places
 
 
 def borda_fuse(y, x0, gamma):
     """``gamma * r(y) * y + (1 - gamma) * r(x0) * x0`` with r the rank (best item M, next M - 1, ...; ties in
     index order). Computed in float64 so that gamma = 1 keeps the backbone's order down to the tail."""
+
     def ranked(v):
         v = v.double()
         return descending_places(v) * v
@@ -121,8 +124,7 @@ def _candidate_parts(weight, values, place, m, c):
     bounded by [1, m - c] elsewhere (float rounding is monotone, so the bounds hold as computed)."""
     known = place >= 0
     exact = weight * ((m - place).to(values.dtype) * values)
-    return (torch.where(known, exact, weight * values),
-            torch.where(known, exact, weight * ((m - c) * values)))
+    return (torch.where(known, exact, weight * values), torch.where(known, exact, weight * ((m - c) * values)))
 
 
 def fused_topk(y, d, gamma, k, candidates):
@@ -158,7 +160,7 @@ def fused_topk(y, d, gamma, k, candidates):
     hi, items = hi.gather(1, order), items.gather(1, order)
     below = torch.flip(torch.cummax(torch.flip(hi, [1]), dim=1).values, [1])  # max hi from each place on
     outside = gamma * ((m - c) * vy[:, c]) + (1 - gamma) * ((m - c) * vd[:, c])
-    rest = torch.maximum(below[:, 1:k + 1], outside[:, None])
+    rest = torch.maximum(below[:, 1 : k + 1], outside[:, None])
     certified = (lo[:, :k] > rest).all(dim=1) & ~tied
     scores = torch.full_like(y, float("-inf")).scatter_(1, items[:, :k], lo[:, :k])
     if y.device.type == "cpu":  # rank only the rows that need it (on an accelerator a mask costs a sync)
@@ -177,13 +179,39 @@ class GlobalDiff(PluginRecommender):
     EVAL_MODES = EVAL_MODES
     STAGES = (Stage("backbone", "backbone"), Stage("diffusion", "fit", cache=False))
 
-    REQUIRED = ("backbone", "diffusion_steps", "noise_schedule", "noise_scale", "noise_min", "noise_max",
-                "step_sampler", "approximator", "step_embedding_size", "guidance", "zeta", "delta",
-                "position_offset", "mask_samples", "similarity", "dense_memory_limit_gb", "diffusion_loss",
-                "diffusion_epochs", "diffusion_stopping_step", "diffusion_learning_rate", "diffusion_batch_size",
-                "diffusion_dropout",
-                "sampling_noise", "y_form", "y_scale", "gamma", "eval_mode", "filter_history", "similarity_window",
-                "topk_fusion", "fusion_candidates")
+    REQUIRED = (
+        "backbone",
+        "diffusion_steps",
+        "noise_schedule",
+        "noise_scale",
+        "noise_min",
+        "noise_max",
+        "step_sampler",
+        "approximator",
+        "step_embedding_size",
+        "guidance",
+        "zeta",
+        "delta",
+        "position_offset",
+        "mask_samples",
+        "similarity",
+        "dense_memory_limit_gb",
+        "diffusion_loss",
+        "diffusion_epochs",
+        "diffusion_stopping_step",
+        "diffusion_learning_rate",
+        "diffusion_batch_size",
+        "diffusion_dropout",
+        "sampling_noise",
+        "y_form",
+        "y_scale",
+        "gamma",
+        "eval_mode",
+        "filter_history",
+        "similarity_window",
+        "topk_fusion",
+        "fusion_candidates",
+    )
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -195,12 +223,24 @@ class GlobalDiff(PluginRecommender):
         self.guidance = config["guidance"]
         cond_dim = {"full": 2 * state_dim, "target": state_dim, "none": 0}[self.guidance]
         hidden = config["approx_hidden"] or state_dim
-        self.approximator = GlobalApproximator(self.n_items, hidden, cond_dim, config["step_embedding_size"],
-                                               config["approximator"], config["diffusion_dropout"])
+        self.approximator = GlobalApproximator(
+            self.n_items,
+            hidden,
+            cond_dim,
+            config["step_embedding_size"],
+            config["approximator"],
+            config["diffusion_dropout"],
+        )
         steps = int(config["diffusion_steps"])
-        self.diffusion = GaussianDiffusion(config["noise_schedule"], steps, parameterization="x0",
-                                           variance="fixed_small", noise_scale=config["noise_scale"],
-                                           noise_min=config["noise_min"], noise_max=config["noise_max"])
+        self.diffusion = GaussianDiffusion(
+            config["noise_schedule"],
+            steps,
+            parameterization="x0",
+            variance="fixed_small",
+            noise_scale=config["noise_scale"],
+            noise_min=config["noise_min"],
+            noise_max=config["noise_max"],
+        )
         self.step_sampler = make_step_sampler(config["step_sampler"], steps)
         self.start_step = steps - 1 if config["start_step"] is None else int(config["start_step"])
         if not 0 <= self.start_step < steps:
@@ -230,18 +270,25 @@ class GlobalDiff(PluginRecommender):
 
     @staticmethod
     def _check_choices(config):
-        checks = {"guidance": GUIDANCE, "eval_mode": EVAL_MODES, "diffusion_loss": ("mse", "ce"),
-                  "y_form": ("softmax", "logits", "topk"), "y_scale": ("unit", "raw"),
-                  "x0_norm": (None, "softmax", "l1"), "similarity_window": SIMILARITY_WINDOWS,
-                  "topk_fusion": (True, False)}
+        checks = {
+            "guidance": GUIDANCE,
+            "eval_mode": EVAL_MODES,
+            "diffusion_loss": ("mse", "ce"),
+            "y_form": ("softmax", "logits", "topk"),
+            "y_scale": ("unit", "raw"),
+            "x0_norm": (None, "softmax", "l1"),
+            "similarity_window": SIMILARITY_WINDOWS,
+            "topk_fusion": (True, False),
+        }
         for key, allowed in checks.items():
             if config[key] not in allowed:
                 raise ValueError(f"GlobalDiff: {key} must be one of {allowed}, got '{config[key]}'.")
         if not 0.0 <= float(config["gamma"]) <= 1.0:
             raise ValueError(f"GlobalDiff: gamma must be in [0, 1], got {config['gamma']}.")
         if not isinstance(config["fusion_candidates"], int) or config["fusion_candidates"] < 1:
-            raise ValueError(f"GlobalDiff: fusion_candidates must be a positive integer, got "
-                             f"{config['fusion_candidates']!r}.")
+            raise ValueError(
+                f"GlobalDiff: fusion_candidates must be a positive integer, got {config['fusion_candidates']!r}."
+            )
 
     @staticmethod
     def _fusion_k(config):
@@ -319,27 +366,49 @@ class GlobalDiff(PluginRecommender):
         else:
             users, items = training_pairs(*args)
         self.similarity = ItemSimilarity(
-            users, items, dataset.user_num, dataset.item_num, kind=config["similarity"],
-            topk=config["similarity_topk"], n_clusters=config["n_clusters"],
-            dense_limit_gb=config["dense_memory_limit_gb"], seed=config["seed"], device=self.device)
+            users,
+            items,
+            dataset.user_num,
+            dataset.item_num,
+            kind=config["similarity"],
+            topk=config["similarity_topk"],
+            n_clusters=config["n_clusters"],
+            dense_limit_gb=config["dense_memory_limit_gb"],
+            seed=config["seed"],
+            device=self.device,
+        )
         keep = lens >= (2 if self.adapter.causal else 1)  # a causal condition needs a prefix
         if logger is not None:
-            logger.info(f"GlobalDiff: {config['similarity']} similarity of {dataset.item_num} items from "
-                        f"{len(users)} training interactions (similarity_window: {config['similarity_window']}, "
-                        f"{self.similarity.nbytes() / 2 ** 20:.1f} MB); {int(keep.sum())} user sequences")
-        return UserSequenceLoader(dataset, u[keep], seqs[keep], lens[keep], config["diffusion_batch_size"],
-                                  config["mask_samples"], self.USER_ID, self.ITEM_SEQ, self.ITEM_SEQ_LEN)
+            logger.info(
+                f"GlobalDiff: {config['similarity']} similarity of {dataset.item_num} items from "
+                f"{len(users)} training interactions (similarity_window: {config['similarity_window']}, "
+                f"{self.similarity.nbytes() / 2**20:.1f} MB); {int(keep.sum())} user sequences"
+            )
+        return UserSequenceLoader(
+            dataset,
+            u[keep],
+            seqs[keep],
+            lens[keep],
+            config["diffusion_batch_size"],
+            config["mask_samples"],
+            self.USER_ID,
+            self.ITEM_SEQ,
+            self.ITEM_SEQ_LEN,
+        )
 
     def calculate_loss(self, interaction):
         if self.similarity is None:
-            raise RuntimeError("GlobalDiff.calculate_loss needs build_training_data(train_data) first "
-                               "(its trainer's diffusion stage does it).")
+            raise RuntimeError(
+                "GlobalDiff.calculate_loss needs build_training_data(train_data) first "
+                "(its trainer's diffusion stage does it)."
+            )
         seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         positions = sample_mask_positions(lens, self.adapter.causal)
         arange = torch.arange(seq.shape[0], device=seq.device)
         masked = seq[arange, positions]
-        q = reweighted_targets(self.similarity.rows(masked), seq, lens, positions, self.zeta, self.delta,
-                               self.position_offset)
+        q = reweighted_targets(
+            self.similarity.rows(masked), seq, lens, positions, self.zeta, self.delta, self.position_offset
+        )
         x0 = bernoulli_targets(q)
         if self.training:
             self._track_x0_length(x0)
@@ -440,8 +509,9 @@ class GlobalDiff(PluginRecommender):
         def model_fn(x_t, t):
             return self.x0_estimate(self.approximator(x_t, t, cond))
 
-        return self.diffusion.sample(model_fn, x_T=x, steps=self.sample_steps, generator=generator,
-                                     stochastic=self.sampling_noise)
+        return self.diffusion.sample(
+            model_fn, x_T=x, steps=self.sample_steps, generator=generator, stochastic=self.sampling_noise
+        )
 
     def normalise(self, x0_hat, exclude=None):
         """x0_hat as a distribution over items (``x0_norm``), the ``exclude``d items at 0. ``softmax`` suits logits

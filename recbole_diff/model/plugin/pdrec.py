@@ -18,6 +18,7 @@ With ``use_hbr``, ``use_nns`` and ``use_dpa`` all off this is the backbone train
 negative (``pos_weight`` scales the positive), and stages 1 and 2 are skipped. The stages (``tidiffrec``,
 ``preferences``, ``backbone``) run in :class:`~recbole_diff.trainer.PluginTrainer`; see ``docs/pdrec.md``.
 """
+
 from logging import getLogger
 
 import numpy as np
@@ -57,28 +58,51 @@ class PDRec(PluginRecommender):
 
     input_type = InputType.PAIRWISE  # RecBole's loader samples the uniform negative (NEG_ITEM_ID)
     needs_timestamp = True  # stage 1 is TI-DiffRec (checked at config time)
-    STAGES = (Stage("tidiffrec", "model", model="TIDiffRec", only_for="preferences"),
-              Stage("preferences", "compute"),
-              Stage("backbone", "fit", cache=False))
+    STAGES = (
+        Stage("tidiffrec", "model", model="TIDiffRec", only_for="preferences"),
+        Stage("preferences", "compute"),
+        Stage("backbone", "fit", cache=False),
+    )
 
-    REQUIRED = ("backbone", "use_hbr", "use_dpa", "use_nns", "omega_r", "c_w", "omega_f", "omega_m", "dpa_m",
-                "dpa_n", "omega_d", "dpa_state", "pos_weight", "pos_weight_from_hbr", "score", "temperature",
-                "tidiffrec_epochs", "preference_batch_size")
+    REQUIRED = (
+        "backbone",
+        "use_hbr",
+        "use_dpa",
+        "use_nns",
+        "omega_r",
+        "c_w",
+        "omega_f",
+        "omega_m",
+        "dpa_m",
+        "dpa_n",
+        "omega_d",
+        "dpa_state",
+        "pos_weight",
+        "pos_weight_from_hbr",
+        "score",
+        "temperature",
+        "tidiffrec_epochs",
+        "preference_batch_size",
+    )
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         require_keys(config, self.REQUIRED, "PDRec")
         self.backbone_name = config["backbone"]
         if self.backbone_name not in BACKBONES:
-            raise ValueError(f"PDRec trains a next-item backbone scored by dot product; '{self.backbone_name}' is "
-                             f"not one. Use one of: {', '.join(BACKBONES)}.")
+            raise ValueError(
+                f"PDRec trains a next-item backbone scored by dot product; '{self.backbone_name}' is "
+                f"not one. Use one of: {', '.join(BACKBONES)}."
+            )
         if config["score"] not in SCORES:
             raise ValueError(f"PDRec: score must be one of {SCORES}, got '{config['score']}'.")
         if not 0 <= float(config["omega_m"]) < 0.99:
             raise ValueError(f"PDRec: omega_m must be in [0, 0.99), got {config['omega_m']}.")
         if config["dpa_state"] not in DPA_STATES:
-            raise ValueError(f"PDRec: dpa_state must be one of {DPA_STATES} (last: the user's last-behaviour state, "
-                             f"the paper's; prefix: every training row's), got '{config['dpa_state']}'.")
+            raise ValueError(
+                f"PDRec: dpa_state must be one of {DPA_STATES} (last: the user's last-behaviour state, "
+                f"the paper's; prefix: every training row's), got '{config['dpa_state']}'."
+            )
         if not 0 < int(config["dpa_n"]) <= int(config["dpa_m"]):
             raise ValueError(f"PDRec needs 0 < dpa_n <= dpa_m, got dpa_n={config['dpa_n']}, dpa_m={config['dpa_m']}.")
         self.backbone = get_model(self.backbone_name)(config, dataset)
@@ -126,14 +150,25 @@ class PDRec(PluginRecommender):
         c, tidiffrec = self.config, self._stage_models["tidiffrec"]
         training = self._training_items(train_data)
         meta = self._store_meta(training, model_fingerprint(tidiffrec))
-        logger.info(set_color(f"PDRec stage 2: preferences of {training.n_users} users over {training.n_items} "
-                              "items", "green"))
-        store, seconds = timed(compute_preference_store, tidiffrec.preferences, training, int(c["dpa_m"]),
-                               float(c["omega_m"]), int(c["preference_batch_size"]), self.device,
-                               bool(c["show_progress"]), meta)
-        logger.info(f"PDRec stage 2: {training.n_users / seconds:.0f} users/s, store {store.nbytes() / 2 ** 20:.1f} "
-                    f"MB (a dense users x items matrix: {training.n_users * training.n_items * 4 / 2 ** 20:.1f} MB)")
-        self.stage_info.update(preference_seconds=seconds, preference_store_mb=store.nbytes() / 2 ** 20)
+        logger.info(
+            set_color(f"PDRec stage 2: preferences of {training.n_users} users over {training.n_items} items", "green")
+        )
+        store, seconds = timed(
+            compute_preference_store,
+            tidiffrec.preferences,
+            training,
+            int(c["dpa_m"]),
+            float(c["omega_m"]),
+            int(c["preference_batch_size"]),
+            self.device,
+            bool(c["show_progress"]),
+            meta,
+        )
+        logger.info(
+            f"PDRec stage 2: {training.n_users / seconds:.0f} users/s, store {store.nbytes() / 2**20:.1f} "
+            f"MB (a dense users x items matrix: {training.n_users * training.n_items * 4 / 2**20:.1f} MB)"
+        )
+        self.stage_info.update(preference_seconds=seconds, preference_store_mb=store.nbytes() / 2**20)
         return store
 
     def load_stage(self, name, path, train_data, meta):
@@ -145,7 +180,7 @@ class PDRec(PluginRecommender):
         return store
 
     def stage_meta(self, name, product):
-        return {"tidiffrec": product.meta["tidiffrec"], "store_mb": product.nbytes() / 2 ** 20}
+        return {"tidiffrec": product.meta["tidiffrec"], "store_mb": product.nbytes() / 2**20}
 
     def set_stage_result(self, name, product, path, reused):
         if reused:
@@ -161,8 +196,12 @@ class PDRec(PluginRecommender):
         if self.use_dpa and self.dpa_state == "last":
             mark_last_rows(train_data.dataset)
         parts = [name for name, on in (("HBR", self.use_hbr), ("NNS", self.use_nns), ("DPA", self.use_dpa)) if on]
-        (logger or getLogger()).info(set_color(f"PDRec stage 3: training {self.backbone_name} with BCE"
-                                               f"{' + ' + ' + '.join(parts) if parts else ''}", "green"))
+        (logger or getLogger()).info(
+            set_color(
+                f"PDRec stage 3: training {self.backbone_name} with BCE{' + ' + ' + '.join(parts) if parts else ''}",
+                "green",
+            )
+        )
         self.stage_info["positive_weight"] = None if self.use_hbr else self.pos_weight
         return train_data
 
@@ -230,16 +269,20 @@ class PDRec(PluginRecommender):
         if self.dpa_state == "prefix":
             return self.omega_d * loss
         if LAST_FIELD not in interaction:
-            raise RuntimeError(f"PDRec with dpa_state: last needs the '{LAST_FIELD}' field of the training data; "
-                               "train it with run_recbole_diff (its PluginTrainer adds it).")
+            raise RuntimeError(
+                f"PDRec with dpa_state: last needs the '{LAST_FIELD}' field of the training data; "
+                "train it with run_recbole_diff (its PluginTrainer adds it)."
+            )
         last = interaction[LAST_FIELD].to(loss.dtype)
         # no host sync: an empty selection divides 0 by 1
         return self.omega_d * (loss * last).sum() / last.sum().clamp(min=1) * torch.ones_like(loss)
 
     def _require_store(self):
         if self.needs_preferences and self.store is None:
-            raise RuntimeError("PDRec with use_hbr/use_nns/use_dpa needs its preference store: train it with "
-                               "run_recbole_diff (its PluginTrainer runs stages 1 and 2 first).")
+            raise RuntimeError(
+                "PDRec with use_hbr/use_nns/use_dpa needs its preference store: train it with "
+                "run_recbole_diff (its PluginTrainer runs stages 1 and 2 first)."
+            )
 
     def calculate_loss(self, interaction):
         self._require_store()
@@ -263,7 +306,9 @@ def mark_last_rows(train_dataset):
     whole training history (the latest target; RecBole writes a user's rows in time order, so the last row)."""
     inter = train_dataset.inter_feat
     users = inter[train_dataset.uid_field].numpy()
-    times = inter[train_dataset.time_field].numpy() if train_dataset.time_field in inter.columns else np.zeros(len(users))
+    times = (
+        inter[train_dataset.time_field].numpy() if train_dataset.time_field in inter.columns else np.zeros(len(users))
+    )
     order = np.lexsort((np.arange(len(users)), times, users))
     last = np.zeros(len(users), dtype=bool)
     ends = np.r_[users[order][1:] != users[order][:-1], True]
