@@ -18,7 +18,7 @@ from recbole.utils import ModelType
 
 from recbole_diff import properties_dir
 from recbole_diff.io import read_yaml
-from recbole_diff.model.plugin.base import is_plugin, sequential_model_names
+from recbole_diff.model.plugin.base import is_plugin, plugin_names, sequential_model_names
 from recbole_diff.model.registry import get_model
 
 RECBOLE_PROPERTIES = os.path.join(os.path.dirname(os.path.realpath(__import__("recbole").__file__)), "properties")
@@ -222,7 +222,7 @@ class Config(RecBoleConfig):
         if asked and not is_plugin(model_class):
             raise ValueError(
                 f"backbone '{asked}' was given, but {model_name} is not a plugin model and has no "
-                "backbone; drop --backbone, or pick a plugin (GlobalDiff, PDRec, DiffuASR)."
+                f"backbone; drop --backbone, or pick a plugin ({', '.join(plugin_names())})."
             )
         if is_plugin(model_class):
             backbone = asked or model_class.default_backbone

@@ -79,7 +79,7 @@ class CompatMixin:
         super().__init__(config, model)
         self.saved_model_file = unique_checkpoint_path(config)
         self._item_side, self._full_sort_agrees, self._disagreed = set(), None, set()
-        # a stage shared between runs keeps its point beside the stage instead (see backbone.py, pdrec.py)
+        # a stage shared between runs keeps its point beside the stage instead (see plugin.py)
         self.resume_dir, self.resume_settings = config["resume_dir"], None
         self.point_kind = None  # the resume point's name stem (default: trainer and model class)
         self._resume = None

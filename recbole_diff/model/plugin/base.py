@@ -73,6 +73,9 @@ class PluginRecommender(SequentialRecommender):
 
     default_backbone = "SASRec"
     EVAL_MODES = ()
+    # read by the config checks and the trainer for any model (ours that are not plugins declare them too)
+    needs_timestamp = False  # a stage orders interactions by time: the config checks the time field first
+    sampled_full_sort = None  # predict reads another full-sort scorer than full_sort_predict (fast_sampled_eval)
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -193,3 +196,8 @@ def sequential_model_names():
         if model.type == ModelType.SEQUENTIAL and not is_plugin(model):
             names.append(name)
     return sorted(set(names))
+
+
+def plugin_names():
+    """Our plugins' names, in the registry's order."""
+    return [name for name in our_model_names() if is_plugin(get_model(name))]

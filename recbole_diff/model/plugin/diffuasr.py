@@ -462,7 +462,7 @@ class DiffuASR(PluginRecommender):
     def augmented_input(self, interaction):
         """The user's generated items, then the history; the last ``MAX_ITEM_LIST_LENGTH`` kept (what the
         augmented dataset's loader gives for the same target), in the final backbone's item ids. A user without
-        generated items (too short to keep their split, see DiffuASRTrainer) keeps the history as is."""
+        generated items (too short to keep their split, see ``augmentable_users``) keeps the history as is."""
         seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         prefix = self.prefix[interaction[self.USER_ID]]
         own = (prefix > 0).sum(1)  # M or 0
