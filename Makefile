@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   create .venv if missing, install, run the demo on ml-100k
-#   make test   create .venv if missing, install, run the test suite
+#   make test   create .venv if missing, install, check the import layers and lint, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -26,6 +26,9 @@ demo: install
 	$(BIN)/python run_recbole_diff.py
 
 test: install
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 clean-venv:

@@ -2,6 +2,7 @@
 
 With no arguments it runs the demo on ml-100k; ``python run_recbole_diff.py doctor`` checks the environment.
 """
+
 import sys
 
 from recbole_diff.cli import main

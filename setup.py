@@ -4,6 +4,7 @@ The default yamls live in the top-level ``properties/`` folder of the repository
 package data of ``recbole_diff.properties`` so that a non-editable install finds them too; an editable
 install resolves them from the source tree (see ``recbole_diff.properties_dir``).
 """
+
 import os
 import re
 
@@ -44,6 +45,7 @@ setup(
     description="Diffusion models for sequential recommendation on RecBole",
     long_description=_readme(),
     long_description_content_type="text/markdown",
+    license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["recbole_diff", "recbole_diff.*"]) + ["recbole_diff.properties"],
     package_dir={"recbole_diff.properties": "properties"},
@@ -52,7 +54,7 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "tune": ["ray[tune]==2.6.3"],
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "ruff==0.17.6", "import-linter==2.17"],
     },
     entry_points={"console_scripts": ["recbole-diff=recbole_diff.cli:main"]},
     py_modules=[],

@@ -1,4 +1,5 @@
 """Shared helpers for the benchmark scripts: one thread, a quiet config, RecBole data for a dataset."""
+
 import os
 import sys
 
@@ -8,6 +9,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.abspath(os.path.join(REPO, "..", "shared", "data"))
 sys.path.insert(0, REPO)
 torch.set_num_threads(1)
+
+from recbole_diff.runtime import autograd_anomaly_off  # noqa: E402  (the repository is on the path from here)
+
+autograd_anomaly_off()  # RecBole switches it on when its models are imported; the scripts here time training
 
 
 def dataset_kwargs(dataset):
@@ -21,11 +26,15 @@ def build(model, dataset, **overrides):
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed
 
+    from recbole_diff import get_model
     from recbole_diff.config import Config
-    from recbole_diff.utils import get_model
 
-    config = Config(model=model, dataset=dataset, cmd_line=False,
-                    config_dict=dict(dataset_kwargs(dataset), show_progress=False, state="ERROR", **overrides))
+    config = Config(
+        model=model,
+        dataset=dataset,
+        cmd_line=False,
+        config_dict=dict(dataset_kwargs(dataset), show_progress=False, state="ERROR", **overrides),
+    )
     init_seed(config["seed"], config["reproducibility"])
     data = create_dataset(config)
     train, valid, test = data_preparation(config, data)

@@ -10,11 +10,11 @@ t x_t is nearly eps, so a working network's loss there is near 0; a network that
     python benchmarks/diffuasr_augmenter_loss.py --dataset ml-100k --preset properties/bench/diffuasr_ml-100k.yaml \
         --steps 1000 [--unet_channels=[16,16,16,16]] [--key=value ...] [--out results.json]
 """
+
 import argparse
 import time
 
 import torch
-
 from common import build, report
 from diffuasr_samplers import overrides
 
@@ -26,7 +26,7 @@ def eps_loss(aug, sequences, users, m, passes=10, batch=512):
     by_t, count = torch.zeros(10), torch.zeros(10)
     for _ in range(passes):
         for lo in range(0, len(users), batch):
-            b = users[lo:lo + batch]
+            b = users[lo : lo + batch]
             flat, offsets = sequences.bags(b, start=m)
             x0, c = aug.embed(sequences.heads(b, m)), aug.condition(flat, offsets)
             t = torch.randint(steps, (len(x0),))
@@ -50,25 +50,35 @@ def main():
     parser.add_argument("--out", default=None)
     args, extra = parser.parse_known_args()
 
+    from recbole_diff import get_trainer
     from recbole_diff.data.augment import augmenter_users, training_sequences
-    from recbole_diff.utils import get_trainer
 
-    keys = dict(overrides(args, extra), augmenter_steps=args.steps)
+    keys = dict(overrides(args, extra), augmenter_train_steps=args.steps)
     config, model, train, valid, _ = build("DiffuASR", args.dataset, backbone=args.backbone, **keys)
     trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
-    trainer.prepare_backbone(train, valid, verbose=False, saved=True)
+    trainer.run_stage("backbone", train, valid, verbose=False, saved=True)
     sequences = training_sequences(train.dataset)
     start = time.perf_counter()
-    trainer.train_augmenter(sequences)
+    trainer.run_stage("augmenter", train, valid, verbose=False, saved=False)
     seconds = time.perf_counter() - start
     aug = model.augmenter.eval()
     users = augmenter_users(sequences, model.m, int(config["augmenter_min_raw"]))
     loss, by_tenth = eps_loss(aug, sequences, users, model.m)
     bound = aug.diffusion.alphas_cumprod.mean().item()
-    report({"dataset": args.dataset, "unet_channels": list(config["unet_channels"]), "M": model.m,
-            "steps": args.steps, "seconds_per_step": seconds / args.steps,
-            "final_train_loss": trainer.info["augmenter_final_loss"], "eps_loss": loss,
-            "eps_loss_per_tenth_of_t": by_tenth, "gaussian_prior_bound": bound}, args.out)
+    report(
+        {
+            "dataset": args.dataset,
+            "unet_channels": list(config["unet_channels"]),
+            "M": model.m,
+            "steps": args.steps,
+            "seconds_per_step": seconds / args.steps,
+            "final_train_loss": trainer.info["augmenter_final_loss"],
+            "eps_loss": loss,
+            "eps_loss_per_tenth_of_t": by_tenth,
+            "gaussian_prior_bound": bound,
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -6,14 +6,15 @@ guidance (a doubled batch per step), on the same users with the same trained aug
 
 Quality per sampler comes from full pipeline runs (see properties/bench/diffuasr_*.yaml).
 """
+
 import argparse
 import time
 
 import torch
-
 from common import build, report
+
+from recbole_diff import get_trainer
 from recbole_diff.data.augment import training_sequences
-from recbole_diff.utils import get_trainer
 
 
 def main():
@@ -27,24 +28,39 @@ def main():
 
     out = {"dataset": args.dataset, "users": args.users, "threads": torch.get_num_threads(), "runs": {}}
     for guide in ("cg", "cf"):
-        config, model, train, _, _ = build("DiffuASR", args.dataset, backbone=args.backbone, guide=guide,
-                                           MAX_ITEM_LIST_LENGTH=50, augmenter_epochs=args.augmenter_epochs,
-                                           augmenter_steps=None)
+        config, model, train, valid, _ = build(
+            "DiffuASR",
+            args.dataset,
+            backbone=args.backbone,
+            guide=guide,
+            MAX_ITEM_LIST_LENGTH=50,
+            augmenter_epochs=args.augmenter_epochs,
+            augmenter_train_steps=None,
+        )
         trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
         model.freeze_backbone()  # an untrained backbone costs the same as a trained one
-        out["config"] = {k: config[k] for k in ("M", "diffusion_embedding_size", "unet_channels", "unet_res_blocks",
-                                                "x0_scale", "diffusion_steps", "generation_batch_size")}
+        out["config"] = {
+            k: config[k]
+            for k in (
+                "M",
+                "diffusion_embedding_size",
+                "unet_channels",
+                "unet_res_blocks",
+                "x0_scale",
+                "diffusion_steps",
+                "generation_batch_size",
+            )
+        }
         seqs = training_sequences(train.dataset)
         start = time.perf_counter()
-        trainer.train_augmenter(seqs)
+        trainer.run_stage("augmenter", train, valid, verbose=False, saved=False)
         out[f"augmenter_{guide}_seconds_per_epoch"] = (time.perf_counter() - start) / args.augmenter_epochs
-        users = torch.nonzero(seqs.lengths > 0).flatten()[:args.users]
+        users = torch.nonzero(seqs.lengths > 0).flatten()[: args.users]
         for sampler, steps in (("ancestral", None), ("ddim", 100), ("ddim", 50)):
             config["sampler"], config["sample_steps"] = sampler, steps
-            trainer.generate(seqs, users)
+            _, seconds = model.generate(seqs, users)
             name = f"{guide}-{sampler}{steps or 1000}"
-            out["runs"][name] = {"users_per_s": trainer.info["generation_users_per_s"],
-                                 "seconds": trainer.info["generation_seconds"]}
+            out["runs"][name] = {"users_per_s": len(users) / seconds, "seconds": seconds}
             print(name, out["runs"][name], flush=True)
         full = out["runs"][f"{guide}-ancestral1000"]["users_per_s"]
         for steps in (100, 50):

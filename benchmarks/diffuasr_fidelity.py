@@ -11,17 +11,17 @@ this script generates M items from S_raw exactly as in training and compares the
 
 The same figures for uniform random items and for items drawn by training popularity are the floor a working
 augmenter must clear. One backbone and one augmenter per run; ``--key=value`` overrides any key (e.g.
-``--x0_scale=raw --clip_x0=False --augmenter_steps=~ --augmenter_epochs=100`` for the augmenter before the
+``--x0_scale=raw --clip_x0=False --augmenter_train_steps=~ --augmenter_epochs=100`` for the augmenter before the
 scale fix).
 
     python benchmarks/diffuasr_fidelity.py --dataset ml-100k --preset properties/bench/diffuasr_ml-100k.yaml \
         [--guide cf] [--seed 2020] [--key=value ...] [--out results.json]
 """
+
 import argparse
 
 import torch
 import torch.nn.functional as F
-
 from common import build, report
 from diffuasr_samplers import overrides
 
@@ -47,13 +47,16 @@ def generate_from_raw(trainer, sequences, users, batch=256, exclude=False):
     generator = torch.Generator().manual_seed(int(c["seed"]))
     out, stds = [], []
     for lo in range(0, len(users), batch):
-        b = users[lo:lo + batch]
+        b = users[lo : lo + batch]
         flat, offsets = sequences.bags(b, start=model.m)
         cond = aug.condition(flat, offsets)
-        log_prob = model.first_item_log_prob(sequences.heads(b, model.m + 1)[:, model.m]) if c["guide"] == "cg" else None
+        log_prob = (
+            model.first_item_log_prob(sequences.heads(b, model.m + 1)[:, model.m]) if c["guide"] == "cg" else None
+        )
         with torch.enable_grad():
-            x0 = aug.sample(cond, float(c["gamma"]), c["sampler"], c["sample_steps"], float(c["eta"]), log_prob,
-                            generator)
+            x0 = aug.sample(
+                cond, float(c["guidance_scale"]), c["sampler"], c["sample_steps"], float(c["eta"]), log_prob, generator
+            )
         stds.append(x0.std().item())
         out.append(model.round(x0, history_mask(sequences, b, model.n_items, start=model.m) if exclude else None))
     return torch.cat(out), sum(stds) / len(stds)
@@ -63,22 +66,24 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--backbone", default="SASRec")
-    parser.add_argument("--preset", default=None, help="take the shared keys of a bench preset (e.g. the DiffuASR grid)")
+    parser.add_argument(
+        "--preset", default=None, help="take the shared keys of a bench preset (e.g. the DiffuASR grid)"
+    )
     parser.add_argument("--guide", default="cf")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--work", default=None, help="checkpoints (default: a new folder)")
     parser.add_argument("--out", default=None)
     args, extra = parser.parse_known_args()
 
+    from recbole_diff import get_trainer
     from recbole_diff.data.augment import augmenter_users, training_sequences
-    from recbole_diff.utils import get_trainer
 
     keys = overrides(args, extra)
     config, model, train, valid, _ = build("DiffuASR", args.dataset, backbone=args.backbone, **keys)
     trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
-    trainer.prepare_backbone(train, valid, verbose=False, saved=True)
+    trainer.run_stage("backbone", train, valid, verbose=False, saved=True)
     sequences = training_sequences(train.dataset)
-    trainer.train_augmenter(sequences)
+    trainer.run_stage("augmenter", train, valid, verbose=False, saved=False)
     users = augmenter_users(sequences, model.m, int(config["augmenter_min_raw"]))
     real = sequences.heads(users, model.m)
     table = model.augmenter.embedding.weight.detach()
@@ -89,14 +94,29 @@ def main():
     counts = torch.bincount(sequences.bags(torch.arange(len(sequences.lengths)))[0], minlength=model.n_items).float()
     counts[0] = 0
     popular = torch.multinomial(counts, real.numel(), replacement=True, generator=gen).view(real.shape)
-    keys_shown = ("guide", "gamma", "M", "sampler", "sample_steps", "x0_scale", "clip_x0", "augmenter_steps",
-                  "augmenter_epochs")
-    out = {"dataset": args.dataset, "backbone": args.backbone, "seed": args.seed, "users": len(users),
-           "config": {k: config[k] for k in keys_shown},
-           "augmenter_seconds": trainer.info["augmenter_seconds"],
-           "augmenter_final_loss": trainer.info["augmenter_final_loss"],
-           "diffusion": dict(closeness(generated, real, table), x0_std=x0_std),
-           "uniform": closeness(uniform, real, table), "popularity": closeness(popular, real, table)}
+    keys_shown = (
+        "guide",
+        "guidance_scale",
+        "M",
+        "sampler",
+        "sample_steps",
+        "x0_scale",
+        "clip_x0",
+        "augmenter_train_steps",
+        "augmenter_epochs",
+    )
+    out = {
+        "dataset": args.dataset,
+        "backbone": args.backbone,
+        "seed": args.seed,
+        "users": len(users),
+        "config": {k: config[k] for k in keys_shown},
+        "augmenter_seconds": trainer.info["augmenter_seconds"],
+        "augmenter_final_loss": trainer.info["augmenter_final_loss"],
+        "diffusion": dict(closeness(generated, real, table), x0_std=x0_std),
+        "uniform": closeness(uniform, real, table),
+        "popularity": closeness(popular, real, table),
+    }
     report(out, args.out)
 
 

@@ -7,12 +7,12 @@ the gain from trimming padding (length groups, default; one cut per batch; none)
 batch 512, one thread) for each ``--sample_steps``, against the authors' 58 CPU-s per 1,000 users (17.2 users/s;
 the target is 5x that).
 """
+
 import argparse
 import json
 import time
 
 import torch
-
 from common import build, report, train_throughput
 
 MODELS = ["SASRec", "DiffuRec", "DiffuRecSys"]
@@ -69,14 +69,16 @@ def trim_comparison(model, train_loader, test_loader, batches, rounds=3):
             seconds[name][1] += time.perf_counter() - start
     n_train = rounds * sum(len(b) for b in train_batches)
     n_test = rounds * sum(len(b) for b in test_batches)
-    return {name: {"train_seq_per_s": n_train / tr, "infer_users_per_s": n_test / te}
-            for name, (tr, te) in seconds.items()}
+    return {
+        name: {"train_seq_per_s": n_train / tr, "infer_users_per_s": n_test / te} for name, (tr, te) in seconds.items()
+    }
 
 
 def authors_settings(args):
     """users/s at the authors' settings for each number of reverse steps, the same batches for all."""
-    _, model, _, _, test = build("DiffuRec", args.dataset, hidden_size=128, MAX_ITEM_LIST_LENGTH=50,
-                                 train_batch_size=512, eval_batch_size=512)
+    _, model, _, _, test = build(
+        "DiffuRec", args.dataset, hidden_size=128, MAX_ITEM_LIST_LENGTH=50, train_batch_size=512, eval_batch_size=512
+    )
     authors = 1000.0 / AUTHORS_CPU_S_PER_1K_USERS
     rows = {}
     for steps in args.sample_steps:
@@ -100,20 +102,28 @@ def main():
     args = parser.parse_args()
     if args.authors:
         return authors_settings(args)
-    common = dict(MAX_ITEM_LIST_LENGTH=args.length, hidden_size=args.hidden, train_batch_size=args.batch,
-                  eval_batch_size=args.batch, n_heads=2)
+    common = dict(
+        MAX_ITEM_LIST_LENGTH=args.length,
+        hidden_size=args.hidden,
+        train_batch_size=args.batch,
+        eval_batch_size=args.batch,
+        n_heads=2,
+    )
     rows = {}
     for model_name in MODELS:
         keys = dict(common)
         if model_name == "SASRec":
             keys.update(n_layers=2, inner_size=4 * args.hidden)
         _, model, train, _, test = build(model_name, args.dataset, **keys)
-        rows[model_name] = {"train_seq_per_s": train_throughput(model, train, args.batches, warmup=2),
-                            "infer_users_per_s": infer_rate(model, test, max(2, args.batches // 3))}
+        rows[model_name] = {
+            "train_seq_per_s": train_throughput(model, train, args.batches, warmup=2),
+            "infer_users_per_s": infer_rate(model, test, max(2, args.batches // 3)),
+        }
         print(model_name, json.dumps(rows[model_name]), flush=True)
     _, model, train, _, test = build("DiffuRec", args.dataset, **common)
     rows["DiffuRec padding variants (same batches, interleaved)"] = trim = trim_comparison(
-        model, train, test, args.batches)
+        model, train, test, args.batches
+    )
     print(json.dumps(trim), flush=True)
     base = trim["untrimmed"]
     rows["trim_gain_train"] = trim["length_groups"]["train_seq_per_s"] / base["train_seq_per_s"]

@@ -7,12 +7,12 @@ inference, for the ancestral and DDIM samplers, and each setting's users/s; the 
 Training uses the model's yaml defaults (plus ``--set key=value`` overrides) for ``--epochs`` epochs without
 validation; each evaluation ranks every item for each validation user, as RecBole's full sort does.
 """
+
 import argparse
 import math
 import time
 
 import torch
-
 from common import build, report
 
 
@@ -85,14 +85,20 @@ def main():
             rows.append(row)
             print(row, flush=True)
     reference = next(r for r in rows if r["sampler"] == "ancestral" and r["steps"] == full)
-    within = [r["steps"] for r in rows if r["sampler"] == "ancestral"
-              and r["NDCG@10"] >= 0.99 * reference["NDCG@10"]]
-    out = dict(vars(args), config={k: config[k] for k in ("hidden_size", "n_blocks", "MAX_ITEM_LIST_LENGTH",
-                                                          "train_batch_size", "diffusion_steps", "seed")},
-               training_seconds=time.perf_counter() - start, rows=rows,
-               fewest_ancestral_steps_within_1pct=min(within) if within else None,
-               ndcg_standard_error_full=math.sqrt(max(reference["NDCG@10"] * (1 - reference["NDCG@10"]), 0)
-                                                  / reference["users"]))
+    within = [r["steps"] for r in rows if r["sampler"] == "ancestral" and r["NDCG@10"] >= 0.99 * reference["NDCG@10"]]
+    out = dict(
+        vars(args),
+        config={
+            k: config[k]
+            for k in ("hidden_size", "n_blocks", "MAX_ITEM_LIST_LENGTH", "train_batch_size", "diffusion_steps", "seed")
+        },
+        training_seconds=time.perf_counter() - start,
+        rows=rows,
+        fewest_ancestral_steps_within_1pct=min(within) if within else None,
+        ndcg_standard_error_full=math.sqrt(
+            max(reference["NDCG@10"] * (1 - reference["NDCG@10"]), 0) / reference["users"]
+        ),
+    )
     report(out, args.out)
 
 

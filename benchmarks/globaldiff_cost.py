@@ -5,14 +5,15 @@ the ensemble's time is reported on its own.
 
     python benchmarks/globaldiff_cost.py --dataset sports [--batches 20]
 """
+
 import argparse
 import json
 import time
 import tracemalloc
 
 import torch
-
 from common import build, report, train_throughput
+
 from recbole_diff.data.globaldiff import ItemSimilarity, training_pairs
 from recbole_diff.model.plugin.globaldiff import borda_fuse
 
@@ -26,7 +27,7 @@ def similarity_cost(model, train, kind, **kwargs):
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    return {"seconds": seconds, "peak_mb": peak / 2 ** 20, "stored_mb": sim.nbytes() / 2 ** 20}
+    return {"seconds": seconds, "peak_mb": peak / 2**20, "stored_mb": sim.nbytes() / 2**20}
 
 
 @torch.no_grad()
@@ -56,8 +57,12 @@ def borda_seconds(batch, n_items, repeats=3):
             fn()
         return (time.perf_counter() - start) / repeats
 
-    return {"ours": timed(lambda: borda_fuse(y, x, 0.5)),
-            "two_torch_stable_sorts": timed(lambda: [torch.argsort(v, dim=1, descending=True, stable=True) for v in (y, x)])}
+    return {
+        "ours": timed(lambda: borda_fuse(y, x, 0.5)),
+        "two_torch_stable_sorts": timed(
+            lambda: [torch.argsort(v, dim=1, descending=True, stable=True) for v in (y, x)]
+        ),
+    }
 
 
 def main():
@@ -86,18 +91,25 @@ def main():
     out["eval"]["backbone_users_per_s"] = users / base
     out["eval"]["borda_seconds_per_batch"] = borda_seconds(args.eval_batch, model.n_items)
     out["eval"]["backbone_seconds_per_batch"] = base / args.batches
-    for label, approximator, steps in [("unet_T20", "unet", None), ("unet_5_steps", "unet", 5),
-                                       ("unet_1_step", "unet", 1), ("mlp_T20", "mlp", None),
-                                       ("mlp_5_steps", "mlp", 5), ("mlp_2_steps", "mlp", 2)]:
-        _, model, train, _, test = build("GlobalDiff", args.dataset, approximator=approximator,
-                                         sample_steps=steps, **keys)
+    for label, approximator, steps in [
+        ("unet_T20", "unet", None),
+        ("unet_5_steps", "unet", 5),
+        ("unet_1_step", "unet", 1),
+        ("mlp_T20", "mlp", None),
+        ("mlp_5_steps", "mlp", 5),
+        ("mlp_2_steps", "mlp", 2),
+    ]:
+        _, model, train, _, test = build(
+            "GlobalDiff", args.dataset, approximator=approximator, sample_steps=steps, **keys
+        )
         model.build_training_data(train)
         ensemble, _ = eval_seconds(model, test, args.batches, "ensemble")
         out["eval"][label] = {"ensemble_over_backbone": ensemble / base, "users_per_s": users / ensemble}
         if steps is None:
             model.freeze_backbone()
             out["diffusion_train_samples_per_s"][approximator] = train_throughput(
-                model, loader, args.batches, model.diffusion_parameters(), optimizer=torch.optim.AdamW)
+                model, loader, args.batches, model.diffusion_parameters(), optimizer=torch.optim.AdamW
+            )
         print(label, json.dumps(out["eval"][label]), flush=True)
     report(out, args.out)
 

@@ -6,11 +6,11 @@ settings, so one trained model answers.
 
     python benchmarks/globaldiff_fusion.py <saved GlobalDiff .pth> [--users 5000] [--steps 5 2 1] [--out results.json]
 """
+
 import argparse
 import time
 
 import torch
-
 from common import report
 
 
@@ -27,8 +27,12 @@ def timed_eval(trainer, data, model, mode, fusion_k="keep", x0_norm=None):
             seconds = time.perf_counter() - start
     finally:
         model.fusion_k, model.x0_norm = saved_k, saved_norm
-    return {"result": dict(result), "seconds": seconds, "users": len(data.dataset),
-            "fallback_rows": model.fusion_fallbacks}
+    return {
+        "result": dict(result),
+        "seconds": seconds,
+        "users": len(data.dataset),
+        "fallback_rows": model.fusion_fallbacks,
+    }
 
 
 def main():
@@ -39,17 +43,24 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
+    from recbole_diff import get_trainer
     from recbole_diff.quick_start import load_data_and_model
     from recbole_diff.trainer.globaldiff import validation_subset
-    from recbole_diff.utils import get_trainer
 
     config, model, dataset, train, valid, test = load_data_and_model(args.checkpoint)
     torch.set_num_threads(1)
     valid, test = (validation_subset(d, args.users, config["seed"]) for d in (valid, test))
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
-    out = {"checkpoint": args.checkpoint, "dataset": str(config["dataset"]), "n_items": int(model.n_items),
-           "fusion_k": model.fusion_k, "fusion_candidates": model.fusion_candidates,
-           "sample_steps": config["sample_steps"], "approximator": config["approximator"], "x0_norm": model.x0_norm}
+    out = {
+        "checkpoint": args.checkpoint,
+        "dataset": str(config["dataset"]),
+        "n_items": int(model.n_items),
+        "fusion_k": model.fusion_k,
+        "fusion_candidates": model.fusion_candidates,
+        "sample_steps": config["sample_steps"],
+        "approximator": config["approximator"],
+        "x0_norm": model.x0_norm,
+    }
     with torch.no_grad():
         for name, data in (("valid", valid), ("test", test)):
             part = out[name] = {}
@@ -58,15 +69,20 @@ def main():
             part["ensemble_topk_fusion"] = timed_eval(trainer, data, model, "ensemble")
             part["ensemble_full_borda"] = timed_eval(trainer, data, model, "ensemble", fusion_k=None)
             if part["ensemble_topk_fusion"]["result"] != part["ensemble_full_borda"]["result"]:
-                raise SystemExit(f"{name}: the top-k fusion changed the metrics: "
-                                 f"{part['ensemble_topk_fusion']['result']} vs {part['ensemble_full_borda']['result']}")
+                raise SystemExit(
+                    f"{name}: the top-k fusion changed the metrics: "
+                    f"{part['ensemble_topk_fusion']['result']} vs {part['ensemble_full_borda']['result']}"
+                )
             base = part["backbone"]["seconds"]
-            part["ensemble_over_backbone"] = {"topk_fusion": part["ensemble_topk_fusion"]["seconds"] / base,
-                                              "full_borda": part["ensemble_full_borda"]["seconds"] / base,
-                                              "diffusion_only": part["diffusion_only"]["seconds"] / base}
+            part["ensemble_over_backbone"] = {
+                "topk_fusion": part["ensemble_topk_fusion"]["seconds"] / base,
+                "full_borda": part["ensemble_full_borda"]["seconds"] / base,
+                "diffusion_only": part["diffusion_only"]["seconds"] / base,
+            }
             print(name, part["ensemble_over_backbone"], flush=True)
-        out["valid"]["x0_norm"] = {norm: timed_eval(trainer, valid, model, "ensemble", x0_norm=norm)["result"]
-                                   for norm in ("l1", "softmax")}
+        out["valid"]["x0_norm"] = {
+            norm: timed_eval(trainer, valid, model, "ensemble", x0_norm=norm)["result"] for norm in ("l1", "softmax")
+        }
         out["valid"]["sample_steps"] = {}
         base = out["valid"]["backbone"]["seconds"]
         for steps in args.steps:

@@ -11,6 +11,7 @@ so one trained model serves every setting:
 
     python benchmarks/globaldiff_inference.py --dataset ml-100k [--steps 20 5 2 1] [--out results.json]
 """
+
 import argparse
 import time
 
@@ -20,12 +21,16 @@ from common import dataset_kwargs, report
 def trained(approximator, keys, backbone_checkpoint=None):
     from recbole.utils import init_seed
 
+    from recbole_diff import get_model, get_trainer
     from recbole_diff.quick_start import build_config, prepare_data
-    from recbole_diff.utils import get_model, get_trainer
 
-    config = build_config("GlobalDiff", keys["dataset"], None,
-                          dict(keys["config"], approximator=approximator, backbone_checkpoint=backbone_checkpoint),
-                          cmd_line=False)
+    config = build_config(
+        "GlobalDiff",
+        keys["dataset"],
+        None,
+        dict(keys["config"], approximator=approximator, backbone_checkpoint=backbone_checkpoint),
+        cmd_line=False,
+    )
     init_seed(config["seed"], config["reproducibility"])
     _, train, valid, test = prepare_data(config)
     init_seed(config["seed"], config["reproducibility"])
@@ -57,8 +62,13 @@ def tuned(trainer, valid, test, gammas, steps):
     x0_norm, gamma = best.split("/gamma=")
     _, test_result = timed_evaluate(trainer, test, "ensemble", steps, float(gamma), x0_norm)
     _, backbone_valid = timed_evaluate(trainer, valid, "backbone")
-    return {"valid_" + metric: scores, "backbone_valid_" + metric: backbone_valid[metric], "best": best,
-            "steps": steps, "test": test_result}
+    return {
+        "valid_" + metric: scores,
+        "backbone_valid_" + metric: backbone_valid[metric],
+        "best": best,
+        "steps": steps,
+        "test": test_result,
+    }
 
 
 def main():
@@ -72,17 +82,30 @@ def main():
     parser.add_argument("--tune_steps", type=int, default=None, help="reverse steps while tuning (default all)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    config = dict(dataset_kwargs(args.dataset), MAX_ITEM_LIST_LENGTH=10, hidden_size=64, inner_size=256,
-                  hidden_dropout_prob=0.2, attn_dropout_prob=0.2, train_batch_size=512, eval_batch_size=1024,
-                  epochs=args.epochs, stopping_step=2, diffusion_epochs=args.diffusion_epochs,
-                  metrics=["Hit", "NDCG"], topk=[10, 20], valid_metric="NDCG@10", show_progress=False,
-                  checkpoint_dir="saved/globaldiff_steps")
+    config = dict(
+        dataset_kwargs(args.dataset),
+        MAX_ITEM_LIST_LENGTH=10,
+        hidden_size=64,
+        inner_size=256,
+        hidden_dropout_prob=0.2,
+        attn_dropout_prob=0.2,
+        train_batch_size=512,
+        eval_batch_size=1024,
+        epochs=args.epochs,
+        stopping_step=2,
+        diffusion_epochs=args.diffusion_epochs,
+        metrics=["Hit", "NDCG"],
+        topk=[10, 20],
+        valid_metric="NDCG@10",
+        show_progress=False,
+        checkpoint_dir="saved/globaldiff_steps",
+    )
     keys = {"dataset": args.dataset, "config": config}
     out = {"dataset": args.dataset, "settings": config, "runs": {}}
     backbone_checkpoint = None
     for approximator in args.approximators:
         trainer, valid, test = trained(approximator, keys, backbone_checkpoint)
-        backbone_checkpoint = trainer.backbone_checkpoint
+        backbone_checkpoint = trainer.checkpoints["backbone"]
         base, base_result = timed_evaluate(trainer, test, "backbone")
         runs = {"backbone": {"seconds": base, "test": base_result}}
         for steps in args.steps:

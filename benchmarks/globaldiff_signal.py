@@ -15,10 +15,10 @@ with each input taken from another user (the batch rolled by one) while the othe
 ``--y-forms`` probes the same trained model with each form of y (an inference setting), and ``--evaluate``
 adds the test HR@10 / NDCG@10 of the ensemble and of the diffusion model alone under each.
 """
+
 import argparse
 
 import torch
-
 from common import report
 
 
@@ -46,10 +46,13 @@ def probe(model, inter, popular):
         logits = logits.masked_fill(model._history_mask(inter[model.ITEM_SEQ], logits.shape[1]), float("-inf"))
     pop = torch.zeros_like(own, dtype=torch.bool)
     pop[:, popular] = True
-    return {"y_swap_top10": shared_top(own, other_y), "cond_swap_top10": shared_top(own, other_c),
-            "users_top10": shared_top(own, own.roll(1, dims=0)),
-            "ensemble_vs_backbone_top10": shared_top(fused, logits),
-            "popularity_top10": pop.gather(1, own.topk(10, dim=1).indices).float().mean().item()}
+    return {
+        "y_swap_top10": shared_top(own, other_y),
+        "cond_swap_top10": shared_top(own, other_c),
+        "users_top10": shared_top(own, own.roll(1, dims=0)),
+        "ensemble_vs_backbone_top10": shared_top(fused, logits),
+        "popularity_top10": pop.gather(1, own.topk(10, dim=1).indices).float().mean().item(),
+    }
 
 
 def measure(model, test, popular, batches):
@@ -62,7 +65,7 @@ def measure(model, test, popular, batches):
 
 
 def evaluate(config, model, test):
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     out = {}
@@ -98,10 +101,15 @@ def main():
         out[f"y_form={form}"] = measure(model, test, popular, args.batches)
         if args.evaluate:
             out[f"y_form={form}"].update(evaluate(config, model, test))
-    out.update(checkpoint=args.checkpoint, batches=min(args.batches, len(test)),
-               config={k: config[k] for k in ("diffusion_loss", "y_form", "y_scale", "x0_norm", "guidance",
-                                              "approximator", "noise_max")},
-               users=sum(len(b[0]) for i, b in zip(range(args.batches), test)))
+    out.update(
+        checkpoint=args.checkpoint,
+        batches=min(args.batches, len(test)),
+        config={
+            k: config[k]
+            for k in ("diffusion_loss", "y_form", "y_scale", "x0_norm", "guidance", "approximator", "noise_max")
+        },
+        users=sum(len(b[0]) for i, b in zip(range(args.batches), test)),
+    )
     report(out, args.out)
 
 

@@ -6,10 +6,10 @@ the items scored strictly higher.
 
     python benchmarks/globaldiff_x0norm.py <saved GlobalDiff .pth> [--batches 8] [--out results.json]
 """
+
 import argparse
 
 import torch
-
 from common import report
 
 
@@ -36,16 +36,20 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
+    from recbole_diff import get_trainer
     from recbole_diff.quick_start import load_data_and_model
-    from recbole_diff.utils import get_trainer
 
     config, model, _, _, valid, _ = load_data_and_model(args.checkpoint)
     model.eval()
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     trainer.tot_item_num = valid._dataset.item_num
     out = {"checkpoint": args.checkpoint}
-    for mode, norm in (("backbone", "softmax"), ("ensemble", "softmax"), ("ensemble", "l1"),
-                       ("diffusion_only", "softmax")):
+    for mode, norm in (
+        ("backbone", "softmax"),
+        ("ensemble", "softmax"),
+        ("ensemble", "l1"),
+        ("diffusion_only", "softmax"),
+    ):
         model.x0_norm = norm
         with model.evaluating(mode):
             out[f"{mode}-{norm}"] = top10(trainer, model, valid, args.batches)

@@ -13,6 +13,7 @@ fatal, and the timed loops run without the debug mode. Results: training rows/s,
 each model's device/CPU ratios. ``--budget_s`` skips what would start after that many seconds, so the whole
 script stays inside a short GPU loan (the defaults take a few minutes on one H100).
 """
+
 import argparse
 import os
 import platform
@@ -20,16 +21,35 @@ import time
 import traceback
 
 import torch
-
 from common import dataset_kwargs, report
 
 SEQUENTIAL = ("SASRec", "DiffuRec", "DiffuRecSys")
 PLUGINS = ("GlobalDiff", "PDRec", "DiffuASR")
 # one epoch for every stage of a plugin's pipeline
-ONE_EPOCH = {"epochs": 1, "diffusion_epochs": 1, "tidiffrec_epochs": 1, "augmenter_epochs": 1, "augmenter_steps": None}
-SMALL = {"hidden_size": 16, "inner_size": 32, "embedding_size": 16, "n_layers": 1, "n_heads": 1, "n_blocks": 1,
-         "MAX_ITEM_LIST_LENGTH": 10, "train_batch_size": 64, "eval_batch_size": 64, "diffusion_embedding_size": 16,
-         "unet_channels": [8, 16, 16], "M": 3, "sample_steps": 4, "dims_dnn": [32], "tidiffrec": {"dims_dnn": [32]}}
+ONE_EPOCH = {
+    "epochs": 1,
+    "diffusion_epochs": 1,
+    "tidiffrec_epochs": 1,
+    "augmenter_epochs": 1,
+    "augmenter_train_steps": None,
+}
+SMALL = {
+    "hidden_size": 16,
+    "inner_size": 32,
+    "embedding_size": 16,
+    "n_layers": 1,
+    "n_heads": 1,
+    "n_blocks": 1,
+    "MAX_ITEM_LIST_LENGTH": 10,
+    "train_batch_size": 64,
+    "eval_batch_size": 64,
+    "diffusion_embedding_size": 16,
+    "unet_channels": [8, 16, 16],
+    "M": 3,
+    "sample_steps": 4,
+    "dims_dnn": [32],
+    "tidiffrec": {"dims_dnn": [32]},
+}
 
 
 def sync_check(device, fn):
@@ -57,11 +77,17 @@ def build(model_name, args, device):
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed
 
+    from recbole_diff import get_model
     from recbole_diff.config import Config
-    from recbole_diff.utils import get_model
 
-    overrides = dict(dataset_kwargs(args.dataset), show_progress=False, state="ERROR", device=str(device),
-                     use_gpu=device.type == "cuda", checkpoint_dir=os.path.join(args.work, "saved"))
+    overrides = dict(
+        dataset_kwargs(args.dataset),
+        show_progress=False,
+        state="ERROR",
+        device=str(device),
+        use_gpu=device.type == "cuda",
+        checkpoint_dir=os.path.join(args.work, "saved"),
+    )
     if args.data_path:
         overrides["data_path"] = args.data_path
     if model_name in PLUGINS:
@@ -97,12 +123,16 @@ def train_sequential(model, config, train, device, batches):
         rows += len(inter)
     wait(device)
     seconds = time.perf_counter() - start
-    return {"train_rows": rows, "train_seconds": seconds, "train_rows_per_s": rows / max(seconds, 1e-9),
-            "train_sync_check": check}
+    return {
+        "train_rows": rows,
+        "train_seconds": seconds,
+        "train_rows_per_s": rows / max(seconds, 1e-9),
+        "train_sync_check": check,
+    }
 
 
 def train_plugin(model, config, train, valid, device):
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     start = time.perf_counter()
@@ -110,8 +140,12 @@ def train_plugin(model, config, train, valid, device):
     wait(device)
     seconds = time.perf_counter() - start
     rows = len(train.dataset)
-    return {"train_rows": rows, "train_seconds": seconds, "train_rows_per_s": rows / max(seconds, 1e-9),
-            "train_sync_check": "not checked (trained through its trainer, whose loop reads losses on the host)"}
+    return {
+        "train_rows": rows,
+        "train_seconds": seconds,
+        "train_rows_per_s": rows / max(seconds, 1e-9),
+        "train_sync_check": "not checked (trained through its trainer, whose loop reads losses on the host)",
+    }
 
 
 @torch.no_grad()
@@ -128,8 +162,12 @@ def evaluate(model, test, device, max_users=0):
             break
     wait(device)
     seconds = time.perf_counter() - start
-    return {"eval_users": users, "eval_seconds": seconds, "users_per_s": users / max(seconds, 1e-9),
-            "eval_sync_check": check}
+    return {
+        "eval_users": users,
+        "eval_seconds": seconds,
+        "users_per_s": users / max(seconds, 1e-9),
+        "eval_sync_check": check,
+    }
 
 
 def run_model(name, args, device):
@@ -143,7 +181,7 @@ def run_model(name, args, device):
         row = train_plugin(model, config, train, valid, device)
     row.update(evaluate(model, test, device, args.eval_users))
     if device.type == "cuda":
-        row["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        row["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return row
 
 
@@ -180,21 +218,31 @@ def main():
             try:
                 results[d.type][name] = run_model(name, args, d)
             except Exception as error:  # one model's failure must not lose the others' figures
-                results[d.type][name] = {"error": f"{type(error).__name__}: {error}",
-                                         "trace": traceback.format_exc(limit=-4)}
+                results[d.type][name] = {
+                    "error": f"{type(error).__name__}: {error}",
+                    "trace": traceback.format_exc(limit=-4),
+                }
             print(d.type, name, results[d.type][name], flush=True)
     ratios = {}
     if len(devices) == 2:
         for name, row in results[device.type].items():
             cpu = results["cpu"].get(name, {})
             if "users_per_s" in row and "users_per_s" in cpu:
-                ratios[name] = {"train_rows_per_s": row["train_rows_per_s"] / cpu["train_rows_per_s"],
-                                "users_per_s": row["users_per_s"] / cpu["users_per_s"]}
-    env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_threads": args.cpu_threads,
-           "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None}
+                ratios[name] = {
+                    "train_rows_per_s": row["train_rows_per_s"] / cpu["train_rows_per_s"],
+                    "users_per_s": row["users_per_s"] / cpu["users_per_s"],
+                }
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": args.cpu_threads,
+        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    report(dict(vars(args), env=env, seconds=time.perf_counter() - start, results=results,
-                device_over_cpu=ratios), args.out)
+    report(
+        dict(vars(args), env=env, seconds=time.perf_counter() - start, results=results, device_over_cpu=ratios),
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -8,17 +8,18 @@ Preference cost does not depend on how well TI-DiffRec is trained, so an untrain
 (``dims_dnn: [1000]``) is used. The one-user loop runs over the first ``--loop-users`` users only and is
 reported as users/s. Peak memory is the kernel's resident-set peak over each step (Linux).
 """
+
 import argparse
 import time
 from contextlib import contextmanager
 
 import torch
-
 from common import build, report, train_throughput
+
+from recbole_diff import get_model
 from recbole_diff.config import stage_config
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import TrainingItems, compute_preference_store
-from recbole_diff.utils import get_model
 
 
 def _status_mb(field):
@@ -46,14 +47,20 @@ def peak_rss(out, key):
 
 
 def stage2(tidiffrec, training, users, batch_size, args):
-    sub = TrainingItems(users, training.n_items, training.offsets[:users + 1], training.items[:int(training.offsets[users])])
+    sub = TrainingItems(
+        users, training.n_items, training.offsets[: users + 1], training.items[: int(training.offsets[users])]
+    )
     start = time.perf_counter()
     store = compute_preference_store(tidiffrec.preferences, sub, args.m, 0.5, batch_size=batch_size)
     seconds = time.perf_counter() - start
     # the chunk's transient tensors: scores, masked scores (float32), argsort (int64), mask (bool)
     working = batch_size * training.n_items * (4 + 4 + 8 + 1)
-    return store, {"users": users, "seconds": seconds, "users_per_s": users / seconds,
-                   "chunk_working_mb": working / 2 ** 20}
+    return store, {
+        "users": users,
+        "seconds": seconds,
+        "users_per_s": users / seconds,
+        "chunk_working_mb": working / 2**20,
+    }
 
 
 def main():
@@ -69,8 +76,14 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    common = dict(backbone=args.backbone, MAX_ITEM_LIST_LENGTH=args.max_len, hidden_size=64, embedding_size=64,
-                  train_batch_size=256, dpa_m=args.m)
+    common = dict(
+        backbone=args.backbone,
+        MAX_ITEM_LIST_LENGTH=args.max_len,
+        hidden_size=64,
+        embedding_size=64,
+        train_batch_size=256,
+        dpa_m=args.m,
+    )
     config, model, train, _, _ = build("PDRec", args.dataset, **common)
     ds = train.dataset
     sub = stage_config(config, "TIDiffRec", {"dims_dnn": [args.dims], "mask_history": True})
@@ -78,18 +91,24 @@ def main():
     tidiffrec = get_model("TIDiffRec")(sub, ds).eval()
     users, items = training_interactions(ds)
     training = TrainingItems.from_pairs(users, items, ds.user_num, ds.item_num)
-    out = {"dataset": args.dataset, "users": ds.user_num, "items": ds.item_num, "dims_dnn": args.dims,
-           "m": args.m, "threads": torch.get_num_threads()}
+    out = {
+        "dataset": args.dataset,
+        "users": ds.user_num,
+        "items": ds.item_num,
+        "dims_dnn": args.dims,
+        "m": args.m,
+        "threads": torch.get_num_threads(),
+    }
 
     with torch.no_grad():
         loop_store, out["one_user_loop"] = stage2(tidiffrec, training, args.loop_users, 1, args)
         with peak_rss(out, "batched_peak_rss_mb"):
             store, out["batched"] = stage2(tidiffrec, training, ds.user_num, args.chunk, args)
     out["batched_vs_loop"] = out["batched"]["users_per_s"] / out["one_user_loop"]["users_per_s"]
-    same = torch.equal(loop_store.topm, store.topm[:args.loop_users])
+    same = torch.equal(loop_store.topm, store.topm[: args.loop_users])
     out["loop_and_batched_agree"] = bool(same)
-    out["store_mb"] = store.nbytes() / 2 ** 20
-    out["dense_matrix_mb"] = ds.user_num * ds.item_num * 4 / 2 ** 20
+    out["store_mb"] = store.nbytes() / 2**20
+    out["dense_matrix_mb"] = ds.user_num * ds.item_num * 4 / 2**20
     out["authors_two_dense_matrices_mb"] = 2 * out["dense_matrix_mb"]
     with peak_rss(out, "dense_matrix_peak_rss_mb"):  # what keeping every user's preferences takes, measured
         dense = torch.ones(ds.user_num, ds.item_num)

@@ -7,17 +7,18 @@ pool))) or the chunks' transients (O(chunk x items)), and how much is the C allo
 Each size runs stage 2 over the first N users (an untrained TI-DiffRec of the authors' size, as in
 ``pdrec_cost.py``) and reports the kernel's resident peak above where the process stood before it.
 """
+
 import argparse
 import os
 
 import torch
-
 from common import build, report
 from pdrec_cost import peak_rss
+
+from recbole_diff import get_model
 from recbole_diff.config import stage_config
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import TrainingItems, compute_preference_store
-from recbole_diff.utils import get_model
 
 
 def main():
@@ -34,14 +35,21 @@ def main():
     torch.manual_seed(0)
     tidiffrec = get_model("TIDiffRec")(sub, ds).eval()
     training = TrainingItems.from_pairs(*training_interactions(ds), ds.user_num, ds.item_num)
-    out = {"dataset": args.dataset, "items": ds.item_num, "chunk": args.chunk,
-           "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "peak_rss_mb": {}}
+    out = {
+        "dataset": args.dataset,
+        "items": ds.item_num,
+        "chunk": args.chunk,
+        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "peak_rss_mb": {},
+    }
     with torch.no_grad():
         for n in args.users:
-            part = TrainingItems(n, training.n_items, training.offsets[:n + 1], training.items[:int(training.offsets[n])])
+            part = TrainingItems(
+                n, training.n_items, training.offsets[: n + 1], training.items[: int(training.offsets[n])]
+            )
             with peak_rss(out["peak_rss_mb"], str(n)):
                 store = compute_preference_store(tidiffrec.preferences, part, 50, 0.5, batch_size=args.chunk)
-            out.setdefault("store_mb", {})[str(n)] = store.nbytes() / 2 ** 20
+            out.setdefault("store_mb", {})[str(n)] = store.nbytes() / 2**20
     report(out, args.out)
 
 

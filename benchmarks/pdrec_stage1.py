@@ -12,12 +12,12 @@ training split, checked at several epochs for what PDRec reads from it:
 
     python benchmarks/pdrec_stage1.py --dataset ml-100k --lr 5e-5 --checks 20,60,150,300,600 [--out f.json]
 """
+
 import argparse
 import time
 
 import numpy as np
 import torch
-
 from common import build, report
 
 
@@ -82,7 +82,7 @@ def per_user_spearman_rows(a, b):
     rb = rankdata(b[1:])
     ra -= ra.mean(1, keepdims=True)
     rb = rb - rb.mean()
-    return (ra @ rb) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum())
+    return (ra @ rb) / np.sqrt((ra**2).sum(1) * (rb**2).sum())
 
 
 def main():
@@ -98,14 +98,22 @@ def main():
     from recbole.data.dataloader import UserDataLoader
     from recbole.utils import ModelType
 
+    from recbole_diff import get_model, get_trainer
     from recbole_diff.config import stage_config
     from recbole_diff.data.interactions import training_interactions
-    from recbole_diff.utils import get_model, get_trainer
 
     uni100 = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni100"}
-    config, _, train, valid, _ = build("PDRec", args.dataset, backbone="SASRec", MAX_ITEM_LIST_LENGTH=20,
-                                       eval_args=uni100, metrics=["Hit", "NDCG"], topk=[10], valid_metric="NDCG@10",
-                                       seed=args.seed)
+    config, _, train, valid, _ = build(
+        "PDRec",
+        args.dataset,
+        backbone="SASRec",
+        MAX_ITEM_LIST_LENGTH=20,
+        eval_args=uni100,
+        metrics=["Hit", "NDCG"],
+        topk=[10],
+        valid_metric="NDCG@10",
+        seed=args.seed,
+    )
     sub = stage_config(config, "TIDiffRec", {"mask_history": True, "learning_rate": args.lr})
     ds = train.dataset
     torch.manual_seed(args.seed)
@@ -124,10 +132,15 @@ def main():
     popularity = np.bincount(items, minlength=ds.item_num).astype(np.float64)
     negatives = sample_negatives(users, items, next_users, next_items, ds.item_num, seed=args.seed)
     pop_scores = np.tile(popularity, (ds.user_num, 1))
-    out = {"dataset": args.dataset, "learning_rate": args.lr, "seed": args.seed, "users": int(len(next_users)),
-           "items": int(ds.item_num),
-           "popularity": next_item_metrics(pop_scores, users, items, next_users, next_items, negatives),
-           "checks": []}
+    out = {
+        "dataset": args.dataset,
+        "learning_rate": args.lr,
+        "seed": args.seed,
+        "users": int(len(next_users)),
+        "items": int(ds.item_num),
+        "popularity": next_item_metrics(pop_scores, users, items, next_users, next_items, negatives),
+        "checks": [],
+    }
     print("popularity", out["popularity"], flush=True)
     del pop_scores
     start = time.time()
@@ -143,12 +156,18 @@ def main():
         model.train()
         own = next_item_metrics(pref.astype(np.float64), users, items, next_users, next_items, negatives)
         rho_pop = per_user_spearman_rows(pref[next_users], popularity)
-        out["checks"].append({"epoch": epoch + 1, "next_item": own,
-                              "beats_popularity": {k: own[k] > out["popularity"][k] for k in own},
-                              "median_spearman_with_popularity": float(np.median(rho_pop)),
-                              "median_spearman_recency": float(np.nanmedian(rho)),
-                              "users_positive": float(np.nanmean(rho > 0)),
-                              "valid_ndcg@10": float(valid_result["ndcg@10"]), "seconds": time.time() - start})
+        out["checks"].append(
+            {
+                "epoch": epoch + 1,
+                "next_item": own,
+                "beats_popularity": {k: own[k] > out["popularity"][k] for k in own},
+                "median_spearman_with_popularity": float(np.median(rho_pop)),
+                "median_spearman_recency": float(np.nanmedian(rho)),
+                "users_positive": float(np.nanmean(rho > 0)),
+                "valid_ndcg@10": float(valid_result["ndcg@10"]),
+                "seconds": time.time() - start,
+            }
+        )
         print(out["checks"][-1], flush=True)
     report(out, args.out)
 

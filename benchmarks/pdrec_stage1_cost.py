@@ -7,19 +7,20 @@ same batches, interleaved; stage 2 on a few users; the store's size for every us
 
 Per-epoch and per-stage times are extrapolated from the measured batches (one core).
 """
+
 import argparse
 import time
 
 import torch
+from common import build, report
 from recbole.data.dataloader import UserDataLoader
 from recbole.model.general_recommender.diffrec import DNN
 
-from common import build, report
+from recbole_diff import get_model
 from recbole_diff.config import stage_config
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import TrainingItems, compute_preference_store, nns_band
 from recbole_diff.model.plugin.tidiffrec import SplitInputDNN
-from recbole_diff.utils import get_model
 
 
 def variant(model, after):
@@ -52,11 +53,14 @@ def store_bytes(training, m, omega_m):
     band = int((hi - lo).sum())
     u, n = training.n_users, int(training.counts.sum())
     common = n * (8 + 4 + 4) + u * (m * 4 + 8 + 8)  # key, preference, rank; top-m (int32 on disk), size, reserve
-    return {"band_items_per_user_mean": band / u, "bitmap_mb": u * ((training.n_items + 7) // 8) / 2 ** 20,
-            "int32_band_list_mb": (band * 4 + (u + 1) * 8) / 2 ** 20,
-            "store_file_mb": (common + u * ((training.n_items + 7) // 8)) / 2 ** 20,
-            "store_with_int32_band_list_mb": (common + band * 4 + (u + 1) * 8) / 2 ** 20,
-            "dense_float_matrix_mb": u * training.n_items * 4 / 2 ** 20}
+    return {
+        "band_items_per_user_mean": band / u,
+        "bitmap_mb": u * ((training.n_items + 7) // 8) / 2**20,
+        "int32_band_list_mb": (band * 4 + (u + 1) * 8) / 2**20,
+        "store_file_mb": (common + u * ((training.n_items + 7) // 8)) / 2**20,
+        "store_with_int32_band_list_mb": (common + band * 4 + (u + 1) * 8) / 2**20,
+        "dense_float_matrix_mb": u * training.n_items * 4 / 2**20,
+    }
 
 
 def main():
@@ -80,14 +84,21 @@ def main():
             break
     users, items = training_interactions(ds)
     training = TrainingItems.from_pairs(users, items, ds.user_num, ds.item_num)
-    out = {"dataset": args.dataset, "users": ds.user_num, "items": ds.item_num, "dims_dnn": sub["dims_dnn"],
-           "train_batch_size": sub["train_batch_size"], "batches_per_epoch": len(loader),
-           "measured_batches": 2 * (args.batches // 2), "threads": torch.get_num_threads()}
+    out = {
+        "dataset": args.dataset,
+        "users": ds.user_num,
+        "items": ds.item_num,
+        "dims_dnn": sub["dims_dnn"],
+        "train_batch_size": sub["train_batch_size"],
+        "batches_per_epoch": len(loader),
+        "measured_batches": 2 * (args.batches // 2),
+        "threads": torch.get_num_threads(),
+    }
     rounds = {"before": [], "after": []}
     infer = {"before": [], "after": []}
     probe = torch.arange(1, 401)
     half = args.batches // 2
-    for part in (batches[:half], batches[half:2 * half]):  # interleaved: machine load hits both alike
+    for part in (batches[:half], batches[half : 2 * half]):  # interleaved: machine load hits both alike
         for name in ("before", "after"):
             opt = variant(model, name == "after")
             train_seconds(model, opt, part[:1])  # warm-up, not counted
@@ -96,14 +107,22 @@ def main():
     for name in ("before", "after"):
         per_batch = sum(rounds[name]) / len(rounds[name])
         per_user = sum(infer[name]) / len(infer[name]) / len(probe)
-        out[name] = {"train_s_per_batch": per_batch, "epoch_s": per_batch * len(loader),
-                     "inference_s_per_user": per_user, "all_users_pass_s": per_user * ds.user_num}
+        out[name] = {
+            "train_s_per_batch": per_batch,
+            "epoch_s": per_batch * len(loader),
+            "inference_s_per_user": per_user,
+            "all_users_pass_s": per_user * ds.user_num,
+        }
     out["epoch_speedup"] = out["before"]["epoch_s"] / out["after"]["epoch_s"]
     # stage 2 on the first users (untrained weights: the cost does not depend on training)
     model.mlp.__class__ = SplitInputDNN
     model.eval()
-    part = TrainingItems(args.users, training.n_items, training.offsets[:args.users + 1],
-                         training.items[:int(training.offsets[args.users])])
+    part = TrainingItems(
+        args.users,
+        training.n_items,
+        training.offsets[: args.users + 1],
+        training.items[: int(training.offsets[args.users])],
+    )
     start = time.perf_counter()
     compute_preference_store(model.preferences, part, 50, 0.5, batch_size=256)
     seconds = time.perf_counter() - start

@@ -4,11 +4,11 @@ carrying the whole sequence; the fast path encodes the sequence once (see recbol
 
     python benchmarks/sampled_eval.py [--dataset sports] [--model SASRec] [--batches 100]
 """
+
 import argparse
 import time
 
 import torch
-
 from common import build, report
 
 UNI100 = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni100"}
@@ -38,11 +38,18 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
-    config, model, _, valid, _ = build(args.model, args.dataset, eval_args=UNI100, hidden_size=args.hidden,
-                                       MAX_ITEM_LIST_LENGTH=args.length, eval_batch_size=1024,
-                                       train_neg_sample_args=None, checkpoint_dir="benchmarks/saved")
+    config, model, _, valid, _ = build(
+        args.model,
+        args.dataset,
+        eval_args=UNI100,
+        hidden_size=args.hidden,
+        MAX_ITEM_LIST_LENGTH=args.length,
+        eval_batch_size=1024,
+        train_neg_sample_args=None,
+        checkpoint_dir="benchmarks/saved",
+    )
     trainer = get_trainer(config["MODEL_TYPE"], args.model)(config, model)
     model.eval()
     trainer.tot_item_num = valid._dataset.item_num
@@ -53,11 +60,23 @@ def main():
     finite = [torch.isfinite(s) for s in slow_scores]
     gap = max(float((f[m] - s[m]).abs().max()) for f, s, m in zip(fast_scores, slow_scores, finite))
     same_candidates = all(torch.equal(torch.isfinite(f), m) for f, m in zip(fast_scores, finite))
-    report({"dataset": args.dataset, "model": args.model, "hidden_size": args.hidden, "length": args.length,
-            "users": sum(int(b[2][-1]) + 1 for b in batches), "of_users": valid._dataset.user_num - 1,
-            "predict_users_per_s": round(slow, 1), "fast_users_per_s": round(fast, 1),
-            "speedup": round(fast / slow, 1), "checked_against_predict": bool(trainer._full_sort_agrees),
-            "max_score_difference": gap, "same_candidates": same_candidates}, args.out)
+    report(
+        {
+            "dataset": args.dataset,
+            "model": args.model,
+            "hidden_size": args.hidden,
+            "length": args.length,
+            "users": sum(int(b[2][-1]) + 1 for b in batches),
+            "of_users": valid._dataset.user_num - 1,
+            "predict_users_per_s": round(slow, 1),
+            "fast_users_per_s": round(fast, 1),
+            "speedup": round(fast / slow, 1),
+            "checked_against_predict": bool(trainer._full_sort_agrees),
+            "max_score_difference": gap,
+            "same_candidates": same_candidates,
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """recbole-diff: diffusion models for sequential recommendation, the RecBole way."""
+
 import os
 
 __version__ = "0.1.0"
@@ -30,10 +31,14 @@ def __getattr__(name):
         from recbole_diff import quick_start
 
         return getattr(quick_start, name)
-    if name in ("get_model", "get_trainer"):
-        from recbole_diff import utils
+    if name == "get_model":
+        from recbole_diff.model.registry import get_model
 
-        return getattr(utils, name)
+        return get_model
+    if name == "get_trainer":
+        from recbole_diff.trainer.registry import get_trainer
+
+        return get_trainer
     if name == "Config":
         from recbole_diff.config import Config
 

@@ -1,4 +1,5 @@
 """``python -m recbole_diff``: the ``recbole-diff`` command."""
+
 import sys
 
 from recbole_diff.cli import main

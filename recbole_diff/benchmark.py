@@ -20,10 +20,10 @@ A preset yaml::
       - {name: GlobalDiff, model: GlobalDiff, backbones: [SASRec, GRU4Rec]}
 
 A finished cell (its ``result.json`` exists) is skipped when the grid is run again, and a cell that another
-live ``bench`` process is running (its ``running.lock``) is left to it, so two invocations can share a grid. Each cell keeps its log,
-its config and its result under ``<out>/cells/<dataset>/<method>[@<backbone>]/seed<seed>/``. The summary is
-``results.csv`` (one row per cell), ``results.md`` (mean +- std, lift over the baseline and over a plugin's own
-backbone, paired t-test p-values across seeds) and PNG plots.
+live ``bench`` process is running (its ``running.lock``) is left to it, so two invocations can share a grid. Each
+cell keeps its log, its config and its result under ``<out>/cells/<dataset>/<method>[@<backbone>]/seed<seed>/``.
+The summary is ``results.csv`` (one row per cell), ``results.md`` (mean +- std, lift over the baseline and over a
+plugin's own backbone, paired t-test p-values across seeds) and PNG plots.
 
 A cell that was killed (the machine or the session ended) is resumed when the grid runs again: each cell keeps
 its trainings' resume points in ``resume/`` (``resume_dir``) and goes on from the last epoch it began; its log
@@ -33,6 +33,7 @@ Plugin cells of one seed that would train the same first stage (GlobalDiff's or 
 TI-DiffRec) share it through ``<out>/stages`` (``stage_cache``; ``stage_cache: ~`` in the preset's config
 trains it in every cell): a grid costs one backbone per seed, and every method of a seed builds on the same one.
 """
+
 import argparse
 import csv
 import itertools
@@ -43,6 +44,11 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+
+from recbole_diff.io import atomic_write, claim_lock, read_yaml
+
+# The rest of recbole-diff (and RecBole, numpy, matplotlib) is imported by the functions that need it: the bench
+# process only spawns and summarises cells, each a process of its own, and stays light.
 
 
 PATH_KEYS = ("data_path", "checkpoint_dir", "backbone_checkpoint", "tidiffrec_checkpoint")
@@ -68,8 +74,6 @@ def _check_names(keys, allowed, where):
 
 # ---- the grid ----------------------------------------------------------------------------------------
 def load_grid(path):
-    from recbole_diff.utils import read_yaml
-
     spec = read_yaml(path, "Benchmark file", BenchmarkError, BenchmarkError)
     if not isinstance(spec, dict):
         raise BenchmarkError(f"Benchmark file '{path}' must be a mapping with 'datasets', 'seeds', 'methods'.")
@@ -97,8 +101,10 @@ def _check_versus(methods, names, path):
             raise BenchmarkError(f"{path}: method '{m['name']}' has versus {versus!r}; give a list of method names.")
         for other in versus:
             if other not in names or other == m["name"]:
-                raise BenchmarkError(f"{path}: method '{m['name']}' has versus '{other}', which is not another "
-                                     f"method of this grid ({', '.join(names)}).")
+                raise BenchmarkError(
+                    f"{path}: method '{m['name']}' has versus '{other}', which is not another "
+                    f"method of this grid ({', '.join(names)})."
+                )
 
 
 def _resolve_paths(config, base):
@@ -110,7 +116,7 @@ def _resolve_paths(config, base):
 
 
 def _check_methods(methods, path):
-    from recbole_diff.utils import get_model
+    from recbole_diff.model.registry import get_model
 
     names = set()
     for m in methods:
@@ -135,8 +141,17 @@ def cells(spec):
             config = dict(spec["config"], **spec["dataset_config"].get(dataset, {}), **(method.get("config") or {}))
             config["seed"] = int(seed)
             label = method["name"] + (f"@{backbone}" if backbone else "")
-            out.append({"dataset": dataset, "method": method["name"], "model": method["model"], "label": label,
-                        "backbone": backbone, "seed": int(seed), "config": config})
+            out.append(
+                {
+                    "dataset": dataset,
+                    "method": method["name"],
+                    "model": method["model"],
+                    "label": label,
+                    "backbone": backbone,
+                    "seed": int(seed),
+                    "config": config,
+                }
+            )
     return out
 
 
@@ -146,7 +161,9 @@ def select(grid_cells, methods=None, seeds=None):
         known = {c["method"] for c in grid_cells} | {c["label"] for c in grid_cells}
         unknown = [m for m in methods if m not in known]
         if unknown:
-            raise BenchmarkError(f"--methods: '{unknown[0]}' is not in this grid; choose from {', '.join(sorted(known))}.")
+            raise BenchmarkError(
+                f"--methods: '{unknown[0]}' is not in this grid; choose from {', '.join(sorted(known))}."
+            )
         grid_cells = [c for c in grid_cells if c["method"] in methods or c["label"] in methods]
     if seeds:
         known = {c["seed"] for c in grid_cells}
@@ -172,8 +189,13 @@ def check_cells(grid_cells, out_dir):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UnknownKeyWarning)
             try:
-                Config(model=cell["model"], dataset=cell["dataset"], backbone=cell["backbone"], cmd_line=False,
-                       config_dict=dict(cell["config"], checkpoint_dir=os.path.join(out_dir, "cells")))
+                Config(
+                    model=cell["model"],
+                    dataset=cell["dataset"],
+                    backbone=cell["backbone"],
+                    cmd_line=False,
+                    config_dict=dict(cell["config"], checkpoint_dir=os.path.join(out_dir, "cells")),
+                )
             except (KeyError, TypeError, ValueError, OSError) as e:
                 raise BenchmarkError(f"method {cell['label']} on {cell['dataset']}: {e}") from e
         for w in caught:
@@ -196,18 +218,22 @@ def run_cell(cell, directory):
         config["resume_dir"] = os.path.join(directory, "resume")
     start = time.time()
     earlier = _earlier_seconds(directory)
-    result = run_recbole_diff(model=cell["model"], dataset=cell["dataset"], backbone=cell["backbone"],
-                              config_dict=config, cmd_line=False)
+    result = run_recbole_diff(
+        model=cell["model"], dataset=cell["dataset"], backbone=cell["backbone"], config_dict=config, cmd_line=False
+    )
     # results, scores and a plugin's scalar facts (stage timings, store sizes); not the model objects
-    keep = {k: v for k, v in result.items()
-            if "_result" in k or k.endswith("_score") or isinstance(v, (int, float, bool, str, type(None)))}
+    keep = {
+        k: v
+        for k, v in result.items()
+        if "_result" in k or k.endswith("_score") or isinstance(v, (int, float, bool, str, type(None)))
+    }
     keep = json.loads(json.dumps(keep, default=float))
-    keep.update(cell={k: cell[k] for k in ("dataset", "method", "model", "label", "backbone", "seed")},
-                seconds=sum(earlier) + time.time() - start, attempts=len(earlier) + 1)
-    tmp = os.path.join(directory, "result.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(keep, f, indent=1)
-    os.replace(tmp, os.path.join(directory, "result.json"))  # a result file is either whole or absent
+    keep.update(
+        cell={k: cell[k] for k in ("dataset", "method", "model", "label", "backbone", "seed")},
+        seconds=sum(earlier) + time.time() - start,
+        attempts=len(earlier) + 1,
+    )
+    _write_atomically(os.path.join(directory, "result.json"), json.dumps(keep, indent=1))  # whole or absent
     from recbole_diff.trainer.resume import clear
 
     clear(config["resume_dir"])  # the cell's own points, which served this cell only
@@ -227,10 +253,8 @@ def _earlier_seconds(directory):
 
 
 def _write_atomically(path, text):
-    tmp = f"{path}.{os.getpid()}.tmp"  # two bench processes sharing a grid never share a temporary file
-    with open(tmp, "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _note_attempt(directory, seconds, new=False):
@@ -244,8 +268,6 @@ def _note_attempt(directory, seconds, new=False):
 
 
 def _launch(cell, directory, threads, log=print):
-    from recbole_diff.utils import claim_lock
-
     os.makedirs(directory, exist_ok=True)
     lock = os.path.join(directory, "running.lock")
     if not claim_lock(lock):
@@ -265,12 +287,18 @@ def _launch(cell, directory, threads, log=print):
     try:
         with open(os.path.join(directory, "log.txt"), "a" if resumed else "w") as log:
             if resumed:
-                log.write(f"\n[bench] {time.strftime('%Y-%m-%d %H:%M:%S')}: an earlier attempt did not finish; "
-                          "resuming\n")
+                log.write(
+                    f"\n[bench] {time.strftime('%Y-%m-%d %H:%M:%S')}: an earlier attempt did not finish; resuming\n"
+                )
                 log.flush()
             _note_attempt(directory, 0.0, new=True)
-            child = subprocess.Popen([sys.executable, "-m", "recbole_diff.benchmark", "--cell", directory],
-                                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=directory)
+            child = subprocess.Popen(
+                [sys.executable, "-m", "recbole_diff.benchmark", "--cell", directory],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=directory,
+            )
             # the cell's process holds the cell: if this bench process dies, no other one starts it twice
             _write_atomically(lock, str(child.pid))
             try:
@@ -313,8 +341,10 @@ def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print, methods=None, see
         else:
             todo.append((cell, directory))
     notes = check_cells([cell for cell, _ in todo], out_dir)
-    log(f"[bench] {spec.get('name', spec_path)}: {len(todo) + done} cells, {done} already finished, "
-        f"{len(todo)} to run with {jobs} job(s)")
+    log(
+        f"[bench] {spec.get('name', spec_path)}: {len(todo) + done} cells, {done} already finished, "
+        f"{len(todo)} to run with {jobs} job(s)"
+    )
     for note in notes:
         log(f"[bench] warning: {note}")
     if done:
@@ -336,8 +366,10 @@ def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print, methods=None, see
                 # the tables hold every finished cell at any moment, so a grid cut short (a session's end, a
                 # machine that is replaced) leaves its summary with what it finished
                 summarise(spec, out_dir)
-            log(f"[bench] {k}/{len(todo)} {cell['dataset']} {cell['label']} seed {cell['seed']}: "
-                f"{status} in {seconds:.0f}s")
+            log(
+                f"[bench] {k}/{len(todo)} {cell['dataset']} {cell['label']} seed {cell['seed']}: "
+                f"{status} in {seconds:.0f}s"
+            )
     wall = time.time() - start
     summary = summarise(spec, out_dir)
     with open(os.path.join(out_dir, "wall_time.txt"), "a") as f:
@@ -413,17 +445,20 @@ def summarise(spec, out_dir):
 
 def _write_csv(rows, metrics, path):
     # atomically: two bench processes sharing a grid both rewrite it as their cells finish
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["dataset", "method", "backbone", "seed", "seconds"] + [f"test_{m}" for m in metrics]
-                        + [f"backbone_test_{m}" for m in metrics])
+        writer.writerow(
+            ["dataset", "method", "backbone", "seed", "seconds"]
+            + [f"test_{m}" for m in metrics]
+            + [f"backbone_test_{m}" for m in metrics]
+        )
         for r in rows:
             c = r["cell"]
-            writer.writerow([c["dataset"], c["method"], c["backbone"] or "", c["seed"], f"{r['seconds']:.1f}"]
-                            + [_blank(metric_value(r, m)) for m in metrics]
-                            + [_blank(metric_value(r, m, "backbone_test_result")) for m in metrics])
-    os.replace(tmp, path)
+            writer.writerow(
+                [c["dataset"], c["method"], c["backbone"] or "", c["seed"], f"{r['seconds']:.1f}"]
+                + [_blank(metric_value(r, m)) for m in metrics]
+                + [_blank(metric_value(r, m, "backbone_test_result")) for m in metrics]
+            )
 
 
 def _blank(value):
@@ -441,15 +476,18 @@ def _aggregate(spec, rows, metrics):
     table = {}
     for r in sorted(rows, key=lambda r: r["cell"]["seed"]):
         c = r["cell"]
-        entry = table.setdefault((c["dataset"], c["label"]), {"seeds": [], "seconds": [], "backbone": {},
-                                                               "method": c["method"]})
+        entry = table.setdefault(
+            (c["dataset"], c["label"]), {"seeds": [], "seconds": [], "backbone": {}, "method": c["method"]}
+        )
         entry["seeds"].append(c["seed"])
         entry["seconds"].append(r["seconds"])
         for m in metrics:
             value = metric_value(r, m)
             if value is None:
-                raise BenchmarkError(f"Cell {c['label']} seed {c['seed']} has no '{m}' in its result; list metrics "
-                                     "the runs compute (and the extra_test_modes they name).")
+                raise BenchmarkError(
+                    f"Cell {c['label']} seed {c['seed']} has no '{m}' in its result; list metrics "
+                    "the runs compute (and the extra_test_modes they name)."
+                )
             entry.setdefault(m, []).append(value)
             backbone = metric_value(r, m, "backbone_test_result")
             if backbone is not None:
@@ -461,13 +499,19 @@ def _aggregate(spec, rows, metrics):
 def _add_stage_rows(table, rows, metrics):
     """STAGE_ROWS entries, once per seed; a metric the stage was not tested on (another mode) is None."""
     for key, (label, prefix) in STAGE_ROWS.items():
-        settings = {id(r): json.dumps({k: v for k, v in r["cell"].get("config", {}).items() if k.startswith(prefix)},
-                                      sort_keys=True, default=str) for r in rows if r.get(key)}
+        settings = {
+            id(r): json.dumps(
+                {k: v for k, v in r["cell"].get("config", {}).items() if k.startswith(prefix)},
+                sort_keys=True,
+                default=str,
+            )
+            for r in rows
+            if r.get(key)
+        }
         for r in sorted((r for r in rows if r.get(key)), key=lambda r: r["cell"]["seed"]):
             c = r["cell"]
             name = label if len(set(settings.values())) == 1 else f"{label} {settings[id(r)]}"
-            entry = table.setdefault((c["dataset"], name), {"seeds": [], "seconds": [], "backbone": {},
-                                                            "method": name})
+            entry = table.setdefault((c["dataset"], name), {"seeds": [], "seconds": [], "backbone": {}, "method": name})
             if c["seed"] not in entry["seeds"]:
                 entry["seeds"].append(c["seed"])
                 for m in metrics:
@@ -490,8 +534,12 @@ def _markdown(spec, table, metrics):
         entries = [(label, e) for (d, label), e in table.items() if d == dataset]
         if not entries:
             continue
-        lines += [f"## {dataset}", "", "Test metrics, mean +- std over seeds; lift in % of the mean with the paired "
-                  "t-test p-value across seeds.", ""]
+        lines += [
+            f"## {dataset}",
+            "",
+            "Test metrics, mean +- std over seeds; lift in % of the mean with the paired t-test p-value across seeds.",
+            "",
+        ]
         header = ["method", "seeds"] + metrics + ["minutes/run"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for label, e in entries:
@@ -509,8 +557,12 @@ def _markdown(spec, table, metrics):
         lines.append("")
         lift_rows = _lifts(table, dataset, baseline, metrics, versus)
         if lift_rows:
-            lines += ["Lift:", "", "| method | versus | " + " | ".join(metrics) + " |",
-                      "|---|---|" + "---|" * len(metrics)]
+            lines += [
+                "Lift:",
+                "",
+                "| method | versus | " + " | ".join(metrics) + " |",
+                "|---|---|" + "---|" * len(metrics),
+            ]
             lines += lift_rows + [""]
     return "\n".join(lines) + "\n"
 
@@ -601,35 +653,42 @@ def _plots(table, metrics, out_dir):
 
 # ---- entry points ------------------------------------------------------------------------------------
 def bench_command(argv):
-    if "--report" in argv:  # the results page from the committed grids (recbole_diff/report.py)
-        from recbole_diff.report import report_command
-
-        return report_command(argv)
     parser = argparse.ArgumentParser(prog="recbole-diff bench", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="benchmark preset yaml (see properties/bench/)")
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/runs/<name>)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run side by side (one process each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per cell")
     parser.add_argument("--summarise-only", action="store_true", help="rebuild the tables from finished cells")
-    parser.add_argument("--methods", nargs="+", default=None,
-                        help="run only these methods (name or name@backbone); the table covers every finished cell")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="run only these methods (name or name@backbone); the table covers every finished cell",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="run only these seeds")
     args = parser.parse_args(argv)
     try:
         spec = load_grid(args.config)
         select(cells(spec), args.methods, args.seeds)
     except BenchmarkError as e:
-        raise SystemExit(f"recbole-diff bench: {e}")
+        raise SystemExit(f"recbole-diff bench: {e}") from e
     out = args.out or os.path.join("benchmarks", "runs", spec.get("name", "bench"))
     if args.summarise_only:
         summarise(spec, out)
         print(open(os.path.join(out, "results.md")).read())
         return
     try:
-        _, failed = run_grid(args.config, out, jobs=args.jobs, threads=args.threads, methods=args.methods,
-                             seeds=args.seeds, log=lambda line: print(line, flush=True))
+        _, failed = run_grid(
+            args.config,
+            out,
+            jobs=args.jobs,
+            threads=args.threads,
+            methods=args.methods,
+            seeds=args.seeds,
+            log=lambda line: print(line, flush=True),
+        )
     except BenchmarkError as e:
-        raise SystemExit(f"recbole-diff bench: {e}")
+        raise SystemExit(f"recbole-diff bench: {e}") from e
     print(open(os.path.join(out, "results.md")).read())
     if failed:
         raise SystemExit(f"{len(failed)} cell(s) failed; their logs are under {out}/cells/.")
@@ -637,7 +696,7 @@ def bench_command(argv):
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--cell":
-        from recbole_diff.cli import recbole_warnings_hidden
+        from recbole_diff.runtime import recbole_warnings_hidden
 
         with open(os.path.join(sys.argv[2], "cell.json")) as f, recbole_warnings_hidden():
             run_cell(json.load(f), sys.argv[2])

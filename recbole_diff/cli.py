@@ -16,31 +16,18 @@ options:
 
 Exit status: 0 when the command succeeded, non-zero when it failed. Results go to stdout, logs to stderr.
 """
+
 import argparse
-import contextlib
 import os
 import sys
-import warnings
 
 from recbole_diff import __version__, properties_dir
+from recbole_diff.runtime import parse_key_values, recbole_warnings_hidden
+
+# Each command's module is imported when the command runs: `recbole-diff --help` stays instant, and only `tune`
+# imports ray.
 
 SUBCOMMANDS = ("run", "doctor", "demo", "bench", "tune")
-
-
-def _parse_key_values(words):
-    """``--key=value`` words to a dict with RecBole's value conversion (numbers, lists, bools)."""
-    from recbole.config import Config as RecBoleConfig
-
-    out, bad = {}, []
-    for word in words:
-        if not word.startswith("--") or "=" not in word:
-            bad.append(word)
-            continue
-        key, value = word[2:].split("=", 1)
-        out[key] = value
-    if bad:
-        raise SystemExit(f"recbole-diff: cannot read {' '.join(bad)}; write options as --key=value.")
-    return RecBoleConfig._convert_config_dict(None, out)
 
 
 def run_command(argv):
@@ -51,22 +38,31 @@ def run_command(argv):
     parser.add_argument("--config_files", default=None, help="space-separated yaml files")
     parser.add_argument("--saved", default="true", help="save and reload the best checkpoint (default true)")
     args, rest = parser.parse_known_args(argv)
-    config_dict = _parse_key_values(rest)
+    config_dict = parse_key_values(rest)
     files = args.config_files.strip().split(" ") if args.config_files else None
 
     from recbole_diff.quick_start import run_recbole_diff
 
-    result = run_recbole_diff(model=args.model, dataset=args.dataset, backbone=args.backbone,
-                              config_file_list=files, config_dict=config_dict,
-                              saved=str(args.saved).lower() != "false", cmd_line=False)
+    result = run_recbole_diff(
+        model=args.model,
+        dataset=args.dataset,
+        backbone=args.backbone,
+        config_file_list=files,
+        config_dict=config_dict,
+        saved=str(args.saved).lower() != "false",
+        cmd_line=False,
+    )
     print_result_table(result)
     return result
 
 
 def demo_command(argv):
     """The default demo: a small, fast configuration on RecBole's bundled ml-100k."""
-    parser = argparse.ArgumentParser(prog="recbole-diff demo", description="A small GlobalDiff run on RecBole's "
-                                     "bundled ml-100k (properties/demo.yaml); --key=value words override it.")
+    parser = argparse.ArgumentParser(
+        prog="recbole-diff demo",
+        description="A small GlobalDiff run on RecBole's "
+        "bundled ml-100k (properties/demo.yaml); --key=value words override it.",
+    )
     _, rest = parser.parse_known_args(argv)
     demo_yaml = os.path.join(properties_dir(), "demo.yaml")
     return run_command(["--config_files=" + demo_yaml] + list(rest))
@@ -75,8 +71,11 @@ def demo_command(argv):
 def doctor_command(argv):
     from recbole_diff.doctor import doctor
 
-    argparse.ArgumentParser(prog="recbole-diff doctor", description="Print the versions that matter and flag "
-                            "known-broken combinations; exit status 1 when one is found.").parse_args(argv)
+    argparse.ArgumentParser(
+        prog="recbole-diff doctor",
+        description="Print the versions that matter and flag "
+        "known-broken combinations; exit status 1 when one is found.",
+    ).parse_args(argv)
     return doctor()
 
 
@@ -93,15 +92,6 @@ def print_result_table(result):
     for metric in metrics:
         lines.append(metric.ljust(10) + "".join(f"{float(res[metric]):.4f}".rjust(width + 2) for _, res in columns))
     print("\n".join(lines), flush=True)
-
-
-@contextlib.contextmanager
-def recbole_warnings_hidden():
-    """RecBole 1.2.1 calls pandas and torch APIs that print blocks of FutureWarnings on every run; our entry
-    points hide those (only those: a user's own code importing recbole_diff keeps its warnings)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
-        yield
 
 
 def main(argv=None):
@@ -123,6 +113,10 @@ def main(argv=None):
             from recbole_diff.tune import tune_command
 
             tune_command(argv)
+        elif command == "bench" and "--report" in argv:  # the results page from the committed grids
+            from recbole_diff.report import report_command
+
+            report_command(argv)
         elif command == "bench":
             from recbole_diff.benchmark import bench_command
 

@@ -1,9 +1,11 @@
 """RecBole ``Config`` that knows recbole-diff's models and yamls.
 
 Layering, lowest priority first: RecBole's overall, model, dataset and model-type yamls (RecBole's own
-hook), then ``properties/overall.yaml``, then for a plugin the backbone's RecBole yaml and ours, then
-``properties/model/<Model>.yaml``, then the user's files, dict and command line.
+hook), then ``properties/overall.yaml``, then the yamls of the models ``<Model>`` subclasses (``model_yamls``),
+then for a plugin its backbone's (the same way), then ``properties/model/<Model>.yaml``, then the user's files,
+dict and command line.
 """
+
 import copy
 import difflib
 import glob
@@ -15,25 +17,63 @@ from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
 from recbole_diff import properties_dir
-from recbole_diff.utils import get_model, read_yaml, sequential_model_names
+from recbole_diff.io import read_yaml
+from recbole_diff.model.plugin.base import is_plugin, plugin_names, sequential_model_names
+from recbole_diff.model.registry import get_model
 
 RECBOLE_PROPERTIES = os.path.join(os.path.dirname(os.path.realpath(__import__("recbole").__file__)), "properties")
 
 # RecBole keys that accept more than one type; everything else must keep the type of its default.
 _FLEXIBLE_KEYS = {
-    "topk", "metrics", "gpu_id", "train_neg_sample_args", "load_col", "unload_col", "unused_col",
-    "eval_args", "additional_feat_suffix", "val_interval", "threshold", "seq_len", "clip_grad_norm",
-    "benchmark_filename", "numerical_features", "transform", "normalize_field", "data_path",
-    "checkpoint_dir", "dataset_save_path", "dataloaders_save_path", "mask_ratio", "layer_norm_eps",
-    "user_inter_num_interval", "item_inter_num_interval", "rm_dup_inter",
+    "topk",
+    "metrics",
+    "gpu_id",
+    "train_neg_sample_args",
+    "load_col",
+    "unload_col",
+    "unused_col",
+    "eval_args",
+    "additional_feat_suffix",
+    "val_interval",
+    "threshold",
+    "seq_len",
+    "clip_grad_norm",
+    "benchmark_filename",
+    "numerical_features",
+    "transform",
+    "normalize_field",
+    "data_path",
+    "checkpoint_dir",
+    "dataset_save_path",
+    "dataloaders_save_path",
+    "mask_ratio",
+    "layer_norm_eps",
+    "user_inter_num_interval",
+    "item_inter_num_interval",
+    "rm_dup_inter",
 }
 
 
 # Keys RecBole reads that no yaml defines: its multi-GPU run() passes them in, its Config derives the others.
 _RECBOLE_RUNTIME_KEYS = {
-    "model", "dataset", "nproc", "world_size", "offset", "ip", "port", "local_rank", "single_spec", "verbose",
-    "device", "eval_type", "MODEL_TYPE", "MODEL_INPUT_TYPE", "neg_sampling", "valid_neg_sample_args",
-    "test_neg_sample_args", "eval_neg_sample_args",
+    "model",
+    "dataset",
+    "nproc",
+    "world_size",
+    "offset",
+    "ip",
+    "port",
+    "local_rank",
+    "single_spec",
+    "verbose",
+    "device",
+    "eval_type",
+    "MODEL_TYPE",
+    "MODEL_INPUT_TYPE",
+    "neg_sampling",
+    "valid_neg_sample_args",
+    "test_neg_sample_args",
+    "eval_neg_sample_args",
 }
 
 # `key: value  # (type) ...`: the type our yamls and RecBole's state in the comment of each top-level key
@@ -93,9 +133,11 @@ def all_yaml_keys():
         import yaml
 
         keys = set()
-        for path in (glob.glob(os.path.join(RECBOLE_PROPERTIES, "**", "*.yaml"), recursive=True)
-                     + glob.glob(os.path.join(properties_dir(), "*.yaml"))
-                     + glob.glob(os.path.join(properties_dir(), "model", "*.yaml"))):
+        for path in (
+            glob.glob(os.path.join(RECBOLE_PROPERTIES, "**", "*.yaml"), recursive=True)
+            + glob.glob(os.path.join(properties_dir(), "*.yaml"))
+            + glob.glob(os.path.join(properties_dir(), "model", "*.yaml"))
+        ):
             with open(path, encoding="utf-8") as f:
                 content = yaml.safe_load(f)
             if isinstance(content, dict):
@@ -105,10 +147,15 @@ def all_yaml_keys():
 
 
 def model_yamls(model_name, model_class):
-    """(yamls of the RecBole models ``model_class`` subclasses, base first; ``properties/model/<name>.yaml``).
-    A model of ours that subclasses a RecBole model (TIDiffRec < DiffRec) starts from its parent's yaml."""
-    parents = [os.path.join(RECBOLE_PROPERTIES, "model", f"{base.__name__}.yaml")
-               for base in reversed(model_class.__mro__[1:]) if base.__module__.startswith("recbole.model.")]
+    """(yamls of the models ``model_class`` subclasses, base first; ``properties/model/<name>.yaml``).
+    A model of ours starts from its parents' yamls: RecBole's for a RecBole parent (TIDiffRec < DiffRec), ours
+    for one of ours (DiffuRecSys < DiffuRec), so that its own yaml states only what differs."""
+    parents = []
+    for base in reversed(model_class.__mro__[1:]):
+        if base.__module__.startswith("recbole.model."):
+            parents.append(os.path.join(RECBOLE_PROPERTIES, "model", f"{base.__name__}.yaml"))
+        elif base.__module__.startswith("recbole_diff.model."):
+            parents.append(os.path.join(properties_dir(), "model", f"{base.__name__}.yaml"))
     return parents, os.path.join(properties_dir(), "model", f"{model_name}.yaml")
 
 
@@ -143,8 +190,7 @@ class Config(RecBoleConfig):
             building a config inside tests, trainables or any program with foreign arguments.
     """
 
-    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, backbone=None,
-                 cmd_line=True):
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, backbone=None, cmd_line=True):
         self._backbone_arg = backbone
         self._read_cmd_line = cmd_line
         self._check_config_files(config_file_list)
@@ -173,10 +219,12 @@ class Config(RecBoleConfig):
 
         self.backbone, self.backbone_class = None, None
         asked = self._backbone_arg or self.external_config_dict.get("backbone")
-        if asked and not getattr(model_class, "is_plugin", False):
-            raise ValueError(f"backbone '{asked}' was given, but {model_name} is not a plugin model and has no "
-                             "backbone; drop --backbone, or pick a plugin (GlobalDiff, PDRec, DiffuASR).")
-        if getattr(model_class, "is_plugin", False):
+        if asked and not is_plugin(model_class):
+            raise ValueError(
+                f"backbone '{asked}' was given, but {model_name} is not a plugin model and has no "
+                f"backbone; drop --backbone, or pick a plugin ({', '.join(plugin_names())})."
+            )
+        if is_plugin(model_class):
             backbone = asked or model_class.default_backbone
             self.backbone_class = self._backbone_model(backbone)
             if self.backbone_class.type != ModelType.SEQUENTIAL:
@@ -195,8 +243,9 @@ class Config(RecBoleConfig):
             names = sequential_model_names()
             close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
             hint = f"did you mean {' or '.join(close)}? " if close else ""
-            raise ValueError(f"Unknown backbone '{name}': {hint}Backbones are sequential models: "
-                             f"{', '.join(names)}.") from None
+            raise ValueError(
+                f"Unknown backbone '{name}': {hint}Backbones are sequential models: {', '.join(names)}."
+            ) from None
 
     def _update_internal_config_dict(self, file):
         self._layers.append(file)  # the yamls read, for their keys' stated types
@@ -209,9 +258,10 @@ class Config(RecBoleConfig):
         parents, own_yaml = model_yamls(model, model_class)
         layers += parents
         if self.backbone is not None:
-            layers += [
+            backbone_parents, backbone_yaml = model_yamls(self.backbone, self.backbone_class)
+            layers += backbone_parents + [
                 os.path.join(RECBOLE_PROPERTIES, "model", f"{self.backbone}.yaml"),
-                os.path.join(own, "model", f"{self.backbone}.yaml"),
+                backbone_yaml,
             ]
         layers.append(own_yaml)
         for path in layers:
@@ -234,8 +284,10 @@ class Config(RecBoleConfig):
         for path in config_file_list or []:
             content = read_yaml(path, "Config file (from --config_files)")
             if content is None:
-                raise ValueError(f"Config file '{path}' is empty; write key: value lines in it (e.g. epochs: 20), "
-                                 "or leave it out of --config_files.")
+                raise ValueError(
+                    f"Config file '{path}' is empty; write key: value lines in it (e.g. epochs: 20), "
+                    "or leave it out of --config_files."
+                )
             if not isinstance(content, dict):
                 raise ValueError(f"Config file '{path}' must hold a mapping of key: value, not {_type_name(content)}.")
 
@@ -258,11 +310,15 @@ class Config(RecBoleConfig):
         for key in unknown:
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
             if close and key not in elsewhere:
-                raise UnknownKeyError(f"Unknown config key '{key}' for {self.model}: did you mean '{close[0]}'? "
-                               "Nothing reads a misspelled key; fix its name.")
-        message = (f"Config key(s) {', '.join(repr(k) for k in unknown)} are not read by {self.model}"
-                   f"{f' with backbone {self.backbone}' if self.backbone else ''} on {self.dataset}; they have no "
-                   "effect")
+                raise UnknownKeyError(
+                    f"Unknown config key '{key}' for {self.model}: did you mean '{close[0]}'? "
+                    "Nothing reads a misspelled key; fix its name."
+                )
+        message = (
+            f"Config key(s) {', '.join(repr(k) for k in unknown)} are not read by {self.model}"
+            f"{f' with backbone {self.backbone}' if self.backbone else ''} on {self.dataset}; they have no "
+            "effect"
+        )
         if self.final_config_dict.get("strict_keys"):
             raise UnknownKeyError(f"{message} (strict_keys: True). Remove them or fix their names.")
         warnings.warn(f"{message}. Set strict_keys: True to make this an error.", UnknownKeyWarning, stacklevel=3)
@@ -277,10 +333,12 @@ class Config(RecBoleConfig):
                 continue
             if default is None:
                 if key in stated and not _has_type(value, stated[key]):
-                    names = " or ".join(dict.fromkeys(t.__name__ for t in stated[key] if t is not int
-                                                      or float not in stated[key]))
-                    raise TypeError(f"Config key '{key}' must be of type {names} (default: ~), got {value!r} "
-                                    f"({_type_name(value)}).")
+                    names = " or ".join(
+                        dict.fromkeys(t.__name__ for t in stated[key] if t is not int or float not in stated[key])
+                    )
+                    raise TypeError(
+                        f"Config key '{key}' must be of type {names} (default: ~), got {value!r} ({_type_name(value)})."
+                    )
                 continue
             if isinstance(default, bool):
                 ok = isinstance(value, bool)
@@ -327,8 +385,9 @@ class Config(RecBoleConfig):
                 "recbole-diff never downloads datasets."
             )
         # RecBole's split in time order ('TO') sorts by TIME_FIELD for every model type
-        needs_time = (self.final_config_dict["eval_args"].get("order") == "TO"
-                      or getattr(self.model_class, "needs_timestamp", False))
+        needs_time = self.final_config_dict["eval_args"].get("order") == "TO" or getattr(
+            self.model_class, "needs_timestamp", False
+        )
         for f in wanted:
             self._check_atomic_file(os.path.join(path, f))
         if needs_time:
@@ -340,24 +399,31 @@ class Config(RecBoleConfig):
 
     def _check_atomic_file(self, inter_file):
         """An empty file, a header without ``:type`` and a header without rows fail here, naming the file."""
-        fix = ("RecBole atomic files start with a header of name:type columns separated by the field_separator "
-               "(e.g. user_id:token<TAB>item_id:token<TAB>timestamp:float), then one interaction per line")
+        fix = (
+            "RecBole atomic files start with a header of name:type columns separated by the field_separator "
+            "(e.g. user_id:token<TAB>item_id:token<TAB>timestamp:float), then one interaction per line"
+        )
         with open(inter_file, encoding="utf-8") as f:
             header, first_row = f.readline(), f.readline()
         if not header.strip():
             raise ValueError(f"'{inter_file}' is empty. {fix}.")
         untyped = [h for h in self._header(inter_file) if ":" not in h]
         if untyped:
-            raise ValueError(f"'{inter_file}': header column(s) {', '.join(repr(h) for h in untyped)} have no ':type' "
-                             f"(token, float, token_seq...). {fix}.")
+            raise ValueError(
+                f"'{inter_file}': header column(s) {', '.join(repr(h) for h in untyped)} have no ':type' "
+                f"(token, float, token_seq...). {fix}."
+            )
         if not first_row.strip():
             raise ValueError(f"'{inter_file}' has a header but no interactions. {fix}.")
 
     def _check_time_field(self, inter_file):
         time_field = self.final_config_dict.get("TIME_FIELD") or "timestamp"
         columns = [h.split(":")[0] for h in self._header(inter_file)]
-        why = (f"{self.model} orders interactions by time" if getattr(self.model_class, "needs_timestamp", False)
-               else "eval_args order 'TO' sorts each user's interactions by time")
+        why = (
+            f"{self.model} orders interactions by time"
+            if getattr(self.model_class, "needs_timestamp", False)
+            else "eval_args order 'TO' sorts each user's interactions by time"
+        )
         if time_field not in columns:
             raise ValueError(
                 f"'{inter_file}' has no '{time_field}' column (columns: {', '.join(columns)}), but {why}. "
@@ -380,5 +446,6 @@ def check_writable(folder, what):
     if not os.path.isdir(probe):
         raise NotADirectoryError(f"{what} '{folder}' cannot be created: '{probe}' is a file. Point {what} at a folder.")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise PermissionError(f"{what} '{folder}' is not writable ('{probe}' refuses writes). Point {what} at a "
-                              "folder you can write to.")
+        raise PermissionError(
+            f"{what} '{folder}' is not writable ('{probe}' refuses writes). Point {what} at a folder you can write to."
+        )

@@ -1,4 +1,5 @@
 """``recbole-diff doctor``: the versions that matter and the combinations known to break RecBole 1.2.1."""
+
 import platform
 import sys
 from importlib import metadata
@@ -22,16 +23,36 @@ def _release(version):
 
 # (distribution, predicate on (major, minor, micro), what breaks, the fix)
 RULES = [
-    ("recbole", lambda v: v != (1, 2, 1), "recbole-diff is built and tested against RecBole 1.2.1",
-     "pip install recbole==1.2.1"),
-    ("numpy", lambda v: v >= (2, 0), "RecBole's Config runs `np.float = np.float_` and ray 2.6 uses np.bool8",
-     "pip install 'numpy<2'"),
-    ("pandas", lambda v: v >= (3, 0), "copy-on-write makes RecBole's fillna(inplace=True) a no-op: NaNs stay",
-     "pip install 'pandas<3'"),
-    ("pyarrow", lambda v: v >= (26, 0), "pyarrow 26 refuses numpy<2 at import and ray.init() imports it",
-     "pip install 'pyarrow<26'"),
-    ("setuptools", lambda v: v >= (81, 0), "ray 2.6.3 imports pkg_resources, removed in setuptools 81",
-     "pip install 'setuptools<81'"),
+    (
+        "recbole",
+        lambda v: v != (1, 2, 1),
+        "recbole-diff is built and tested against RecBole 1.2.1",
+        "pip install recbole==1.2.1",
+    ),
+    (
+        "numpy",
+        lambda v: v >= (2, 0),
+        "RecBole's Config runs `np.float = np.float_` and ray 2.6 uses np.bool8",
+        "pip install 'numpy<2'",
+    ),
+    (
+        "pandas",
+        lambda v: v >= (3, 0),
+        "copy-on-write makes RecBole's fillna(inplace=True) a no-op: NaNs stay",
+        "pip install 'pandas<3'",
+    ),
+    (
+        "pyarrow",
+        lambda v: v >= (26, 0),
+        "pyarrow 26 refuses numpy<2 at import and ray.init() imports it",
+        "pip install 'pyarrow<26'",
+    ),
+    (
+        "setuptools",
+        lambda v: v >= (81, 0),
+        "ray 2.6.3 imports pkg_resources, removed in setuptools 81",
+        "pip install 'setuptools<81'",
+    ),
     ("ray", lambda v: v > (2, 6, 3), "RecBole 1.2.1 allows ray<=2.6.3 only", "pip install 'ray[tune]==2.6.3'"),
 ]
 
@@ -58,8 +79,11 @@ def doctor(stream=None):
         import torch
 
         cuda = torch.version.cuda
-        print(f"torch build  {'CUDA ' + cuda if cuda else 'CPU'}; cuda available: {torch.cuda.is_available()}; "
-              f"threads: {torch.get_num_threads()}", file=stream)
+        print(
+            f"torch build  {'CUDA ' + cuda if cuda else 'CPU'}; cuda available: {torch.cuda.is_available()}; "
+            f"threads: {torch.get_num_threads()}",
+            file=stream,
+        )
     except ImportError:
         print("torch is not installed: pip install torch==2.13.0 (before anything else).", file=stream)
     if versions["ray"] is None:

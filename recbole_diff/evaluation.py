@@ -5,13 +5,14 @@ Each user's last ``horizon - 1`` interactions are held out before RecBole splits
 leave-one-out split trains on everything up to L-5, validates on L-4 and tests on L-3 (P = 1). The held-out
 items are then the targets for P = 2..4, scored from the same input as P = 1.
 """
+
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
 
-from recbole_diff.utils import seeded_numpy
+from recbole_diff.model.utils import seeded_numpy
 
 
 def hold_out_last(dataset, n):
@@ -56,7 +57,7 @@ def long_term_evaluate(model, test_data, held_out, k=20, device=None):
     ndcg = np.zeros(horizon)
     counts = np.zeros(horizon)
     uid = model.USER_ID
-    for interaction, _, _, positive_i in test_data:
+    for interaction, _, _, _ in test_data:
         interaction = interaction.to(device or model.device)
         with ranked_to(model, k):
             scores = model.full_sort_predict(interaction).view(len(interaction), -1).double()
@@ -77,8 +78,11 @@ def long_term_evaluate(model, test_data, held_out, k=20, device=None):
             hits[p] += hit.sum()
             ndcg[p] += (hit / np.log2(rank + 2)).sum()
             counts[p] += len(rows)
-    return {f"P{p + 1}": {f"hit@{k}": float(hits[p] / counts[p]), f"ndcg@{k}": float(ndcg[p] / counts[p])}
-            for p in range(horizon) if counts[p]}
+    return {
+        f"P{p + 1}": {f"hit@{k}": float(hits[p] / counts[p]), f"ndcg@{k}": float(ndcg[p] / counts[p])}
+        for p in range(horizon)
+        if counts[p]
+    }
 
 
 @torch.no_grad()
@@ -94,16 +98,12 @@ def target_hits_and_gains(scores, positive_u, positive_i, k):
 def group_metrics(trainer, eval_data, user_lengths, bounds=(5, 20), k=10):
     """HR@k and NDCG@k per user group by sequence length (the long-tail report): groups ``[3, b1]``,
     ``[b1 + 1, b2]``, ..., ``> b_last`` of ``user_lengths[user]``. Scores come from the trainer's own batch
-    evaluation, so sampled (uni100) and full ranking both work; items tied with the target rank below it."""
+    evaluation (:meth:`recbole_diff.trainer.CompatMixin.batch_scorer`), so sampled (uni100) and full ranking both
+    work; items tied with the target rank below it."""
     model = trainer.model
     model.eval()
     full = isinstance(eval_data, FullSortEvalDataLoader)
-    trainer.tot_item_num = eval_data._dataset.item_num
-    if full and trainer.item_tensor is None:
-        trainer.item_tensor = eval_data._dataset.get_item_feature().to(trainer.device)
-    batch_eval = trainer._full_sort_batch_eval if full else trainer._neg_sample_batch_eval
-    if not full and hasattr(trainer, "start_sampled_eval"):
-        trainer.start_sampled_eval(eval_data)
+    batch_eval = trainer.batch_scorer(eval_data)
     uid = eval_data._dataset.uid_field
     users, hits, gains = [], [], []
     with seeded_numpy(trainer.config["seed"]), ranked_to(model, k):  # the candidates the trainer's evaluate scores
@@ -127,6 +127,9 @@ def group_metrics(trainer, eval_data, user_lengths, bounds=(5, 20), k=10):
         name = f"{low}-{high}" if high is not None else f">{low - 1}"
         keep = (lengths >= low) & (lengths <= high if high is not None else torch.ones_like(lengths, dtype=torch.bool))
         n = int(keep.sum())
-        out[name] = {"users": n, f"hit@{k}": round(float(hits[keep].mean()), 4) if n else None,
-                     f"ndcg@{k}": round(float(gains[keep].mean()), 4) if n else None}
+        out[name] = {
+            "users": n,
+            f"hit@{k}": round(float(hits[keep].mean()), 4) if n else None,
+            f"ndcg@{k}": round(float(gains[keep].mean()), 4) if n else None,
+        }
     return out

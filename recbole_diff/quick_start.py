@@ -2,6 +2,7 @@
 
 Importing this module does not import ray (RecBole's own ``recbole.quick_start`` does).
 """
+
 import copy
 import sys
 from contextlib import contextmanager
@@ -12,13 +13,23 @@ from recbole.utils import init_seed, set_color
 
 from recbole_diff.config import Config
 from recbole_diff.evaluation import hold_out_last, long_term_evaluate
-from recbole_diff.utils import get_model, get_trainer, init_logger, load_checkpoint, set_threads
+from recbole_diff.io import load_checkpoint
+from recbole_diff.model.registry import get_model
+from recbole_diff.runtime import autograd_anomaly_off, init_logger, set_threads
+from recbole_diff.trainer.registry import get_trainer
 
 
 def build_config(model=None, dataset=None, config_file_list=None, config_dict=None, backbone=None, cmd_line=True):
-    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict,
-                    backbone=backbone, cmd_line=cmd_line)
+    config = Config(
+        model=model,
+        dataset=dataset,
+        config_file_list=config_file_list,
+        config_dict=config_dict,
+        backbone=backbone,
+        cmd_line=cmd_line,
+    )
     set_threads(config["threads"])
+    autograd_anomaly_off()
     return config
 
 
@@ -31,8 +42,10 @@ def prepare_data(config, logger=None, held_out=None):
         held = hold_out_last(dataset, int(config["long_term_horizon"]) - 1)
         if held_out is not None:
             held_out.update(held)
-        logger.info(f"long-term evaluation: the last {int(config['long_term_horizon']) - 1} interactions of "
-                    f"{len(held)} users are held out as the targets for P >= 2")
+        logger.info(
+            f"long-term evaluation: the last {int(config['long_term_horizon']) - 1} interactions of "
+            f"{len(held)} users are held out as the targets for P >= 2"
+        )
     logger.info(dataset)
     with _loader_model_name(config):
         train_data, valid_data, test_data = data_preparation(config, dataset)
@@ -55,8 +68,16 @@ def _loader_model_name(config):
         config["model"] = name
 
 
-def run_recbole_diff(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True,
-                     backbone=None, cmd_line=True, queue=None):
+def run_recbole_diff(
+    model=None,
+    dataset=None,
+    config_file_list=None,
+    config_dict=None,
+    saved=True,
+    backbone=None,
+    cmd_line=True,
+    queue=None,
+):
     """Train and test one model, like ``recbole.quick_start.run_recbole``.
 
     Returns RecBole's result dict (``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
@@ -127,8 +148,9 @@ def extra_mode_results(config, trainer, show_progress=False):
         out[f"test_result_{mode}"] = trainer.evaluate(test_data, load_best_model=False, show_progress=show_progress)
         if has_backbone:
             with model.evaluating("backbone"):
-                out[f"backbone_test_result_{mode}"] = trainer.evaluate(test_data, load_best_model=False,
-                                                                       show_progress=show_progress)
+                out[f"backbone_test_result_{mode}"] = trainer.evaluate(
+                    test_data, load_best_model=False, show_progress=show_progress
+                )
     return out
 
 
@@ -144,8 +166,7 @@ def long_term_results(model, test_data, held_out):
 def objective_function(config_dict=None, config_file_list=None, saved=True):
     """For RecBole's ``HyperTuning``: trains one configuration and returns the result dict. Unlike RecBole's
     version it reports nothing to Ray (use ``recbole-diff tune`` for Ray Tune)."""
-    result = run_recbole_diff(config_dict=config_dict, config_file_list=config_file_list, saved=saved,
-                              cmd_line=False)
+    result = run_recbole_diff(config_dict=config_dict, config_file_list=config_file_list, saved=saved, cmd_line=False)
     return result
 
 
@@ -163,6 +184,7 @@ def load_data_and_model(model_file, config_dict=None):
     for key, value in (config_dict or {}).items():
         config[key] = value
     set_threads(config["threads"])
+    autograd_anomaly_off()
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()

@@ -34,12 +34,14 @@ tested in the same runs; any other value is a row label of the same grid. Lifts 
 those of the grid's own ``results.md`` (``benchmark.lift_and_p``); CPU-hours are the cells' recorded seconds
 (one thread per cell) summed over seeds.
 """
+
 import argparse
 import glob
 import json
 import os
 
 from recbole_diff.benchmark import _aggregate, _mean_std, _paired, lift_and_p
+from recbole_diff.io import read_yaml
 
 DEFAULT_SPEC = os.path.join("benchmarks", "report.yaml")
 DEFAULT_OUT = os.path.join("docs", "results.md")
@@ -52,13 +54,12 @@ class ReportError(ValueError):
 
 # ---- reading ------------------------------------------------------------------------------------------
 def load_spec(path):
-    from recbole_diff.utils import read_yaml
-
     spec = read_yaml(path, "Report file", ReportError, ReportError)
     if not isinstance(spec, dict) or not spec.get("claims") or not spec.get("datasets"):
         raise ReportError(f"Report file '{path}' needs 'datasets' and a non-empty 'claims' list.")
-    spec["results_dir"] = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)),
-                                                        spec.get("results_dir", "results")))
+    spec["results_dir"] = os.path.normpath(
+        os.path.join(os.path.dirname(os.path.abspath(path)), spec.get("results_dir", "results"))
+    )
     spec["verdict"] = dict(VERDICT_RULE, **(spec.get("verdict") or {}))
     for claim in spec["claims"]:
         for key in ("method", "metric", "ours"):
@@ -68,11 +69,14 @@ def load_spec(path):
             raise ReportError(f"{path}: claim '{claim['method']}' needs both 'before' and 'after' (or neither).")
         for dataset, ours in claim["ours"].items():
             if dataset not in spec["datasets"]:
-                raise ReportError(f"{path}: claim '{claim['method']}' names dataset '{dataset}', which is not in "
-                                  f"'datasets' ({', '.join(spec['datasets'])}).")
+                raise ReportError(
+                    f"{path}: claim '{claim['method']}' names dataset '{dataset}', which is not in "
+                    f"'datasets' ({', '.join(spec['datasets'])})."
+                )
             if ours.get("grid") and not ("label" in ours and "versus" in ours):
-                raise ReportError(f"{path}: claim '{claim['method']}' on {dataset} needs 'label' and 'versus' "
-                                  "beside 'grid'.")
+                raise ReportError(
+                    f"{path}: claim '{claim['method']}' on {dataset} needs 'label' and 'versus' beside 'grid'."
+                )
     return spec
 
 
@@ -81,8 +85,10 @@ def grid_results(results_dir, grid):
     folder = os.path.join(results_dir, grid)
     paths = sorted(glob.glob(os.path.join(folder, "cells", "*", "*", "seed*", "result.json")))
     if not paths:
-        raise ReportError(f"Grid '{grid}' has no finished cell under {folder}/cells/; name a grid of "
-                          f"{results_dir} or set grid: ~ with a note.")
+        raise ReportError(
+            f"Grid '{grid}' has no finished cell under {folder}/cells/; name a grid of "
+            f"{results_dir} or set grid: ~ with a note."
+        )
     rows = []
     for path in paths:
         with open(path) as f:
@@ -173,8 +179,7 @@ def verdict(claimed, lift, p, pairs, rule):
         return "not yet measured"
     if claimed is None:
         return "no claimed figure"
-    if (lift * claimed > 0 and abs(lift) >= rule["min_fraction"] * abs(claimed) and p is not None
-            and p < rule["alpha"]):
+    if lift * claimed > 0 and abs(lift) >= rule["min_fraction"] * abs(claimed) and p is not None and p < rule["alpha"]:
         return "reproduced"
     return "not reproduced"
 
@@ -189,18 +194,36 @@ def claim_rows(spec, grids):
             # a dataset's row may quote the paper's figures on its closest dataset
             figures = dict(claim, **{k: ours[k] for k in ("paper_dataset", "before", "after") if k in ours})
             claimed = claimed_lift(figures)
-            row = {"method": claim["method"], "dataset": dataset, "claim": figures, "claimed": claimed,
-                   "grid": ours.get("grid"), "note": ours.get("note", ""), "lift": None, "p": None, "pairs": 0}
+            row = {
+                "method": claim["method"],
+                "dataset": dataset,
+                "claim": figures,
+                "claimed": claimed,
+                "grid": ours.get("grid"),
+                "note": ours.get("note", ""),
+                "lift": None,
+                "p": None,
+                "pairs": 0,
+            }
             if ours.get("grid"):
                 grid = ours["grid"]
                 entry = grids.entry(grid, dataset, ours["label"], metric)
                 other, cost_other, cost_label = reference(grids, grid, dataset, ours["label"], ours["versus"], metric)
                 lift, p, pairs = lift_and_p(entry, other, metric)
                 mine, theirs = _paired(entry, other, metric)
-                row.update(label=ours["label"], versus=ours["versus"], lift=lift, p=p, pairs=pairs,
-                           mean=_mean_std(mine), ref_mean=_mean_std(theirs), protocol=grids.protocol(grid, metric),
-                           cpu_hours=cpu_hours(entry), relative=relative_cost(entry, cost_other),
-                           cost_label=cost_label)
+                row.update(
+                    label=ours["label"],
+                    versus=ours["versus"],
+                    lift=lift,
+                    p=p,
+                    pairs=pairs,
+                    mean=_mean_std(mine),
+                    ref_mean=_mean_std(theirs),
+                    protocol=grids.protocol(grid, metric),
+                    cpu_hours=cpu_hours(entry),
+                    relative=relative_cost(entry, cost_other),
+                    cost_label=cost_label,
+                )
             row["verdict"] = verdict(claimed, row["lift"], row["p"], row["pairs"], spec["verdict"])
             out.append(row)
     return out
@@ -226,11 +249,19 @@ def baseline_rows(spec, grids):
         versus = {}
         for name in b["versus"]:
             versus[name] = lift_and_p(entry, table[dataset, name], metric) if name != label else None
-        out.append({"label": label, "mean": _mean_std(entry[metric]), "seeds": len(entry["seeds"]),
-                    "versus": versus, "cpu_hours": cpu_hours(entry), "tuning_hours": tuning.get(label),
-                    "relative": relative_cost(entry, cost_other),
-                    "cost_label": backbone if backbone else b["cost_reference"],
-                    "note": (b.get("notes") or {}).get(label, "")})
+        out.append(
+            {
+                "label": label,
+                "mean": _mean_std(entry[metric]),
+                "seeds": len(entry["seeds"]),
+                "versus": versus,
+                "cpu_hours": cpu_hours(entry),
+                "tuning_hours": tuning.get(label),
+                "relative": relative_cost(entry, cost_other),
+                "cost_label": backbone if backbone else b["cost_reference"],
+                "note": (b.get("notes") or {}).get(label, ""),
+            }
+        )
     return out
 
 
@@ -260,46 +291,58 @@ def _times(ratio, label):
 
 def markdown(spec, grids, source=DEFAULT_SPEC):
     rule = spec["verdict"]
-    lines = ["# Results", "",
-             f"Generated by `recbole-diff bench --report` from `{source}` (which grid is current for each claim) and "
-             "the committed grids under `benchmarks/results/`; rebuild it rather than editing it.", "",
-             "- **Lift**: the method over its reference on the seeds both have, in % of the reference's mean, with "
-             "the paired t-test p-value across seeds (the grids' own `results.md` figures).",
-             f"- **Verdict**: *reproduced* when at least {rule['min_seeds']} seeds were paired, our lift has the "
-             f"paper's sign, is at least {rule['min_fraction']:.0%} of the paper's lift and has p < {rule['alpha']}; "
-             "*not reproduced* otherwise; *not yet measured* without a current grid or with fewer seeds. The "
-             "papers' datasets are not ours: a claim is tested as the same comparison (method vs the paper's "
-             "reference, the paper's metric and ranking protocol where the grid used it) on our data.",
-             "- **CPU-hours**: the recorded wall seconds of the row's cells (one process with one thread each) "
-             "summed over seeds; *x ref* is the mean per seed over that of the reference row in the same grid "
-             "(a plugin's backbone trained alone; blank when the grid has no such row). A cell that loaded a "
-             "shared first stage from the grid's stage cache did not pay for it.", ""]
-    lines += ["## The papers' claims", "",
-              "| method | dataset | paper's claim | our grid (protocol) | ours: reference -> method | lift | seeds | "
-              "CPU-h | x ref | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Results",
+        "",
+        f"Generated by `recbole-diff bench --report` from `{source}` (which grid is current for each claim) and "
+        "the committed grids under `benchmarks/results/`; rebuild it rather than editing it.",
+        "",
+        "- **Lift**: the method over its reference on the seeds both have, in % of the reference's mean, with "
+        "the paired t-test p-value across seeds (the grids' own `results.md` figures).",
+        f"- **Verdict**: *reproduced* when at least {rule['min_seeds']} seeds were paired, our lift has the "
+        f"paper's sign, is at least {rule['min_fraction']:.0%} of the paper's lift and has p < {rule['alpha']}; "
+        "*not reproduced* otherwise; *not yet measured* without a current grid or with fewer seeds. The "
+        "papers' datasets are not ours: a claim is tested as the same comparison (method vs the paper's "
+        "reference, the paper's metric and ranking protocol where the grid used it) on our data.",
+        "- **CPU-hours**: the recorded wall seconds of the row's cells (one process with one thread each) "
+        "summed over seeds; *x ref* is the mean per seed over that of the reference row in the same grid "
+        "(a plugin's backbone trained alone; blank when the grid has no such row). A cell that loaded a "
+        "shared first stage from the grid's stage cache did not pay for it.",
+        "",
+    ]
+    lines += [
+        "## The papers' claims",
+        "",
+        "| method | dataset | paper's claim | our grid (protocol) | ours: reference -> method | lift | seeds | "
+        "CPU-h | x ref | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in claim_rows(spec, grids):
         c = r["claim"]
         metric = c["metric"]
-        claim_text = (f"{c['before']:.4f} -> {c['after']:.4f} {metric} on {c.get('paper_dataset', '?')} "
-                      f"(**{r['claimed']:+.1f}%**; {c.get('paper', '')})" if r["claimed"] is not None
-                      else f"no figure in {c.get('paper', 'the specs')}")
+        claim_text = (
+            f"{c['before']:.4f} -> {c['after']:.4f} {metric} on {c.get('paper_dataset', '?')} "
+            f"(**{r['claimed']:+.1f}%**; {c.get('paper', '')})"
+            if r["claimed"] is not None
+            else f"no figure in {c.get('paper', 'the specs')}"
+        )
         if r["grid"]:
-            ours = (f"{r['ref_mean'][0]:.4f} -> {r['mean'][0]:.4f} +- {r['mean'][1]:.4f} "
-                    f"({r['label']} vs {r['versus']})")
+            ours = f"{r['ref_mean'][0]:.4f} -> {r['mean'][0]:.4f} +- {r['mean'][1]:.4f} ({r['label']} vs {r['versus']})"
             grid = f"[{r['grid']}](../benchmarks/results/{r['grid']}/results.md) ({r['protocol']})"
             cost = [_hours(r["cpu_hours"]), _times(r["relative"], r["cost_label"] or "")]
             lift = "**" + _lift_text(r["lift"], r["p"]) + "**"
         else:
             ours, grid, cost, lift = "", "", ["", ""], ""
         verdict_text = r["verdict"] + (f": {r['note']}" if r["note"] else "")
-        lines.append(f"| {r['method']} | {r['dataset']} | {claim_text} | {grid} | {ours} | {lift} | "
-                     f"{r['pairs'] or ''} | {cost[0]} | {cost[1]} | {verdict_text} |")
+        lines.append(
+            f"| {r['method']} | {r['dataset']} | {claim_text} | {grid} | {ours} | {lift} | "
+            f"{r['pairs'] or ''} | {cost[0]} | {cost[1]} | {verdict_text} |"
+        )
     lines.append("")
     if spec.get("baselines"):
         lines += _baselines_markdown(spec, grids)
     if spec.get("superseded"):
-        lines += ["## Superseded grids", "",
-                  "Kept for their history; the tables above do not read them.", ""]
+        lines += ["## Superseded grids", "", "Kept for their history; the tables above do not read them.", ""]
         lines += [f"- [{g}](../benchmarks/results/{g}/results.md): {why}" for g, why in spec["superseded"].items()]
         lines.append("")
     return "\n".join(lines)
@@ -308,23 +351,36 @@ def markdown(spec, grids, source=DEFAULT_SPEC):
 def _baselines_markdown(spec, grids):
     b = spec["baselines"]
     metric = b["metric"].lower()
-    lines = [f"## Against default and tuned baselines ({b['dataset']}, one protocol)", "",
-             f"Every row of [{b['grid']}](../benchmarks/results/{b['grid']}/results.md) ({b.get('about', '')}), "
-             f"test {metric}, mean +- std over seeds, lift over each baseline with its paired p. The tuned rows "
-             "use the best configuration of a Ray Tune search (ASHA) at these settings; their CPU-hours add "
-             "the search's.", "",
-             "| method | seeds | " + metric + " | " + " | ".join(f"vs {v}" for v in b["versus"])
-             + " | CPU-h | x ref | note |", "|---|---|---|" + "---|" * len(b["versus"]) + "---|---|---|"]
+    lines = [
+        f"## Against default and tuned baselines ({b['dataset']}, one protocol)",
+        "",
+        f"Every row of [{b['grid']}](../benchmarks/results/{b['grid']}/results.md) ({b.get('about', '')}), "
+        f"test {metric}, mean +- std over seeds, lift over each baseline with its paired p. The tuned rows "
+        "use the best configuration of a Ray Tune search (ASHA) at these settings; their CPU-hours add "
+        "the search's.",
+        "",
+        "| method | seeds | "
+        + metric
+        + " | "
+        + " | ".join(f"vs {v}" for v in b["versus"])
+        + " | CPU-h | x ref | note |",
+        "|---|---|---|" + "---|" * len(b["versus"]) + "---|---|---|",
+    ]
     for label, why in (b.get("pending") or {}).items():
         if (b["dataset"], label) in grids.table(b["grid"], metric):
-            raise ReportError(f"baselines: '{label}' is pending but {b['grid']} has its cells now; move it to "
-                              "'versus' (and 'tuning') and rebuild.")
+            raise ReportError(
+                f"baselines: '{label}' is pending but {b['grid']} has its cells now; move it to "
+                "'versus' (and 'tuning') and rebuild."
+            )
         lines.append("| " + " | ".join([label] + [""] * (len(b["versus"]) + 4) + [f"not yet measured: {why}"]) + " |")
     for r in baseline_rows(spec, grids):
         vs = [("" if r["versus"][v] is None else _lift_text(*r["versus"][v][:2])) for v in b["versus"]]
         hours = _hours(r["cpu_hours"]) + (f" + {r['tuning_hours']:.2f} tuning" if r["tuning_hours"] else "")
-        lines.append(f"| {r['label']} | {r['seeds']} | {r['mean'][0]:.4f} +- {r['mean'][1]:.4f} | "
-                     + " | ".join(vs) + f" | {hours} | {_times(r['relative'], r['cost_label'])} | {r['note']} |")
+        lines.append(
+            f"| {r['label']} | {r['seeds']} | {r['mean'][0]:.4f} +- {r['mean'][1]:.4f} | "
+            + " | ".join(vs)
+            + f" | {hours} | {_times(r['relative'], r['cost_label'])} | {r['note']} |"
+        )
     return lines + [""]
 
 
@@ -339,14 +395,20 @@ def build(spec_path=DEFAULT_SPEC, out=DEFAULT_OUT):
 
 
 def report_command(argv):
-    parser = argparse.ArgumentParser(prog="recbole-diff bench --report",
-                                     description="Build the results page from the committed grids.")
-    parser.add_argument("--report", nargs="?", const=DEFAULT_SPEC, default=DEFAULT_SPEC,
-                        help=f"which grid is current for each claim (default {DEFAULT_SPEC})")
+    parser = argparse.ArgumentParser(
+        prog="recbole-diff bench --report", description="Build the results page from the committed grids."
+    )
+    parser.add_argument(
+        "--report",
+        nargs="?",
+        const=DEFAULT_SPEC,
+        default=DEFAULT_SPEC,
+        help=f"which grid is current for each claim (default {DEFAULT_SPEC})",
+    )
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"the page (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     try:
         build(args.report, args.out)
     except ReportError as e:
-        raise SystemExit(f"recbole-diff bench --report: {e}")
+        raise SystemExit(f"recbole-diff bench --report: {e}") from e
     print(f"[report] wrote {args.out}")

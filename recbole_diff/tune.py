@@ -13,12 +13,19 @@ A search space file maps config keys to one distribution each::
     diffusion_steps: {randint: [10, 31]}     # upper bound excluded
     zeta: {grid: [0.5, 1.5]}                 # every value, for each sample
 """
+
 import argparse
 import json
 import os
 import time
 
 import yaml
+
+from recbole_diff.io import read_yaml
+from recbole_diff.runtime import parse_key_values
+
+# ray, RecBole and the rest of recbole-diff are imported where a search or a trial needs them: reading and checking
+# a search space stays light.
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
 
@@ -29,19 +36,23 @@ class SearchSpaceError(ValueError):
 
 def load_space(path):
     """Read and check a search-space yaml; returns {key: (distribution, args)}."""
-    from recbole_diff.utils import read_yaml
-
     raw = read_yaml(path, "Search space file", SearchSpaceError, SearchSpaceError)
     if not isinstance(raw, dict) or not raw:
-        raise SearchSpaceError(f"Search space file '{path}' must map config keys to distributions, "
-                               "e.g. `learning_rate: {loguniform: [1.0e-4, 1.0e-2]}`.")
+        raise SearchSpaceError(
+            f"Search space file '{path}' must map config keys to distributions, "
+            "e.g. `learning_rate: {loguniform: [1.0e-4, 1.0e-2]}`."
+        )
     space = {}
     for key, spec in raw.items():
         if not isinstance(spec, dict) or len(spec) != 1:
-            raise SearchSpaceError(f"{path}: '{key}' needs exactly one distribution, one of {DISTRIBUTIONS}; got {spec!r}.")
-        (dist, args), = spec.items()
+            raise SearchSpaceError(
+                f"{path}: '{key}' needs exactly one distribution, one of {DISTRIBUTIONS}; got {spec!r}."
+            )
+        ((dist, args),) = spec.items()
         if dist not in DISTRIBUTIONS:
-            raise SearchSpaceError(f"{path}: '{key}' uses unknown distribution '{dist}'; choose one of {DISTRIBUTIONS}.")
+            raise SearchSpaceError(
+                f"{path}: '{key}' uses unknown distribution '{dist}'; choose one of {DISTRIBUTIONS}."
+            )
         if not isinstance(args, list) or not args:
             raise SearchSpaceError(f"{path}: '{key}: {dist}' needs a list of arguments, got {args!r}.")
         if dist in ("uniform", "loguniform", "randint") and len(args) != 2:
@@ -59,8 +70,7 @@ def load_space(path):
 def to_ray(space):
     from ray import tune
 
-    make = {"uniform": tune.uniform, "loguniform": tune.loguniform, "quniform": tune.quniform,
-            "randint": tune.randint}
+    make = {"uniform": tune.uniform, "loguniform": tune.loguniform, "quniform": tune.quniform, "randint": tune.randint}
     out = {}
     for key, (dist, args) in space.items():
         if dist == "choice":
@@ -95,15 +105,24 @@ def trainable(params, base):
     torch.set_num_threads(1)
     from recbole.utils import init_seed
 
+    from recbole_diff.model.registry import get_model
     from recbole_diff.quick_start import build_config, prepare_data
-    from recbole_diff.utils import get_model, get_trainer, init_logger
+    from recbole_diff.runtime import init_logger
+    from recbole_diff.trainer.registry import get_trainer
 
     trial_dir = os.getcwd()  # Tune runs each trial in its own folder
     # each trial trains once, reporting every validation to the scheduler: no resume points shared by trials
-    config_dict = dict(base["config_dict"], **params, checkpoint_dir=os.path.join(trial_dir, "saved"),
-                       show_progress=False, threads=1, resume_dir=None)
-    config = build_config(base["model"], base["dataset"], base["config_files"], config_dict, base["backbone"],
-                          cmd_line=False)
+    config_dict = dict(
+        base["config_dict"],
+        **params,
+        checkpoint_dir=os.path.join(trial_dir, "saved"),
+        show_progress=False,
+        threads=1,
+        resume_dir=None,
+    )
+    config = build_config(
+        base["model"], base["dataset"], base["config_files"], config_dict, base["backbone"], cmd_line=False
+    )
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     _, train_data, valid_data, test_data = prepare_data(config)
@@ -126,8 +145,14 @@ def trainable(params, base):
 
     _, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=callback)
     test_result = trainer.evaluate(test_data, load_best_model=True)
-    report(dict(_flat("valid", best_valid), **_flat("test", test_result), valid_score=float(
-        best_valid[config["valid_metric"].lower()]), done_test=True))
+    report(
+        dict(
+            _flat("valid", best_valid),
+            **_flat("test", test_result),
+            valid_score=float(best_valid[config["valid_metric"].lower()]),
+            done_test=True,
+        )
+    )
 
 
 def peak(result, metric, bigger):
@@ -146,12 +171,25 @@ def trial_summary(results, metric, scheduler, wall, bigger=True):
     for result in results:
         m = result.metrics or {}
         finished = bool(m.get("done_test"))
-        trials.append({"config": result.config, "validations": int(m.get("training_iteration", 0)) - finished,
-                       "finished": finished, "best": peak(result, metric, bigger), "last": m.get(metric),
-                       "error": str(result.error) if result.error else None})
-    return {"scheduler": scheduler, "metric": metric, "wall_seconds": wall, "trials": len(trials),
-            "validations": sum(t["validations"] for t in trials),
-            "stopped_early": sum(not t["finished"] and not t["error"] for t in trials), "per_trial": trials}
+        trials.append(
+            {
+                "config": result.config,
+                "validations": int(m.get("training_iteration", 0)) - finished,
+                "finished": finished,
+                "best": peak(result, metric, bigger),
+                "last": m.get(metric),
+                "error": str(result.error) if result.error else None,
+            }
+        )
+    return {
+        "scheduler": scheduler,
+        "metric": metric,
+        "wall_seconds": wall,
+        "trials": len(trials),
+        "validations": sum(t["validations"] for t in trials),
+        "stopped_early": sum(not t["finished"] and not t["error"] for t in trials),
+        "per_trial": trials,
+    }
 
 
 def fixed_settings(config_files, config_dict, loader):
@@ -168,9 +206,23 @@ def fixed_settings(config_files, config_dict, loader):
     return fixed
 
 
-def run_tune(model, dataset, space_path, samples, config_dict=None, config_files=None, backbone=None,
-             address=None, cpus=None, scheduler="asha", out_dir="tune_runs", name=None, metric=None, log=print,
-             search_seed=None):
+def run_tune(
+    model,
+    dataset,
+    space_path,
+    samples,
+    config_dict=None,
+    config_files=None,
+    backbone=None,
+    address=None,
+    cpus=None,
+    scheduler="asha",
+    out_dir="tune_runs",
+    name=None,
+    metric=None,
+    log=print,
+    search_seed=None,
+):
     """Run a search; returns (best params, best yaml path, wall seconds). Trial configs are drawn with
     ``search_seed`` (default: the config's ``seed``), so the same command samples the same trials, and two
     schedulers can be compared on identical trials."""
@@ -181,12 +233,24 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
     # distribution) go through the same key and type checks as a run's.
     sample = {k: args[0] for k, (dist, args) in space.items()}
     try:
-        Config(model=model, dataset=dataset, config_file_list=config_files, config_dict=dict(config_dict or {}, **sample),
-               backbone=backbone, cmd_line=False)
+        Config(
+            model=model,
+            dataset=dataset,
+            config_file_list=config_files,
+            config_dict=dict(config_dict or {}, **sample),
+            backbone=backbone,
+            cmd_line=False,
+        )
     except (KeyError, TypeError) as e:
         raise SearchSpaceError(f"{space_path}: {e}") from e
-    probe = Config(model=model, dataset=dataset, config_file_list=config_files, config_dict=config_dict,
-                   backbone=backbone, cmd_line=False)
+    probe = Config(
+        model=model,
+        dataset=dataset,
+        config_file_list=config_files,
+        config_dict=config_dict,
+        backbone=backbone,
+        cmd_line=False,
+    )
     metric = metric or f"valid/{probe['valid_metric'].lower()}"
     config_dict = dict(config_dict or {})
     if config_dict.get("data_path"):
@@ -199,24 +263,36 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=None if address else (cpus or 1), include_dashboard=False,
-                 log_to_driver=False, ignore_reinit_error=True)
+        ray.init(
+            address=address,
+            num_cpus=None if address else (cpus or 1),
+            include_dashboard=False,
+            log_to_driver=False,
+            ignore_reinit_error=True,
+        )
     epochs = probe["diffusion_epochs"] if probe["diffusion_epochs"] else probe["epochs"]
     bigger = bool(probe["valid_metric_bigger"])
     mode = "max" if bigger else "min"
     search_seed = int(probe["seed"] if search_seed is None else search_seed)
     # one report per validation plus the final test report: a trial that validates every epoch must not be
     # stopped by max_t before it reports its test metrics
-    sched = (ASHAScheduler(time_attr="training_iteration", max_t=max(1, int(epochs)) + 1, grace_period=1,
-                           reduction_factor=2) if scheduler == "asha" else FIFOScheduler())
-    base = {"model": model, "dataset": dataset, "config_dict": config_dict, "config_files": files,
-            "backbone": backbone}
+    sched = (
+        ASHAScheduler(time_attr="training_iteration", max_t=max(1, int(epochs)) + 1, grace_period=1, reduction_factor=2)
+        if scheduler == "asha"
+        else FIFOScheduler()
+    )
+    base = {"model": model, "dataset": dataset, "config_dict": config_dict, "config_files": files, "backbone": backbone}
     name = name or f"{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trainable, base=base), {"cpu": 1}),
         param_space=to_ray(space),
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, scheduler=sched,
-                                    search_alg=BasicVariantGenerator(random_state=search_seed)),
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode=mode,
+            num_samples=samples,
+            scheduler=sched,
+            search_alg=BasicVariantGenerator(random_state=search_seed),
+        ),
         run_config=air.RunConfig(name=name, storage_path=os.path.abspath(out_dir), verbose=1),
     )
     start = time.time()
@@ -232,22 +308,27 @@ def run_tune(model, dataset, space_path, samples, config_dict=None, config_files
     test_value = best.metrics.get("test/" + metric.split("/", 1)[1])
     with open(best_yaml, "w") as f:
         # a trial the scheduler stopped early never ran its test evaluation
-        f.write(f"# best of {samples} trials by {metric} ({scheduler}): {best_value}; test: "
-                f"{test_value if test_value is not None else 'not run (trial stopped early)'}\n")
+        f.write(
+            f"# best of {samples} trials by {metric} ({scheduler}): {best_value}; test: "
+            f"{test_value if test_value is not None else 'not run (trial stopped early)'}\n"
+        )
         yaml.safe_dump(written, f, sort_keys=False)
-    summary = dict(trial_summary(results, metric, scheduler, wall, bigger), search_seed=search_seed,
-                   best={"config": best_params, metric: best_value})
+    summary = dict(
+        trial_summary(results, metric, scheduler, wall, bigger),
+        search_seed=search_seed,
+        best={"config": best_params, metric: best_value},
+    )
     with open(os.path.join(os.path.dirname(best_yaml), "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    log(f"[tune] {len(results)} trials in {wall:.0f}s ({summary['validations']} validations, "
+    log(
+        f"[tune] {len(results)} trials in {wall:.0f}s ({summary['validations']} validations, "
         f"{summary['stopped_early']} trials stopped early by {scheduler}); best {metric} = "
-        f"{best_value}; best config: {best_yaml}")
+        f"{best_value}; best config: {best_yaml}"
+    )
     return best_params, best_yaml, wall
 
 
 def tune_command(argv):
-    from recbole_diff.cli import _parse_key_values
-
     parser = argparse.ArgumentParser(prog="recbole-diff tune", description="Ray Tune search over a config space.")
     parser.add_argument("--model", required=True)
     parser.add_argument("--dataset", required=True)
@@ -262,9 +343,19 @@ def tune_command(argv):
     parser.add_argument("--search_seed", type=int, default=None, help="seed of the trial sampling (default: seed)")
     args, rest = parser.parse_known_args(argv)
     try:
-        run_tune(args.model, args.dataset, args.space, args.samples, config_dict=_parse_key_values(rest),
-                 config_files=args.config_files.split() if args.config_files else None, backbone=args.backbone,
-                 address=args.address, cpus=args.cpus, scheduler=args.scheduler, out_dir=args.out,
-                 search_seed=args.search_seed)
+        run_tune(
+            args.model,
+            args.dataset,
+            args.space,
+            args.samples,
+            config_dict=parse_key_values(rest),
+            config_files=args.config_files.split() if args.config_files else None,
+            backbone=args.backbone,
+            address=args.address,
+            cpus=args.cpus,
+            scheduler=args.scheduler,
+            out_dir=args.out,
+            search_seed=args.search_seed,
+        )
     except SearchSpaceError as e:
-        raise SystemExit(f"recbole-diff tune: {e}")
+        raise SystemExit(f"recbole-diff tune: {e}") from e

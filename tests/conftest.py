@@ -7,25 +7,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-DATA_PATH = os.path.join(TESTS_DIR, "data")
-SLICE = "ml-100k-slice"
+from recbole_diff.runtime import autograd_anomaly_off  # noqa: E402
 
-# A tiny sequential setup on the shipped slice of ml-100k (120 users, 915 items).
-TINY = {
-    "data_path": DATA_PATH,
-    "MAX_ITEM_LIST_LENGTH": 10,
-    "hidden_size": 16,
-    "inner_size": 32,
-    "embedding_size": 16,
-    "n_layers": 1,
-    "n_heads": 1,
-    "train_batch_size": 256,
-    "eval_batch_size": 256,
-    "epochs": 2,
-    "show_progress": False,
-    "state": "WARNING",
-}
+autograd_anomaly_off()  # as a run does: tests that build models themselves train at full speed
+
+from helpers import TINY  # noqa: E402
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ Use (tests import it as a module: ``from host_guard import no_host_transfers, gu
 is known and wanted. Data that lives on the host by design (a CSR of training sequences, a numpy index) must
 be prepared outside the guard: on the CPU the guard cannot tell a host tensor from a device one.
 """
+
 import functools
 import os
 import traceback
@@ -57,9 +58,11 @@ def _caller():
 
 def _raiser(name):
     def refuse(self, *args, **kwargs):
-        raise HostTransferError(f"host transfer inside no_host_transfers(): Tensor {name} at {_caller()}. On a "
-                                f"GPU this copies to the host and waits for the device; keep the value on the "
-                                f"device, or select a CPU-only path with recbole_diff.device.host_fast_path.")
+        raise HostTransferError(
+            f"host transfer inside no_host_transfers(): Tensor {name} at {_caller()}. On a "
+            f"GPU this copies to the host and waits for the device; keep the value on the "
+            f"device, or select a CPU-only path with recbole_diff.device.host_fast_path."
+        )
 
     return refuse
 

@@ -1,14 +1,14 @@
 """The backbone adapter reaches each RecBole model's own states and scores."""
+
 import pytest
 import torch
+from helpers import SLICE, TINY
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
+from recbole_diff import get_model
 from recbole_diff.config import Config
 from recbole_diff.model.backbone import BackboneAdapter
-from recbole_diff.utils import get_model
-
-from conftest import SLICE, TINY
 
 
 def build(name):

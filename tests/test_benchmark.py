@@ -1,13 +1,13 @@
 """A 2-cell benchmark on the test slice: tables, plots, resumption, bad input."""
+
 import csv
 import os
 
 import pytest
 import yaml
+from helpers import DATA_PATH, SLICE, TINY
 
 from recbole_diff.benchmark import BenchmarkError, load_grid, run_grid
-
-from conftest import DATA_PATH, SLICE, TINY
 
 
 def write_grid(tmp_path, **extra):
@@ -61,9 +61,16 @@ def test_plugin_cells_of_a_seed_share_one_backbone_even_when_run_together(tmp_pa
     from test_globaldiff import FAST
 
     plugin = {k: v for k, v in FAST.items() if k not in TINY or k == "epochs"}
-    grid = write_grid(tmp_path, seeds=[1], baseline=None, metrics=["ndcg@10"], methods=[
-        {"name": "G5", "model": "GlobalDiff", "backbones": ["SASRec"], "config": dict(plugin, gamma=0.5)},
-        {"name": "G9", "model": "GlobalDiff", "backbones": ["SASRec"], "config": dict(plugin, gamma=0.9)}])
+    grid = write_grid(
+        tmp_path,
+        seeds=[1],
+        baseline=None,
+        metrics=["ndcg@10"],
+        methods=[
+            {"name": "G5", "model": "GlobalDiff", "backbones": ["SASRec"], "config": dict(plugin, gamma=0.5)},
+            {"name": "G9", "model": "GlobalDiff", "backbones": ["SASRec"], "config": dict(plugin, gamma=0.9)},
+        ],
+    )
     out = str(tmp_path / "out")
     _, failed = run_grid(grid, out, jobs=2, log=lambda m: None)
     assert not failed
@@ -92,7 +99,7 @@ def test_bad_grids_are_refused(tmp_path):
 
 
 def test_cells_locked_by_a_live_process_are_left_alone_and_stale_locks_taken_over(tmp_path):
-    from recbole_diff.utils import claim_lock
+    from recbole_diff.io import claim_lock
 
     lock = str(tmp_path / "running.lock")
     assert claim_lock(lock)
@@ -127,14 +134,16 @@ def test_every_shipped_preset_loads():
 
 
 def test_methods_and_seeds_select_cells_and_unknown_names_are_refused():
-    from recbole_diff.benchmark import cells, select
-
     from recbole_diff import properties_dir
+    from recbole_diff.benchmark import cells, select
 
     grid = cells(load_grid(os.path.join(properties_dir(), "bench", "diffuasr_ml-100k.yaml")))
     chosen = select(grid, methods=["DiffuASR-CG@SASRec", "random"], seeds=[2021])
     assert {(c["label"], c["seed"]) for c in chosen} == {
-        ("DiffuASR-CG@SASRec", 2021), ("random@SASRec", 2021), ("random@BERT4Rec", 2021)}
+        ("DiffuASR-CG@SASRec", 2021),
+        ("random@SASRec", 2021),
+        ("random@BERT4Rec", 2021),
+    }
     assert select(grid) == grid
     with pytest.raises(BenchmarkError, match="'DiffuASR-XX' is not in this grid"):
         select(grid, methods=["DiffuASR-XX"])
@@ -146,9 +155,19 @@ def test_a_plugins_first_stage_gets_a_row_of_its_own_once_per_seed():
     from recbole_diff.benchmark import _aggregate, _lifts, _markdown
 
     def row(method, seed, ndcg, stage=None, backbone="SASRec", epochs=1000):
-        r = {"cell": {"dataset": "d", "label": f"{method}@{backbone}" if backbone else method, "method": method,
-                      "seed": seed, "backbone": backbone, "config": {"tidiffrec_epochs": epochs, "gamma": 1}},
-             "seconds": 60.0, "test_result": {"ndcg@10": ndcg}, "test_result_full": {"ndcg@10": ndcg / 5}}
+        r = {
+            "cell": {
+                "dataset": "d",
+                "label": f"{method}@{backbone}" if backbone else method,
+                "method": method,
+                "seed": seed,
+                "backbone": backbone,
+                "config": {"tidiffrec_epochs": epochs, "gamma": 1},
+            },
+            "seconds": 60.0,
+            "test_result": {"ndcg@10": ndcg},
+            "test_result_full": {"ndcg@10": ndcg / 5},
+        }
         if stage is not None:
             r["tidiffrec_test_result"] = {"ndcg@10": stage}  # tested under the grid's main mode only
         return r
@@ -171,28 +190,53 @@ def test_a_plugins_first_stage_gets_a_row_of_its_own_once_per_seed():
     # a cell whose stage is set otherwise is another model: a row of its own, not mixed into the first
     other = rows + [row("PDRec-short", 1, 0.25, 0.20, epochs=60)]
     labels = {label for _, label in _aggregate(spec, other, metrics)}
-    assert {'TIDiffRec (PDRec\'s stage 1) {"tidiffrec_epochs": 1000}',
-            'TIDiffRec (PDRec\'s stage 1) {"tidiffrec_epochs": 60}'} <= labels
+    assert {
+        'TIDiffRec (PDRec\'s stage 1) {"tidiffrec_epochs": 1000}',
+        'TIDiffRec (PDRec\'s stage 1) {"tidiffrec_epochs": 60}',
+    } <= labels
 
 
 def test_versus_adds_paired_lifts_against_the_named_methods_only():
     from recbole_diff.benchmark import _aggregate, _markdown
 
     def row(method, seed, ndcg):
-        return {"cell": {"dataset": "d", "label": method, "method": method, "seed": seed, "backbone": None,
-                         "config": {}}, "seconds": 60.0, "test_result": {"ndcg@10": ndcg}}
+        return {
+            "cell": {"dataset": "d", "label": method, "method": method, "seed": seed, "backbone": None, "config": {}},
+            "seconds": 60.0,
+            "test_result": {"ndcg@10": ndcg},
+        }
 
-    rows = [row("SASRec", 1, 0.20), row("SASRec", 2, 0.22), row("DiffuRec", 1, 0.25), row("DiffuRec", 2, 0.25),
-            row("V1", 1, 0.30), row("V1", 2, 0.26), row("V2", 1, 0.28)]
-    spec = {"name": "g", "datasets": ["d"], "baseline": "SASRec",
-            "methods": [{"name": "SASRec"}, {"name": "DiffuRec"}, {"name": "V1", "versus": ["DiffuRec"]},
-                        {"name": "V2", "versus": ["DiffuRec", "SASRec"]}]}
+    rows = [
+        row("SASRec", 1, 0.20),
+        row("SASRec", 2, 0.22),
+        row("DiffuRec", 1, 0.25),
+        row("DiffuRec", 2, 0.25),
+        row("V1", 1, 0.30),
+        row("V1", 2, 0.26),
+        row("V2", 1, 0.28),
+    ]
+    spec = {
+        "name": "g",
+        "datasets": ["d"],
+        "baseline": "SASRec",
+        "methods": [
+            {"name": "SASRec"},
+            {"name": "DiffuRec"},
+            {"name": "V1", "versus": ["DiffuRec"]},
+            {"name": "V2", "versus": ["DiffuRec", "SASRec"]},
+        ],
+    }
     md = _markdown(spec, _aggregate(spec, rows, ["ndcg@10"]), ["ndcg@10"])
     lifts = [line for line in md.splitlines() if line.count("|") == 4 and "%" in line]
     # two seeds, t = 4, 2.33, 1.5 on one degree of freedom; V2 is paired on the one seed it shares (no p), and
     # the baseline in its versus is not listed twice
-    assert lifts == ["| DiffuRec | SASRec | +19.0% (p=0.156) |", "| V1 | SASRec | +33.3% (p=0.258) |",
-                     "| V1 | DiffuRec | +12.0% (p=0.374) |", "| V2 | SASRec | +40.0% |", "| V2 | DiffuRec | +12.0% |"]
+    assert lifts == [
+        "| DiffuRec | SASRec | +19.0% (p=0.156) |",
+        "| V1 | SASRec | +33.3% (p=0.258) |",
+        "| V1 | DiffuRec | +12.0% (p=0.374) |",
+        "| V2 | SASRec | +40.0% |",
+        "| V2 | DiffuRec | +12.0% |",
+    ]
 
 
 def test_a_constant_difference_between_rounded_metrics_gets_no_p_value():
@@ -208,11 +252,21 @@ def test_long_tail_groups_are_metrics_of_the_cell_and_of_its_backbone():
     from recbole_diff.benchmark import _aggregate, _markdown, metric_value
 
     def row(seed, ndcg):
-        return {"cell": {"dataset": "d", "label": "A@SASRec", "method": "A", "seed": seed, "backbone": "SASRec",
-                         "config": {}}, "seconds": 60.0, "test_result": {"ndcg@10": ndcg},
-                "backbone_test_result": {"ndcg@10": ndcg - 0.1},
-                "long_tail_result": {"3-5": {"users": 0, "ndcg@10": None}, ">20": {"users": 4, "ndcg@10": ndcg / 2}},
-                "backbone_long_tail_result": {">20": {"users": 4, "ndcg@10": ndcg / 4}}}
+        return {
+            "cell": {
+                "dataset": "d",
+                "label": "A@SASRec",
+                "method": "A",
+                "seed": seed,
+                "backbone": "SASRec",
+                "config": {},
+            },
+            "seconds": 60.0,
+            "test_result": {"ndcg@10": ndcg},
+            "backbone_test_result": {"ndcg@10": ndcg - 0.1},
+            "long_tail_result": {"3-5": {"users": 0, "ndcg@10": None}, ">20": {"users": 4, "ndcg@10": ndcg / 2}},
+            "backbone_long_tail_result": {">20": {"users": 4, "ndcg@10": ndcg / 4}},
+        }
 
     assert metric_value(row(1, 0.4), "group:>20:ndcg@10") == 0.2
     assert metric_value(row(1, 0.4), "group:>20:ndcg@10", "backbone_test_result") == 0.1

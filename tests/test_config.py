@@ -1,27 +1,26 @@
 """Config layering, registration and early errors on bad input."""
+
 import os
 import sys
 
 import pytest
-from recbole.model.abstract_recommender import SequentialRecommender
+import yaml
+from helpers import DATA_PATH, SLICE, TINY
 from recbole.utils import InputType
 
-from recbole_diff.config import Config
+from recbole_diff import get_model, get_trainer, properties_dir
+from recbole_diff.config import Config, UnknownKeyError, stage_config
+from recbole_diff.model.plugin.base import PluginRecommender
 from recbole_diff.trainer import CompatMixin
-from recbole_diff.utils import get_model, get_trainer
-
-from conftest import DATA_PATH, SLICE, TINY
 
 
 def make(model="SASRec", **overrides):
     return Config(model=model, dataset=SLICE, config_dict=dict(TINY, **overrides), cmd_line=False)
 
 
-class ToyPlugin(SequentialRecommender):
+class ToyPlugin(PluginRecommender):
     """A minimal plugin-shaped model: only what the Config looks at."""
 
-    is_plugin = True
-    default_backbone = "SASRec"
     input_type = InputType.POINTWISE
 
 
@@ -104,6 +103,34 @@ def test_config_files_are_checked(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(f"data_path: {DATA_PATH}\nepochs: 3\n")
     assert Config(model="SASRec", dataset=SLICE, config_file_list=[str(good)], cmd_line=False)["epochs"] == 3
+
+
+def _model_yaml(name):
+    with open(os.path.join(properties_dir(), "model", f"{name}.yaml"), encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def test_a_model_of_ours_inherits_its_parents_yaml():
+    parent, own = _model_yaml("DiffuRec"), _model_yaml("DiffuRecSys")
+    assert own and all(own[k] != parent.get(k) for k in own)  # DiffuRecSys.yaml states only what differs
+    expected = dict(parent, **own)
+    config = Config(model="DiffuRecSys", dataset=SLICE, config_dict={"data_path": DATA_PATH}, cmd_line=False)
+    assert {k: config.internal_config_dict[k] for k in expected} == expected
+    stage = stage_config(make(), "DiffuRecSys")
+    assert {k: stage[k] for k in expected} == expected
+    as_backbone = Config(
+        model="GlobalDiff", backbone="DiffuRecSys", dataset=SLICE, config_dict=dict(TINY), cmd_line=False
+    )
+    plugin_own = _model_yaml("GlobalDiff")
+    assert all(as_backbone[k] == v for k, v in expected.items() if k not in plugin_own and k not in TINY)
+
+
+def test_inherited_keys_are_still_checked():
+    with pytest.raises(UnknownKeyError, match="did you mean 'lambda_mean'"):
+        make("DiffuRecSys", lamda_mean=0.01)
+    with pytest.raises(TypeError, match="'sample_steps' must be of type int"):  # a `~` key: its type is DiffuRec.yaml's
+        make("DiffuRecSys", sample_steps="all")
+    assert make("DiffuRecSys", sample_steps=4)["sample_steps"] == 4
 
 
 def test_get_model_prefers_ours_then_recbole():

@@ -1,37 +1,59 @@
 """DiffuASR: SU-Net, the augmenter's loss and guidance, rounding, the baselines, the dataset writer and the
 pipeline (evaluation with prepended items equals the augmented dataset's own evaluation)."""
+
+import logging
 import os
 
 import numpy as np
 import pytest
 import torch
+from helpers import DATA_PATH, SLICE, TINY
 from recbole.data import create_dataset, data_preparation
 
+from recbole_diff import get_model, get_trainer
 from recbole_diff.data.augment import (
-    Sequences, augmenter_users, history_mask, random_prefix, random_seq_prefix, read_atomic, round_to_items,
-    training_sequences, write_augmented_dataset,
+    Sequences,
+    augmenter_users,
+    history_mask,
+    random_prefix,
+    random_seq_prefix,
+    read_atomic,
+    round_to_items,
+    training_sequences,
+    write_augmented_dataset,
 )
+from recbole_diff.model.plugin.diffuasr import AUG_HEADS, AUG_RAW, AugmenterLoader
 from recbole_diff.model.plugin.sunet import SUNet
 from recbole_diff.quick_start import build_config, load_data_and_model, prepare_data, run_recbole_diff
-from recbole_diff.utils import get_model, get_trainer
 
-from conftest import DATA_PATH, SLICE, TINY
-
-ASR = dict(TINY, hidden_size=16, diffusion_embedding_size=16, unet_channels=[8, 16, 16], M=3, augmenter_epochs=2,
-           augmenter_steps=None, sampler="ddim", sample_steps=5, epochs=2)
+ASR = dict(
+    TINY,
+    hidden_size=16,
+    diffusion_embedding_size=16,
+    unet_channels=[8, 16, 16],
+    M=3,
+    augmenter_epochs=2,
+    augmenter_train_steps=None,
+    sampler="ddim",
+    sample_steps=5,
+    epochs=2,
+)
 
 
 def build(tmp_path, **overrides):
-    config = build_config("DiffuASR", SLICE, config_dict=dict(ASR, checkpoint_dir=str(tmp_path), **overrides),
-                          cmd_line=False)
+    config = build_config(
+        "DiffuASR", SLICE, config_dict=dict(ASR, checkpoint_dir=str(tmp_path), **overrides), cmd_line=False
+    )
     _, train, valid, test = prepare_data(config)
     torch.manual_seed(0)
     return config, get_model("DiffuASR")(config, train.dataset), train, valid, test
 
 
 # ---- SU-Net ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("m,d,channels", [(1, 16, (8, 16, 16)), (4, 64, (8, 16, 16, 16)), (10, 64, (8, 16, 16, 16)),
-                                          (7, 256, (8, 16, 16, 16))])
+@pytest.mark.parametrize(
+    "m,d,channels",
+    [(1, 16, (8, 16, 16)), (4, 64, (8, 16, 16, 16)), (10, 64, (8, 16, 16, 16)), (7, 256, (8, 16, 16, 16))],
+)
 def test_sunet_output_has_the_input_shape(m, d, channels):
     net = SUNet(m, d, channels)
     x = torch.randn(3, m, d)
@@ -95,16 +117,41 @@ def test_eps_loss_decreases(tmp_path):
     aug = model.augmenter
     opt = torch.optim.Adam(aug.parameters(), lr=3e-3)
     torch.manual_seed(0)
-    flat, offsets = seqs.bags(users, start=model.m)
-    heads = seqs.heads(users, model.m)
+    (batch,) = list(AugmenterLoader(train.dataset, seqs, users, model.m, len(users)))
     losses = []
     for _ in range(60):
-        loss = aug.loss(heads, flat, offsets)
+        loss = aug.loss(batch[AUG_HEADS], batch[AUG_RAW])
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+
+
+def test_training_batches_hold_s_aug_and_s_raw_and_pool_them_as_the_generation_does(tmp_path):
+    config, model, train, _, _ = build(tmp_path, guide="cf")
+    seqs = training_sequences(train.dataset)
+    users = augmenter_users(seqs, model.m, int(config["augmenter_min_raw"]))
+    loader = AugmenterLoader(train.dataset, seqs, users, model.m, 7)
+    batches = list(loader)
+    assert len(batches) == len(loader) == -(-len(users) // 7)
+    seen = []
+    for batch in batches:
+        heads, raw = batch[AUG_HEADS], batch[AUG_RAW]
+        for row_heads, row_raw in zip(heads, raw):
+            user = next(
+                int(u)
+                for u in users
+                if seqs.of(u)[: model.m].tolist() == row_heads.tolist()
+                and seqs.of(u)[model.m :].tolist() == row_raw[row_raw > 0].tolist()
+            )
+            seen.append(user)
+    assert sorted(seen) == sorted(users.tolist())  # every user once an epoch, whole sequences
+    batch = batches[0]
+    rows = [next(int(u) for u in users if seqs.of(u)[: model.m].tolist() == h.tolist()) for h in batch[AUG_HEADS]]
+    flat, offsets = seqs.bags(torch.tensor(rows), start=model.m)
+    padded = model.augmenter.condition(batch[AUG_RAW])
+    assert torch.allclose(padded, model.augmenter.condition(flat, offsets), atol=1e-6)
 
 
 def test_condition_dropout_trains_with_the_null_condition_at_rate_p_uncond(tmp_path):
@@ -116,11 +163,11 @@ def test_condition_dropout_trains_with_the_null_condition_at_rate_p_uncond(tmp_p
     hook = aug.sunet.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[2].detach().clone()))
     n = 4000
     heads = torch.randint(1, model.n_items, (n, model.m))
-    flat, offsets = torch.randint(1, model.n_items, (2 * n,)), torch.arange(0, 2 * n, 2)
+    raw = torch.randint(1, model.n_items, (n, 2))
     torch.manual_seed(0)
-    aug.loss(heads, flat, offsets)
+    aug.loss(heads, raw)
     aug.guide = "cg"  # no dropout outside classifier-free guidance
-    aug.loss(heads, flat, offsets)
+    aug.loss(heads, raw)
     hook.remove()
     null_rows = [(c == 7.0).all(dim=1).float().mean().item() for c in seen]
     assert abs(null_rows[0] - 0.3) < 0.03 and null_rows[1] == 0.0
@@ -139,16 +186,16 @@ def test_classifier_free_guidance_combines_the_two_branches():
         assert torch.equal(classifier_free(net, 0.0, {"c": null})(x, t, c=c), net(x, t, c=c))
 
 
-def test_classifier_free_with_gamma_zero_is_unguided(tmp_path):
+def test_classifier_free_with_guidance_scale_zero_is_unguided(tmp_path):
     _, model, _, _, _ = build(tmp_path, guide="cf")
     aug = model.augmenter.eval()
     c = torch.randn(4, 16)
-    guided = aug.sample(c, gamma=0.0, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(1))
+    guided = aug.sample(c, guidance_scale=0.0, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(1))
     aug.guide = "none"
-    plain = aug.sample(c, gamma=0.0, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(1))
+    plain = aug.sample(c, guidance_scale=0.0, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(guided, plain)
     aug.guide = "cf"
-    other = aug.sample(c, gamma=3.0, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(1))
+    other = aug.sample(c, guidance_scale=3.0, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(other, plain)
 
 
@@ -197,8 +244,9 @@ def test_classifier_reads_a_generated_prefix_as_the_backbone_reads_those_items(t
     assert x.std().item() == pytest.approx(1.0, rel=0.2)
     with torch.no_grad():
         got = model.first_item_log_prob(first)(x, None)
-        scores = model.backbone.full_sort_predict(Interaction({
-            model.ITEM_SEQ: prefix, model.ITEM_SEQ_LEN: torch.full((6,), model.m)}))
+        scores = model.backbone.full_sort_predict(
+            Interaction({model.ITEM_SEQ: prefix, model.ITEM_SEQ_LEN: torch.full((6,), model.m)})
+        )
     log_p = torch.log_softmax(scores, dim=1) if softmax else torch.nn.functional.logsigmoid(scores)
     assert torch.allclose(got, log_p.gather(1, first[:, None]).squeeze(1), atol=1e-5)
 
@@ -239,7 +287,6 @@ def test_random_baselines():
 @pytest.mark.parametrize("exclude", [True, False])
 def test_exclude_history_decides_if_own_items_may_be_generated_and_padding_never_is(tmp_path, exclude):
     config, model, train, _, _ = build(tmp_path, guide="cf", exclude_history=exclude)
-    trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
     sequences = training_sequences(train.dataset)
     users = torch.nonzero(sequences.lengths >= model.m).flatten()[:8]
     own = sequences.heads(users, model.m - 1)
@@ -250,7 +297,7 @@ def test_exclude_history_decides_if_own_items_may_be_generated_and_padding_never
         return torch.cat([table[0].expand(len(c), 1, -1), table[own]], dim=1)
 
     model.augmenter.sample = sample
-    prefix = trainer.generate(sequences, users)
+    prefix, _ = model.generate(sequences, users)
     assert (prefix > 0).all()
     history = history_mask(sequences, users, model.n_items)
     if exclude:
@@ -275,7 +322,8 @@ def test_augmenter_sees_training_items_only(tmp_path):
     # RecBole's training rows are (history, target) in time order; a user's first row's history is the first item
     inter = train.dataset.inter_feat
     own = {}
-    for u, i, history in zip(inter["user_id"].tolist(), inter["item_id"].tolist(), inter["item_id_list"][:, 0].tolist()):
+    columns = (inter["user_id"].tolist(), inter["item_id"].tolist(), inter["item_id_list"][:, 0].tolist())
+    for u, i, history in zip(*columns):
         own.setdefault(u, [history]).append(i)
     assert len(own) == int((seqs.lengths > 0).sum())
     assert all(seqs.of(u).tolist() == items for u, items in own.items())  # whole sequences, in order
@@ -290,8 +338,9 @@ def test_prepending_keeps_the_last_items_and_skips_users_without_a_prefix(tmp_pa
     seq[0, :4] = torch.tensor([1, 2, 3, 4])
     seq[1, :10] = torch.arange(11, 21)
     seq[2, :2] = torch.tensor([30, 31])
-    inter = Interaction({"user_id": torch.tensor([5, 5, 6]), "item_id_list": seq,
-                         "item_length": torch.tensor([4, 10, 2])})
+    inter = Interaction(
+        {"user_id": torch.tensor([5, 5, 6]), "item_id_list": seq, "item_length": torch.tensor([4, 10, 2])}
+    )
     out = model.augmented_input(inter)
     assert out["item_id_list"][0].tolist() == [7, 8, 9, 1, 2, 3, 4, 0, 0, 0] and out["item_length"][0] == 7
     assert out["item_id_list"][1].tolist() == list(range(11, 21)) and out["item_length"][1] == 10
@@ -301,11 +350,11 @@ def test_prepending_keeps_the_last_items_and_skips_users_without_a_prefix(tmp_pa
 def test_users_without_a_validation_item_are_not_augmented(tmp_path):
     from types import SimpleNamespace
 
-    config, model, _, _, _ = build(tmp_path)
-    trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
+    _, model, _, _, _ = build(tmp_path)
     seqs = Sequences(torch.tensor([0, 0, 2, 4, 9]), torch.arange(1, 10))
     valid = SimpleNamespace(dataset=SimpleNamespace(uid_field="user_id", inter_feat={"user_id": torch.tensor([1, 3])}))
-    assert trainer.augmentable_users(seqs, valid).tolist() == [1, 3]
+    assert model.augmentable_users(seqs, valid, logging.getLogger()).tolist() == [1, 3]
+    assert model.stage_info["users_not_augmented"] == 1  # user 2 has training items but no validation row
 
 
 # ---- the writer ----------------------------------------------------------------------------------------------
@@ -315,15 +364,24 @@ def test_writer_keeps_every_interaction_and_the_held_out_targets(tmp_path):
     users = torch.arange(1, ds.user_num)
     prefix = torch.randint(1, ds.item_num, (len(users), 3), generator=torch.Generator().manual_seed(0))
     uid, iid = ds.uid_field, ds.iid_field
-    path = write_augmented_dataset(config["data_path"], SLICE, str(tmp_path / "aug"), "aug-slice",
-                                   list(ds.field2id_token[uid][users.numpy()]),
-                                   [list(r) for r in ds.field2id_token[iid][prefix.numpy()]], uid, iid, ds.time_field)
+    path = write_augmented_dataset(
+        config["data_path"],
+        SLICE,
+        str(tmp_path / "aug"),
+        "aug-slice",
+        list(ds.field2id_token[uid][users.numpy()]),
+        [list(r) for r in ds.field2id_token[iid][prefix.numpy()]],
+        uid,
+        iid,
+        ds.time_field,
+    )
     header, rows = read_atomic(os.path.join(path, "aug-slice.inter"))
     _, original = read_atomic(os.path.join(config["data_path"], f"{SLICE}.inter"))
-    assert rows[:len(original)] == original and len(rows) == len(original) + 3 * len(users)
+    assert rows[: len(original)] == original and len(rows) == len(original) + 3 * len(users)
 
-    aug_config = build_config("SASRec", "aug-slice", cmd_line=False,
-                              config_dict=dict(TINY, data_path=str(tmp_path / "aug")))
+    aug_config = build_config(
+        "SASRec", "aug-slice", cmd_line=False, config_dict=dict(TINY, data_path=str(tmp_path / "aug"))
+    )
     aug_train, aug_valid, aug_test = data_preparation(aug_config, create_dataset(aug_config))
 
     def held(loader):
@@ -340,14 +398,15 @@ def test_writer_keeps_every_interaction_and_the_held_out_targets(tmp_path):
         assert aug_seqs.of(au)[:3].tolist() == want
 
     with pytest.raises(FileExistsError, match="not overwritten"):
-        write_augmented_dataset(config["data_path"], SLICE, str(tmp_path / "aug"), "aug-slice", [], [], uid, iid,
-                                ds.time_field)
+        write_augmented_dataset(
+            config["data_path"], SLICE, str(tmp_path / "aug"), "aug-slice", [], [], uid, iid, ds.time_field
+        )
     assert read_atomic(os.path.join(path, "aug-slice.inter"))[1] == rows
 
 
 # ---- the pipeline ------------------------------------------------------------------------------------------
 def test_pipeline_scores_equal_the_augmented_datasets_own_and_reload(tmp_path):
-    cfg = dict(ASR, checkpoint_dir=str(tmp_path), guide="cf", gamma=1.0)
+    cfg = dict(ASR, checkpoint_dir=str(tmp_path), guide="cf", guidance_scale=1.0)
     result = run_recbole_diff("DiffuASR", SLICE, config_dict=cfg, cmd_line=False)
     assert os.path.isdir(result["augmented_dataset"]) and result["generation_users_per_s"] > 0
     assert result["backbone_test_result"] is not None
@@ -358,8 +417,12 @@ def test_pipeline_scores_equal_the_augmented_datasets_own_and_reload(tmp_path):
 
     # the augmented backbone on the written dataset's own loaders gives the same test metrics
     name = os.path.basename(result["augmented_dataset"])
-    aug_config = build_config("SASRec", name, cmd_line=False, config_dict=dict(
-        ASR, data_path=os.path.dirname(result["augmented_dataset"]), checkpoint_dir=str(tmp_path)))
+    aug_config = build_config(
+        "SASRec",
+        name,
+        cmd_line=False,
+        config_dict=dict(ASR, data_path=os.path.dirname(result["augmented_dataset"]), checkpoint_dir=str(tmp_path)),
+    )
     _, _, aug_test = data_preparation(aug_config, create_dataset(aug_config))
     final = get_model("SASRec")(aug_config, aug_test.dataset)
     trainer = get_trainer(aug_config["MODEL_TYPE"], "SASRec")(aug_config, final)
@@ -376,8 +439,12 @@ def test_pipeline_scores_equal_the_augmented_datasets_own_and_reload(tmp_path):
 
 @pytest.mark.parametrize("augmenter", ["random", "random_seq"])
 def test_random_baselines_run_through_the_same_writer(tmp_path, augmenter):
-    result = run_recbole_diff("DiffuASR", SLICE, cmd_line=False,
-                              config_dict=dict(ASR, checkpoint_dir=str(tmp_path), augmenter=augmenter, epochs=1))
+    result = run_recbole_diff(
+        "DiffuASR",
+        SLICE,
+        cmd_line=False,
+        config_dict=dict(ASR, checkpoint_dir=str(tmp_path), augmenter=augmenter, epochs=1),
+    )
     assert f"-{augmenter}-SASRec-M3-" in result["augmented_dataset"] and "augmenter_seconds" not in result
 
 
@@ -386,8 +453,9 @@ def test_augmented_dataset_names_record_source_m_guide_gamma_steps_and_seed():
 
     name = augmented_name("sports", "SASRec", "diffusion", 10, 2021, "cg", 1.0, 50, "ddim", {"p_uncond": 0.1})
     assert name.startswith("sports-diffuasr-SASRec-M10-cg-g1-ddim50-seed2021-")
-    assert augmented_name("sports", "SASRec", "diffusion", 10, 2021, "cg", 1.0, None, "ancestral", {"p_uncond": 0.1}) \
-        .startswith("sports-diffuasr-SASRec-M10-cg-g1-ancestralall-seed2021-")
+    assert augmented_name(
+        "sports", "SASRec", "diffusion", 10, 2021, "cg", 1.0, None, "ancestral", {"p_uncond": 0.1}
+    ).startswith("sports-diffuasr-SASRec-M10-cg-g1-ancestralall-seed2021-")
     other = augmented_name("sports", "SASRec", "diffusion", 10, 2021, "cg", 1.0, 50, "ddim", {"p_uncond": 0.2})
     assert other != name  # any other setting gives another name, so no run meets another's dataset
     assert augmented_name("sports", "BERT4Rec", "random", 5, 2020) == "sports-random-BERT4Rec-M5-seed2020"
@@ -404,16 +472,23 @@ def test_long_tail_groups_follow_the_users_lengths(tmp_path):
         overall = trainer.evaluate(test, load_best_model=False)
     test_users = torch.as_tensor(test.dataset.inter_feat["user_id"])
     own = lengths[test_users]
-    expected = {"3-5": int(((own >= 3) & (own <= 5)).sum()), "6-20": int(((own >= 6) & (own <= 20)).sum()),
-                ">20": int((own > 20).sum())}
+    expected = {
+        "3-5": int(((own >= 3) & (own <= 5)).sum()),
+        "6-20": int(((own >= 6) & (own <= 20)).sum()),
+        ">20": int((own > 20).sum()),
+    }
     assert {name: g["users"] for name, g in groups.items()} == expected and min(expected.values()) > 0
     hit = sum(g["users"] * g["hit@10"] for g in groups.values()) / len(test_users)
     assert hit == pytest.approx(overall["hit@10"], abs=1e-4)  # the same candidates, the same ranks
 
 
 def test_backbone_on_augmented_data_trains_the_same_whatever_the_stages_before_drew(tmp_path):
-    result = run_recbole_diff("DiffuASR", SLICE, cmd_line=False,
-                              config_dict=dict(ASR, checkpoint_dir=str(tmp_path), augmenter="random", epochs=1))
+    result = run_recbole_diff(
+        "DiffuASR",
+        SLICE,
+        cmd_line=False,
+        config_dict=dict(ASR, checkpoint_dir=str(tmp_path), augmenter="random", epochs=1),
+    )
     root, name = os.path.split(result["augmented_dataset"])
     config, model, train, _, _ = build(tmp_path, augmenter="random", epochs=1)
     trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
@@ -453,23 +528,23 @@ def test_x0_is_the_item_table_at_unit_scale_and_sampling_stays_in_its_range(tmp_
     assert torch.equal(model.round(x0[:60].view(20, 3, -1)), items[:60].view(20, 3))
     bound = x0.abs().max().item()
     with torch.no_grad():
-        out = aug.sample(torch.randn(8, model.d), gamma=1.0, sampler="ddim", steps=10)
+        out = aug.sample(torch.randn(8, model.d), guidance_scale=1.0, sampler="ddim", steps=10)
     assert out.abs().max().item() <= bound + 1e-6
     aug.clip_x0 = False  # an untrained network's estimates leave the table's range without the clip
     with torch.no_grad():
-        assert aug.sample(torch.randn(8, model.d), gamma=1.0, sampler="ddim", steps=10).abs().max() > bound
+        assert aug.sample(torch.randn(8, model.d), guidance_scale=1.0, sampler="ddim", steps=10).abs().max() > bound
 
 
-def test_augmenter_steps_set_the_budget_in_updates(tmp_path):
+def test_augmenter_train_steps_set_the_budget_in_updates(tmp_path):
     from recbole_diff.trainer.diffuasr import DiffuASRTrainer
 
-    config, model, train, _, _ = build(tmp_path, guide="cf", augmenter_steps=5, augmenter_batch_size=16)
+    config, model, train, valid, _ = build(tmp_path, guide="cf", augmenter_train_steps=5, augmenter_batch_size=16)
     trainer = DiffuASRTrainer(config, model)
     seqs = training_sequences(train.dataset)
     users = augmenter_users(seqs, model.m, int(config["augmenter_min_raw"]))
     calls = []
     loss = model.augmenter.loss
     model.augmenter.loss = lambda *a: calls.append(1) or loss(*a)
-    trainer.train_augmenter(seqs)
+    trainer.run_stage("augmenter", train, valid, verbose=False, saved=False)
     per_epoch = -(-len(users) // 16)
     assert len(calls) == per_epoch * -(-5 // per_epoch) and len(calls) >= 5

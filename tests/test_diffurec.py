@@ -1,15 +1,15 @@
 """DiffuRec / DiffuRecSys behaviour on the test slice."""
+
 import pytest
 import torch
+from helpers import SLICE, TINY
 from recbole.data import create_dataset, data_preparation
 from recbole.data.interaction import Interaction
 from recbole.utils import init_seed
 
+from recbole_diff import get_model, get_trainer
 from recbole_diff.config import Config
 from recbole_diff.quick_start import load_data_and_model, run_recbole_diff
-from recbole_diff.utils import get_model, get_trainer
-
-from conftest import SLICE, TINY
 
 SMALL = dict(TINY, hidden_size=16, n_blocks=2, n_heads=2)
 
@@ -39,15 +39,15 @@ def _repad(inter, model, length):
     out = torch.zeros(seq.shape[0], length, dtype=seq.dtype)
     n = min(length, seq.shape[1])
     out[:, :n] = seq[:, :n]
-    return Interaction({model.ITEM_SEQ: out, model.ITEM_SEQ_LEN: inter[model.ITEM_SEQ_LEN],
-                        model.USER_ID: inter[model.USER_ID]})
+    return Interaction(
+        {model.ITEM_SEQ: out, model.ITEM_SEQ_LEN: inter[model.ITEM_SEQ_LEN], model.USER_ID: inter[model.USER_ID]}
+    )
 
 
 @pytest.mark.parametrize("name", ["DiffuRec", "DiffuRecSys"])
 @torch.no_grad()
 def test_padding_changes_nothing_with_lambda_zero(name):
-    _, model, _, test = build(name, lambda_mean=0.0, lambda_std=0.0, trim_padding=False,
-                              position_embedding=True)
+    _, model, _, test = build(name, lambda_mean=0.0, lambda_std=0.0, trim_padding=False, position_embedding=True)
     model.eval()
     inter = first_batch(test)
     assert int(inter[model.ITEM_SEQ_LEN].max()) <= 10
@@ -67,8 +67,10 @@ def test_every_block_of_a_four_block_diffurecsys_learns():
             assert p.grad is not None and p.grad.abs().sum() > 0, f"block {k} {name} got no gradient"
 
 
-@pytest.mark.parametrize("mode,mean,var,shared", [("none", 0.0, 1.0, 0.0), ("constant", 0.1, 1.0, 0.0),
-                                                  ("iid", 0.0, 1.01, 0.0), ("random", 0.0, 1.01, 0.01)])
+@pytest.mark.parametrize(
+    "mode,mean,var,shared",
+    [("none", 0.0, 1.0, 0.0), ("constant", 0.1, 1.0, 0.0), ("iid", 0.0, 1.01, 0.0), ("random", 0.0, 1.01, 0.01)],
+)
 def test_training_noise_modes(mode, mean, var, shared):
     _, model, _, _ = build("DiffuRecSys", offset_noise_mode=mode)
     torch.manual_seed(0)
@@ -122,7 +124,7 @@ def test_multi_sample_inference_averages_distributions():
     assert scores.shape == (inter[model.ITEM_SEQ].shape[0], model.n_items)
     assert torch.allclose(torch.logsumexp(scores, dim=1), torch.zeros(scores.shape[0]), atol=1e-4)
     # the same three reverse runs (same generator, in order), averaged here as probabilities
-    from recbole_diff.utils import eval_generator
+    from recbole_diff.model.utils import eval_generator
 
     seq, seq_len = inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN]
     generator = eval_generator(model.eval_seed, inter, model.USER_ID, seq.device)
@@ -140,12 +142,19 @@ def test_sampled_evaluation_scores_one_run_per_user():
     users = inter[model.USER_ID][:3]
     seq, seq_len = inter[model.ITEM_SEQ][:3], inter[model.ITEM_SEQ_LEN][:3]
     items = torch.tensor([5, 9, 11, 2])
-    rows = Interaction({
-        model.USER_ID: users.repeat_interleave(4), model.ITEM_SEQ: seq.repeat_interleave(4, 0),
-        model.ITEM_SEQ_LEN: seq_len.repeat_interleave(4), model.ITEM_ID: items.repeat(3)})
+    rows = Interaction(
+        {
+            model.USER_ID: users.repeat_interleave(4),
+            model.ITEM_SEQ: seq.repeat_interleave(4, 0),
+            model.ITEM_SEQ_LEN: seq_len.repeat_interleave(4),
+            model.ITEM_ID: items.repeat(3),
+        }
+    )
     scores = model.predict(rows).view(3, 4)
     # each user's candidates are read off that user's own full ranking
-    full = model.full_sort_predict(Interaction({model.USER_ID: users, model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: seq_len}))
+    full = model.full_sort_predict(
+        Interaction({model.USER_ID: users, model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: seq_len})
+    )
     assert torch.allclose(scores, full[:, items], atol=1e-5)
 
 
@@ -177,12 +186,14 @@ def test_bad_choices_are_refused():
 
 
 def test_checkpoint_round_trip(tiny):
-    result = run_recbole_diff("DiffuRecSys", SLICE, config_dict=dict(tiny, hidden_size=16, n_blocks=1,
-                                                                      n_heads=2, epochs=1), cmd_line=False)
+    result = run_recbole_diff(
+        "DiffuRecSys", SLICE, config_dict=dict(tiny, hidden_size=16, n_blocks=1, n_heads=2, epochs=1), cmd_line=False
+    )
     config, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     assert dict(trainer.evaluate(test_data, load_best_model=False)) == pytest.approx(
-        dict(result["test_result"]), abs=1e-4)
+        dict(result["test_result"]), abs=1e-4
+    )
 
 
 def test_length_groups_change_nothing_but_cost():

@@ -1,11 +1,11 @@
 """DiffuRec / DiffuRecSys inference over a strided subset of the reverse steps (the shared core's respaced
 process); bf16 autocast."""
+
 import pytest
 import torch
+from test_diffurec import build, first_batch
 
 from recbole_diff.diffusion import GaussianDiffusion
-
-from test_diffurec import build, first_batch
 
 
 @pytest.mark.parametrize("name", ["DiffuRec", "DiffuRecSys"])
@@ -31,8 +31,10 @@ def test_the_core_runs_the_same_loop_for_all_steps_given_as_a_count_or_a_list():
         return torch.tanh(x_t @ weight) + 0.01 * t[:, None]
 
     x_T = torch.randn(5, 8)
-    runs = [diffusion.sample(model_fn, x_T=x_T, steps=steps, generator=torch.Generator().manual_seed(0))
-            for steps in (None, 32, list(range(31, -1, -1)))]
+    runs = [
+        diffusion.sample(model_fn, x_T=x_T, steps=steps, generator=torch.Generator().manual_seed(0))
+        for steps in (None, 32, list(range(31, -1, -1)))
+    ]
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
@@ -58,8 +60,10 @@ def test_ddim_is_deterministic_given_x_T():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("key,value,match", [("sample_steps", 0, "sample_steps"), ("sample_steps", 33, "sample_steps"),
-                                             ("sampler", "euler", "sampler")])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [("sample_steps", 0, "sample_steps"), ("sample_steps", 33, "sample_steps"), ("sampler", "euler", "sampler")],
+)
 def test_bad_step_settings_are_refused(key, value, match):
     with pytest.raises(ValueError, match=match):
         build(**{key: value})
@@ -67,7 +71,7 @@ def test_bad_step_settings_are_refused(key, value, match):
 
 # ---- mixed_precision: bf16 ------------------------------------------------------------------------------------
 def fit(name, tmp_path, **overrides):
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     config, model, train, test = build(name, checkpoint_dir=str(tmp_path), epochs=3, **overrides)
     trainer = get_trainer(config["MODEL_TYPE"], name)(config, model)
@@ -76,7 +80,7 @@ def fit(name, tmp_path, **overrides):
     trainer.fit(train, saved=False)
     trained = list(dtypes)
     result = trainer.evaluate(test, load_best_model=False)
-    return result, set(trained), set(dtypes[len(trained):])
+    return result, set(trained), set(dtypes[len(trained) :])
 
 
 @pytest.mark.parametrize("name", ["DiffuRec", "DiffuRecSys"])
@@ -107,7 +111,7 @@ def test_bf16_scores_are_ranked_in_fp32():
 
 
 def test_an_unknown_mixed_precision_is_refused_before_training(tmp_path):
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     config, model, _, _ = build(checkpoint_dir=str(tmp_path), mixed_precision="fp16")
     with pytest.raises(ValueError, match="mixed_precision must be one of"):

@@ -1,12 +1,23 @@
 """The diffusion core against closed forms."""
+
 import math
 
 import pytest
 import torch
 
 from recbole_diff.diffusion import (
-    SCHEDULES, ClassifierGuidance, GaussianDiffusion, LossAwareSampler, StepEmbedding, UniformSampler,
-    classifier_free, make_betas, make_noise, spaced_steps, timestep_embedding,
+    SCHEDULES,
+    ClassifierGuidance,
+    GaussianDiffusion,
+    LossAwareSampler,
+    StepEmbedding,
+    StepOptions,
+    UniformSampler,
+    classifier_free,
+    make_betas,
+    make_noise,
+    spaced_steps,
+    timestep_embedding,
 )
 
 
@@ -76,7 +87,7 @@ def test_posterior_of_known_x0_matches_gaussian_conditioning(t_value):
     cov = alpha.sqrt() * s2_prev
     var_t = alpha * s2_prev + beta
     mean_ref = a_prev * x0.double() + cov / var_t * (xt.double() - alpha.sqrt() * a_prev * x0.double())
-    var_ref = s2_prev - cov ** 2 / var_t
+    var_ref = s2_prev - cov**2 / var_t
     mean, var = diff.q_posterior_mean_variance(x0, xt, torch.tensor([t_value]))
     assert torch.allclose(mean.double(), mean_ref, atol=1e-5)
     assert var.item() == pytest.approx(var_ref.item(), rel=1e-4)
@@ -105,8 +116,14 @@ def test_reverse_step_with_oracle_x0_is_the_posterior():
 def test_last_reverse_step_adds_no_noise():
     diff = GaussianDiffusion("trunc_lin", 32, parameterization="x0")
     x0 = torch.randn(2, 3)
-    out = diff.p_sample(lambda x, t: x0, torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
-    assert torch.allclose(out["sample"], x0, atol=1e-6)
+    t, last = torch.full((2,), 5), torch.full((2,), -1)
+    for step in (
+        diff.p_sample(lambda x, t: x0, torch.randn(2, 3), torch.zeros(2, dtype=torch.long)),
+        diff.p_sample(lambda x, t: x0, torch.randn(2, 3), t, last),
+        diff.ddim_sample(lambda x, t: x0, torch.randn(2, 3), t, last, eta=1.0),
+    ):
+        # so a chain's last state is its last x0 prediction, which `sample` returns
+        assert torch.equal(step["sample"], step["pred_x0"]) and torch.allclose(step["sample"], x0, atol=1e-6)
 
 
 def test_ddim_eta1_equals_ancestral_step_by_step_and_in_distribution():
@@ -116,7 +133,7 @@ def test_ddim_eta1_equals_ancestral_step_by_step_and_in_distribution():
     def model(x, t):
         a = diff.alphas_cumprod[t].sqrt()[:, None]
         b2 = 1 - diff.alphas_cumprod[t][:, None]
-        return b2.sqrt() * (x - a * m) / (a ** 2 * s ** 2 + b2)
+        return b2.sqrt() * (x - a * m) / (a**2 * s**2 + b2)
 
     # Same noise -> same step, for consecutive steps and for a respaced jump.
     x, z = torch.randn(6, 5), torch.randn(6, 5)
@@ -128,8 +145,8 @@ def test_ddim_eta1_equals_ancestral_step_by_step_and_in_distribution():
     # Whole chains with independent noise: the same law (mean exact by the tower property; the spread of
     # fixed-small sampling is below the data's, identically for both).
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
-    anc = diff.sample(model, shape=(40_000, 2), generator=g1, return_x0=False)
-    ddim = diff.sample(model, shape=(40_000, 2), sampler="ddim", eta=1.0, generator=g2, return_x0=False)
+    anc = diff.sample(model, torch.randn(40_000, 2, generator=g1), generator=g1)
+    ddim = diff.sample(model, torch.randn(40_000, 2, generator=g2), sampler="ddim", eta=1.0, generator=g2)
     for chain in (anc, ddim):
         assert torch.allclose(chain.mean(0), torch.full((2,), m), atol=0.015)
     assert torch.allclose(anc.std(0), ddim.std(0), atol=0.01)
@@ -138,10 +155,10 @@ def test_ddim_eta1_equals_ancestral_step_by_step_and_in_distribution():
 def test_ddim_eta0_is_deterministic_and_recovers_an_oracle_x0():
     diff = GaussianDiffusion("linear", 1000, parameterization="x0")
     x0 = torch.randn(4, 3)
-    out = diff.sample(lambda x, t: x0, shape=(4, 3), steps=10, sampler="ddim", eta=0.0)
+    out = diff.sample(lambda x, t: x0, torch.randn(4, 3), steps=10, sampler="ddim", eta=0.0)
     assert torch.allclose(out, x0, atol=1e-5)
-    a = diff.sample(lambda x, t: 0.5 * x, x_T=torch.ones(2, 3), steps=10, sampler="ddim", return_x0=False)
-    b = diff.sample(lambda x, t: 0.5 * x, x_T=torch.ones(2, 3), steps=10, sampler="ddim", return_x0=False)
+    a = diff.sample(lambda x, t: 0.5 * x, torch.ones(2, 3), steps=10, sampler="ddim")
+    b = diff.sample(lambda x, t: 0.5 * x, torch.ones(2, 3), steps=10, sampler="ddim")
     assert torch.equal(a, b)
 
 
@@ -160,8 +177,11 @@ def test_sampling_from_a_start_step_visits_only_earlier_steps():
         seen.append(int(t[0]))
         return x
 
-    diff.sample(model, x_T=torch.randn(2, 7), start_step=5)
+    diff.sample(model, torch.randn(2, 7), steps=range(5, -1, -1))
     assert seen == [5, 4, 3, 2, 1, 0]
+    assert diff.reverse_schedule(4) == [19, 13, 6, 0] and diff.reverse_schedule() == list(range(19, -1, -1))
+    with pytest.raises(ValueError, match="Unknown sampler 'ddpm'"):
+        diff.sample(model, torch.randn(2, 7), sampler="ddpm")
 
 
 def test_classifier_free_with_gamma_zero_equals_unguided():
@@ -172,9 +192,12 @@ def test_classifier_free_with_gamma_zero_equals_unguided():
         return x @ w + c
 
     cond, null = torch.randn(4, 3), torch.zeros(1, 3)
-    kw = dict(shape=(4, 3), steps=5, sampler="ddim", model_kwargs={"c": cond})
-    plain = diff.sample(model, generator=torch.Generator().manual_seed(0), **kw)
-    guided = diff.sample(classifier_free(model, 0.0, {"c": null}), generator=torch.Generator().manual_seed(0), **kw)
+    kw = dict(steps=5, sampler="ddim", options=StepOptions(model_kwargs={"c": cond}))
+    x_T = torch.randn(4, 3)
+    plain = diff.sample(model, x_T, generator=torch.Generator().manual_seed(0), **kw)
+    guided = diff.sample(
+        classifier_free(model, 0.0, {"c": null}), x_T, generator=torch.Generator().manual_seed(0), **kw
+    )
     assert torch.equal(plain, guided)
     x, t = torch.randn(4, 3), torch.full((4,), 3)
     g = classifier_free(model, 2.0, {"c": null})(x, t, c=cond)
@@ -188,18 +211,23 @@ def test_classifier_guidance_pulls_towards_the_label():
     model = lambda x, t: torch.zeros_like(x)  # noqa: E731
     x, t = torch.zeros(8, 2), torch.full((8,), 50)
     plain = diff.model_predictions(model, x, t)
-    zero = diff.model_predictions(model, x, t, guidance=[ClassifierGuidance(log_p, 0.0)])
+    zero = diff.model_predictions(model, x, t, StepOptions(guidance=(ClassifierGuidance(log_p, 0.0),)))
     assert torch.equal(plain["pred_x0"], zero["pred_x0"])
-    guided = diff.model_predictions(model, x, t, guidance=[ClassifierGuidance(log_p, 1.0)])
+    guided = diff.model_predictions(model, x, t, StepOptions(guidance=(ClassifierGuidance(log_p, 1.0),)))
     step = guided["pred_x0"] - plain["pred_x0"]
     assert bool(((step * (target - plain["pred_x0"])).sum(-1) > 0).all())
     assert torch.allclose(step / step.norm(dim=-1, keepdim=True), (target / target.norm()).expand(8, 2), atol=1e-5)
 
 
-@pytest.mark.parametrize("mode,mean,var,dim_corr", [
-    ("none", 0.0, 1.0, 0.0), ("constant", 0.1, 1.0, 0.0), ("random", 0.0, 1.01, 0.01 / 1.01),
-    ("iid", 0.0, 1.01, 0.0),
-])
+@pytest.mark.parametrize(
+    "mode,mean,var,dim_corr",
+    [
+        ("none", 0.0, 1.0, 0.0),
+        ("constant", 0.1, 1.0, 0.0),
+        ("random", 0.0, 1.01, 0.01 / 1.01),
+        ("iid", 0.0, 1.01, 0.0),
+    ],
+)
 def test_offset_noise_modes_have_their_intended_moments(mode, mean, var, dim_corr):
     g = torch.Generator().manual_seed(0)
     eps = make_noise((200_000, 2), "cpu", mode=mode, scale=0.1, constant=1.0, generator=g)

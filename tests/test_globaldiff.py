@@ -1,29 +1,44 @@
 """GlobalDiff: sample construction, the frozen backbone, Borda fusion, checkpoints and bad input."""
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SLICE, TINY
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
+from recbole_diff import get_model, get_trainer
 from recbole_diff.config import Config
 from recbole_diff.data.globaldiff import (
-    ItemSimilarity, bernoulli_targets, reweighted_targets, sample_mask_positions, training_pairs, user_sequences,
+    ItemSimilarity,
+    bernoulli_targets,
+    reweighted_targets,
+    sample_mask_positions,
+    training_pairs,
+    user_sequences,
 )
-from recbole_diff.model.plugin.globaldiff import borda_fuse, descending_order, fused_topk
+from recbole_diff.model.plugin.globaldiff import EVAL_MODES, GlobalDiff, borda_fuse, descending_order, fused_topk
 from recbole_diff.quick_start import load_data_and_model, run_recbole_diff
 from recbole_diff.trainer import GlobalDiffTrainer
-from recbole_diff.utils import get_model, get_trainer
 
-from conftest import SLICE, TINY
-
-FAST = dict(TINY, epochs=1, diffusion_epochs=2, hidden_size=16, inner_size=32, n_layers=1, n_heads=1,
-            embedding_size=16, approx_hidden=16)
+FAST = dict(
+    TINY,
+    epochs=1,
+    diffusion_epochs=2,
+    hidden_size=16,
+    inner_size=32,
+    n_layers=1,
+    n_heads=1,
+    embedding_size=16,
+    approx_hidden=16,
+)
 
 
 def build(backbone="SASRec", **overrides):
-    config = Config(model="GlobalDiff", dataset=SLICE, backbone=backbone, config_dict=dict(FAST, **overrides),
-                    cmd_line=False)
+    config = Config(
+        model="GlobalDiff", dataset=SLICE, backbone=backbone, config_dict=dict(FAST, **overrides), cmd_line=False
+    )
     init_seed(config["seed"], True)
     dataset = create_dataset(config)
     train, valid, test = data_preparation(config, dataset)
@@ -115,21 +130,34 @@ def test_training_data_holds_no_held_out_interaction():
     for user, hist, n in zip(valid_inter["user_id"][:20], valid_inter["item_id_list"], valid_inter["item_length"]):
         s, m = by_user[int(user)]
         k = min(int(m), int(n))
-        assert torch.equal(s[int(m) - k:int(m)], hist[int(n) - k:int(n)])
+        assert torch.equal(s[int(m) - k : int(m)], hist[int(n) - k : int(n)])
 
 
 def _trained_sasrec(tiny, **overrides):
-    result = run_recbole_diff("SASRec", SLICE, cmd_line=False, config_dict=dict(
-        tiny, epochs=2, hidden_size=16, inner_size=32, n_layers=1, n_heads=1, **overrides))
+    result = run_recbole_diff(
+        "SASRec",
+        SLICE,
+        cmd_line=False,
+        config_dict=dict(tiny, epochs=2, hidden_size=16, inner_size=32, n_layers=1, n_heads=1, **overrides),
+    )
     return result
 
 
 def test_backbone_is_bit_identical_after_globaldiff_training(tiny):
     base = _trained_sasrec(tiny, extra_test_modes=["uni100"])
     before = torch.load(base["saved_model_file"], weights_only=False)["state_dict"]
-    result = run_recbole_diff("GlobalDiff", SLICE, backbone="SASRec", cmd_line=False, config_dict=dict(
-        FAST, checkpoint_dir=tiny["checkpoint_dir"], backbone_checkpoint=base["saved_model_file"],
-        extra_test_modes=["uni100"]))
+    result = run_recbole_diff(
+        "GlobalDiff",
+        SLICE,
+        backbone="SASRec",
+        cmd_line=False,
+        config_dict=dict(
+            FAST,
+            checkpoint_dir=tiny["checkpoint_dir"],
+            backbone_checkpoint=base["saved_model_file"],
+            extra_test_modes=["uni100"],
+        ),
+    )
     after = torch.load(result["saved_model_file"], weights_only=False)["state_dict"]
     for key, value in before.items():
         assert torch.equal(after["backbone." + key], value), key
@@ -142,16 +170,23 @@ def test_backbone_is_bit_identical_after_globaldiff_training(tiny):
 
 
 def test_checkpoint_round_trip_and_consistent_predict(tiny):
-    result = run_recbole_diff("GlobalDiff", SLICE, backbone="GRU4Rec", cmd_line=False, config_dict=dict(
-        FAST, checkpoint_dir=tiny["checkpoint_dir"], report_diffusion_only=True, filter_history=True))
+    result = run_recbole_diff(
+        "GlobalDiff",
+        SLICE,
+        backbone="GRU4Rec",
+        cmd_line=False,
+        config_dict=dict(FAST, checkpoint_dir=tiny["checkpoint_dir"], report_diffusion_only=True, filter_history=True),
+    )
     config, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     assert isinstance(trainer, GlobalDiffTrainer)
     assert dict(trainer.evaluate(test_data, load_best_model=False)) == pytest.approx(
-        dict(result["test_result"]), abs=1e-4)
+        dict(result["test_result"]), abs=1e-4
+    )
     with model.evaluating("diffusion_only"):
         assert dict(trainer.evaluate(test_data, load_best_model=False)) == pytest.approx(
-            dict(result["diffusion_only_test_result"]), abs=1e-4)
+            dict(result["diffusion_only_test_result"]), abs=1e-4
+        )
     model.eval()
     inter = next(iter(test_data))[0]
     with torch.no_grad():
@@ -169,8 +204,11 @@ def test_checkpoint_round_trip_and_consistent_predict(tiny):
         inter.update(type(inter)({model.ITEM_ID: items}))
         # float32 for RecBole's sampled evaluation, in exactly the full-sort order (places, best = n_items)
         places = torch.empty_like(full)
-        places.scatter_(1, torch.argsort(full, dim=1, descending=True, stable=True),
-                        torch.arange(full.shape[1], 0, -1, dtype=full.dtype).expand_as(full))
+        places.scatter_(
+            1,
+            torch.argsort(full, dim=1, descending=True, stable=True),
+            torch.arange(full.shape[1], 0, -1, dtype=full.dtype).expand_as(full),
+        )
         predicted = model.predict(inter)
         assert predicted.dtype == torch.float32
         assert torch.equal(predicted.double(), places.gather(1, items[:, None]).squeeze(1))
@@ -197,13 +235,17 @@ def test_fast_borda_equals_the_stable_sort_definition_with_ties_and_zeros():
     gen = torch.Generator().manual_seed(0)
     y = torch.softmax(torch.randn(16, 300, generator=gen, dtype=torch.float64) * 4, dim=-1)
     x = torch.rand(16, 300, generator=gen, dtype=torch.float64)
-    x[:, :40] = 0.0                                   # exact zeros, as history filtering leaves them
-    x[::3, 100:110] = x[::3, 100:101]                 # non-zero ties in every third row
+    x[:, :40] = 0.0  # exact zeros, as history filtering leaves them
+    x[::3, 100:110] = x[::3, 100:101]  # non-zero ties in every third row
     y[1, 50:60] = y[1, 50]
     for gamma in (0.0, 0.3, 1.0):
-        assert torch.equal(borda_fuse(y, x, gamma), gamma * reference(y) + (1 - gamma) * reference(x)
-                           if 0 < gamma < 1 else reference(y if gamma == 1 else x))
-    assert torch.equal(descending_order(x)[::3, :10], torch.argsort(x[::3], dim=1, descending=True, stable=True)[:, :10])
+        assert torch.equal(
+            borda_fuse(y, x, gamma),
+            gamma * reference(y) + (1 - gamma) * reference(x) if 0 < gamma < 1 else reference(y if gamma == 1 else x),
+        )
+    assert torch.equal(
+        descending_order(x)[::3, :10], torch.argsort(x[::3], dim=1, descending=True, stable=True)[:, :10]
+    )
     # every tie in index order, zeros included (what sampled evaluation's places need)
     assert torch.equal(descending_order(x, zero_ties=True), torch.argsort(x, dim=1, descending=True, stable=True))
 
@@ -214,6 +256,57 @@ def test_gamma_one_reproduces_the_backbones_ranking_exactly():
     y = torch.softmax(logits.double(), dim=-1)
     fused = borda_fuse(y, torch.rand(8, 500), 1.0)
     assert torch.equal(torch.argsort(fused, dim=1, descending=True), torch.argsort(logits, dim=1, descending=True))
+
+
+def test_every_eval_mode_filter_and_fusion_composes_the_same_inference_steps():
+    """eval_mode x filter_history x topk_fusion on one model: the backbone mode is the backbone's own scores,
+    diffusion_only is the diffusion vote the ensemble fuses, the ensemble is the Borda count of the two votes and
+    its exact top-k the full count's top k; history items are never ranked with filter_history. A model whose
+    choices come from its config scores as the one switched to them."""
+    config, dataset, train, _, test = build(fusion_candidates=60)
+    model = get_model("GlobalDiff")(config, train.dataset).eval()
+    assert set(model.SCORERS) == set(EVAL_MODES)
+    with torch.no_grad():
+        model.backbone.item_embedding.weight.mul_(40)  # peaked scores, as a trained model's: rows get certified
+    inter = next(iter(test))[0]
+    k, rows = max(config["topk"]), len(inter)
+    assert model.fusion_k == k
+    with torch.no_grad():
+        for filter_history in (False, True):
+            model.filter_history, model.fusion_fallbacks = filter_history, 0
+            history = model._history_mask(inter[model.ITEM_SEQ], model.n_items)
+            scores = {}
+            for mode in EVAL_MODES:
+                with model.evaluating(mode):
+                    scores[mode] = model.full_sort_predict(inter)
+                    with model.ranking_depth(model.n_items):  # as with topk_fusion: False
+                        scores[mode, "full"] = model.full_sort_predict(inter)
+            own = model.backbone.full_sort_predict(inter)
+            assert torch.equal(scores["backbone"], own.masked_fill(history, float("-inf")) if filter_history else own)
+            d = scores["diffusion_only"]
+            for mode in ("backbone", "diffusion_only"):  # they rank every item whatever the depth
+                assert torch.equal(scores[mode], scores[mode, "full"])
+            assert torch.allclose(d.sum(dim=1), torch.ones(rows, dtype=d.dtype))
+            y = torch.softmax(scores["backbone"].double(), dim=-1)
+            assert torch.equal(scores["ensemble", "full"], borda_fuse(y, d, model.gamma))
+            assert 0 < model.fusion_fallbacks < rows  # the top-k fusion certified most rows, ranked the rest in full
+            top = descending_order(scores["ensemble"])[:, :k]
+            assert torch.equal(top, descending_order(scores["ensemble", "full"])[:, :k])
+            if filter_history:
+                assert (d[history] == 0).all() and not history.gather(1, top).any()
+                assert not history.gather(1, descending_order(scores["backbone"])[:, :k]).any()
+            else:
+                assert history.gather(1, top).any()  # the filter, not the model, keeps history out
+    switched = model.state_dict()
+    for mode in EVAL_MODES:
+        chosen = dict(FAST, fusion_candidates=60, eval_mode=mode, filter_history=True, topk_fusion=False)
+        built = GlobalDiff(
+            Config(model="GlobalDiff", dataset=SLICE, backbone="SASRec", config_dict=chosen, cmd_line=False),
+            train.dataset,
+        )
+        built.load_state_dict(switched)
+        with torch.no_grad(), model.evaluating(mode), model.ranking_depth(model.n_items):
+            assert torch.equal(built.eval().full_sort_predict(inter), model.full_sort_predict(inter))
 
 
 def test_condition_never_sees_the_masked_item_with_a_causal_backbone():
@@ -275,8 +368,13 @@ def test_backbones_without_position_states_are_refused():
 
 
 def test_bert4rec_backbone_runs_end_to_end(tiny):
-    result = run_recbole_diff("GlobalDiff", SLICE, backbone="BERT4Rec", cmd_line=False,
-                              config_dict=dict(FAST, checkpoint_dir=tiny["checkpoint_dir"], diffusion_epochs=1))
+    result = run_recbole_diff(
+        "GlobalDiff",
+        SLICE,
+        backbone="BERT4Rec",
+        cmd_line=False,
+        config_dict=dict(FAST, checkpoint_dir=tiny["checkpoint_dir"], diffusion_epochs=1),
+    )
     assert 0 <= result["test_result"]["ndcg@10"] <= 1 and result["backbone"] == "BERT4Rec"
 
 
@@ -300,9 +398,12 @@ def test_similarity_window_last_uses_only_each_users_last_items():
     from recbole_diff.data.globaldiff import window_pairs
 
     # the latest training row of each user (its history and target), as user_sequences reads it
-    rows = {"user_id": torch.tensor([1, 1, 2]), "item_id_list": torch.tensor([[1, 2, 3, 4, 0], [1, 2, 3, 4, 5],
-                                                                                [5, 6, 0, 0, 0]]),
-            "item_length": torch.tensor([4, 5, 2]), "item_id": torch.tensor([5, 6, 7])}
+    rows = {
+        "user_id": torch.tensor([1, 1, 2]),
+        "item_id_list": torch.tensor([[1, 2, 3, 4, 0], [1, 2, 3, 4, 5], [5, 6, 0, 0, 0]]),
+        "item_length": torch.tensor([4, 5, 2]),
+        "item_id": torch.tensor([5, 6, 7]),
+    }
 
     class Data:
         inter_feat = Interaction(rows)
@@ -314,7 +415,7 @@ def test_similarity_window_last_uses_only_each_users_last_items():
     sim = ItemSimilarity(users, items, 3, 8)
     rows = sim.rows(torch.arange(8))
     assert rows[1].sum() == 0 and rows[2].sum() == 0 and rows[3].sum() == 0  # outside every window
-    assert rows[4, 7] == 0 and rows[5, 6] == pytest.approx(1.0) and rows[4, 5] == pytest.approx(1 / 2 ** 0.5)
+    assert rows[4, 7] == 0 and rows[5, 6] == pytest.approx(1.0) and rows[4, 5] == pytest.approx(1 / 2**0.5)
 
     # on the slice, the window's pairs are a subset of all training pairs, and at most L per user
     config, dataset, train, _, _ = build(MAX_ITEM_LIST_LENGTH=5)
@@ -339,9 +440,9 @@ def test_topk_fusion_equals_the_full_borda_ranking(gamma):
     b, m, k = 64, 400, 20
     y = torch.softmax(torch.randn(b, m, generator=gen, dtype=torch.float64) * 3, dim=-1)
     d = torch.softmax(torch.randn(b, m, generator=gen, dtype=torch.float64) * 4, dim=-1)
-    d[:, :30] = 0.0                                  # history filtered: exact zeros
+    d[:, :30] = 0.0  # history filtered: exact zeros
     y[:, :30] = 0.0
-    d[5, 100:140] = d[5].max()                       # non-zero ties inside the candidates: that row falls back
+    d[5, 100:140] = d[5].max()  # non-zero ties inside the candidates: that row falls back
     scores, certified = fused_topk(y, d, gamma, k, candidates=60)
     assert not certified[5] and certified.float().mean() > 0.5
     ref_scores, ref_items = _borda_topk_reference(y, d, gamma, k)
@@ -371,8 +472,13 @@ def test_topk_fusion_gives_the_full_borda_metrics_on_every_row(tiny):
     """Full-ranking evaluation of one trained GlobalDiff with and without the top-k fusion: the same metrics on
     the slice's every user (valid and test). The tiny model's scores are nearly flat, which no row could
     certify, so they are sharpened (as a trained model's are) to take both paths."""
-    result = run_recbole_diff("GlobalDiff", SLICE, backbone="SASRec", cmd_line=False, config_dict=dict(
-        FAST, checkpoint_dir=tiny["checkpoint_dir"], filter_history=True, fusion_candidates=60))
+    result = run_recbole_diff(
+        "GlobalDiff",
+        SLICE,
+        backbone="SASRec",
+        cmd_line=False,
+        config_dict=dict(FAST, checkpoint_dir=tiny["checkpoint_dir"], filter_history=True, fusion_candidates=60),
+    )
     config, model, dataset, train, valid, test = load_data_and_model(result["saved_model_file"])
     trainer = get_trainer(config["MODEL_TYPE"], "GlobalDiff")(config, model)
     assert model.fusion_k == 20
@@ -429,12 +535,16 @@ def test_validation_subset_draws_users_with_the_seed():
     users = sub.dataset.inter_feat["user_id"]
     assert len(sub.dataset) == 40 and torch.equal(users, again.dataset.inter_feat["user_id"])
     assert set(users.tolist()) <= set(valid.dataset.inter_feat["user_id"].tolist())
-    assert validation_subset(valid, None, seed=3) is valid and validation_subset(valid, 10 ** 6, seed=3) is valid
+    assert validation_subset(valid, None, seed=3) is valid and validation_subset(valid, 10**6, seed=3) is valid
 
 
 def test_long_term_evaluation_p1_matches_recbole_and_later_targets_are_held_out(tiny):
-    result = run_recbole_diff("SASRec", SLICE, cmd_line=False, config_dict=dict(
-        tiny, epochs=2, hidden_size=16, inner_size=32, n_layers=1, n_heads=1, long_term_eval=True))
+    result = run_recbole_diff(
+        "SASRec",
+        SLICE,
+        cmd_line=False,
+        config_dict=dict(tiny, epochs=2, hidden_size=16, inner_size=32, n_layers=1, n_heads=1, long_term_eval=True),
+    )
     long_term = result["long_term_result"]
     assert list(long_term) == ["P1", "P2", "P3", "P4"]
     assert long_term["P1"]["hit@20"] == pytest.approx(result["test_result"]["hit@20"], abs=1e-4)
@@ -451,6 +561,7 @@ def test_long_term_evaluation_scores_the_p_th_held_out_item_of_each_user():
     class Scorer(torch.nn.Module):
         """Scores that depend on the user and the item, so a target taken from another user or position ranks
         elsewhere."""
+
         USER_ID, ITEM_ID, device = "user_id", "item_id", torch.device("cpu")
 
         def full_sort_predict(self, interaction):
@@ -466,8 +577,9 @@ def test_long_term_evaluation_scores_the_p_th_held_out_item_of_each_user():
     scores = Scorer().full_sort_predict({"user_id": torch.tensor(users)})
     scores[:, 0] = float("-inf")
     for p in (2, 3, 4):
-        ranks = [int((scores[b] > scores[b, held[u][p - 2]]).sum())
-                 for b, u in enumerate(users) if len(held[u]) >= p - 1]
+        ranks = [
+            int((scores[b] > scores[b, held[u][p - 2]]).sum()) for b, u in enumerate(users) if len(held[u]) >= p - 1
+        ]
         hit = np.mean([r < k for r in ranks])
         ndcg = np.mean([1 / np.log2(r + 2) if r < k else 0.0 for r in ranks])
         assert 0.2 < hit < 0.8
@@ -550,7 +662,7 @@ def test_the_reverse_steps_use_estimates_at_the_training_x0s_length():
     model.eval()
     y = model.diffusion_input(torch.randn(2, model.n_items))
     x0_hat = model.denoise_scores(y, None)
-    assert torch.allclose(x0_hat, torch.full_like(x0_hat, 5.0 * model.n_items ** -0.5))
+    assert torch.allclose(x0_hat, torch.full_like(x0_hat, 5.0 * model.n_items**-0.5))
     assert len(seen) == model.diffusion.num_steps
     for norms in seen:  # posterior means of two length-5 vectors: never near 0 or the raw output's 7 * sqrt(M)
         assert ((norms > 2.0) & (norms <= 5.0 + 1e-4)).all()
@@ -566,8 +678,12 @@ def test_the_approximator_reads_x_t_at_the_scale_of_its_other_inputs():
     m = 1683
     net = GlobalApproximator(m, 64, 0, kind="mlp", dropout=0.0)
     binary = (torch.rand(8, m) < 0.15).float()
-    forms = {"binary": binary, "softmax": torch.softmax(torch.randn(8, m) * 3, -1), "logits": torch.randn(8, m) * 5,
-             "scaled": binary * 1e-3}
+    forms = {
+        "binary": binary,
+        "softmax": torch.softmax(torch.randn(8, m) * 3, -1),
+        "logits": torch.randn(8, m) * 5,
+        "scaled": binary * 1e-3,
+    }
     seen = {}
     net.w_in.register_forward_hook(lambda mod, args, out: seen.__setitem__("h", out))
     for name, x in forms.items():
@@ -601,8 +717,13 @@ def test_hide_target_removes_the_answer_from_the_diffusion_input(monkeypatch, hi
 
 
 def test_backbone_validation_is_scored_like_the_ensemble_and_the_diffusion_stage_has_its_own_patience(tiny):
-    result = run_recbole_diff("GlobalDiff", SLICE, backbone="SASRec", cmd_line=False, config_dict=dict(
-        FAST, checkpoint_dir=tiny["checkpoint_dir"], filter_history=True, gamma=1.0, epochs=2))
+    result = run_recbole_diff(
+        "GlobalDiff",
+        SLICE,
+        backbone="SASRec",
+        cmd_line=False,
+        config_dict=dict(FAST, checkpoint_dir=tiny["checkpoint_dir"], filter_history=True, gamma=1.0, epochs=2),
+    )
     # gamma = 1 ranks as the backbone does, so with history filtered on both sides the two validations agree
     assert dict(result["backbone_best_valid_result"]) == pytest.approx(dict(result["best_valid_result"]), abs=1e-6)
 

@@ -1,10 +1,11 @@
 """benchmarks/gpu_check.py runs end to end on the CPU on the test slice and writes its JSON."""
+
 import json
 import os
 import subprocess
 import sys
 
-from conftest import DATA_PATH, SLICE
+from helpers import DATA_PATH, SLICE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -12,11 +13,35 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_gpu_check_writes_figures_for_every_model_on_the_cpu(tmp_path):
     out = tmp_path / "check.json"
     models = ["SASRec", "DiffuRec", "GlobalDiff", "PDRec", "DiffuASR"]
-    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"), "--device", "cpu", "--cpu_threads", "1",
-           "--dataset", SLICE, "--data_path", DATA_PATH, "--small", "--train_batches", "2",
-           "--work", str(tmp_path / "work"), "--out", str(out), "--models", *models]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "benchmarks", "gpu_check.py"),
+        "--device",
+        "cpu",
+        "--cpu_threads",
+        "1",
+        "--dataset",
+        SLICE,
+        "--data_path",
+        DATA_PATH,
+        "--small",
+        "--train_batches",
+        "2",
+        "--work",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+        "--models",
+        *models,
+    ]
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = result["results"]["cpu"]
@@ -29,7 +54,19 @@ def test_gpu_check_writes_figures_for_every_model_on_the_cpu(tmp_path):
 
 
 def test_gpu_check_refuses_an_unknown_model(tmp_path):
-    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"), "--device", "cpu",
-                           "--models", "SASRec", "Caser2"], capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=REPO))
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "benchmarks", "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--models",
+            "SASRec",
+            "Caser2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     assert done.returncode != 0 and "unknown models" in done.stderr

@@ -1,18 +1,18 @@
 """The host-transfer guard itself (tests/host_guard.py), and every model's hot calls under it."""
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from helpers import SLICE, TINY
+from host_guard import CONVERSIONS, HostTransferError, guarded, no_host_transfers
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
+from test_diffurec import first_batch
 
+from recbole_diff import get_model
 from recbole_diff.config import Config
 from recbole_diff.device import host_fast_path
-from recbole_diff.utils import get_model
-
-from test_diffurec import first_batch
-from conftest import SLICE, TINY
-from host_guard import CONVERSIONS, HostTransferError, guarded, no_host_transfers
 
 READS = {
     "cpu": lambda t: t.cpu(),
@@ -83,7 +83,6 @@ def build(name, **overrides):
     return config, model, train, test
 
 
-
 def test_a_planted_item_in_a_hot_call_is_caught(monkeypatch):
     _, model, train, _ = build("SASRec")
     batch = first_batch(train)
@@ -139,9 +138,24 @@ def test_diffurec_device_path_scores_equal_the_trimmed_cpu_path_without_noise():
 def test_diffuasr_generation_step_and_scoring_without_host_reads(tmp_path):
     from recbole_diff.quick_start import build_config, prepare_data
 
-    config = build_config("DiffuASR", SLICE, cmd_line=False, config_dict=dict(
-        TINY, checkpoint_dir=str(tmp_path), hidden_size=16, diffusion_embedding_size=16, unet_channels=[8, 16, 16],
-        M=3, sampler="ddim", sample_steps=5, guide="cf", gamma=1.0, clip_x0=True))
+    config = build_config(
+        "DiffuASR",
+        SLICE,
+        cmd_line=False,
+        config_dict=dict(
+            TINY,
+            checkpoint_dir=str(tmp_path),
+            hidden_size=16,
+            diffusion_embedding_size=16,
+            unet_channels=[8, 16, 16],
+            M=3,
+            sampler="ddim",
+            sample_steps=5,
+            guide="cf",
+            gamma=1.0,
+            clip_x0=True,
+        ),
+    )
     _, train, _, test = prepare_data(config)
     model = get_model("DiffuASR")(config, train.dataset)
     model.eval()

@@ -1,6 +1,7 @@
 """Every mistake a user makes is caught before compute is spent, and nothing a run writes collides with another
 run's: one test per probe of the new-user trial (misspelled keys, exit status, late failures, data errors,
 collisions)."""
+
 import json
 import logging
 import os
@@ -10,17 +11,16 @@ import types
 import warnings
 
 import pytest
-import yaml
+from helpers import DATA_PATH, SLICE, TINY
+from test_benchmark import write_grid
 
 import recbole_diff
+from recbole_diff import get_model, get_trainer
 from recbole_diff.benchmark import BenchmarkError, run_grid
-from recbole_diff.cli import _parse_key_values, main
+from recbole_diff.cli import main
 from recbole_diff.config import Config, UnknownKeyError, UnknownKeyWarning
-from recbole_diff.quick_start import build_config, prepare_data, run_recbole_diff
-from recbole_diff.utils import get_model, get_trainer
-
-from conftest import DATA_PATH, SLICE, TINY
-from test_benchmark import write_grid
+from recbole_diff.quick_start import build_config, prepare_data
+from recbole_diff.runtime import parse_key_values
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SASREC_KEYS = {k: v for k, v in TINY.items() if k != "embedding_size"}  # SASRec reads no embedding_size
@@ -48,13 +48,32 @@ def test_unknown_keys_warn_strict_keys_refuses_them_and_every_yaml_key_passes():
     with pytest.raises(UnknownKeyError, match="'my_note'.*strict_keys"):
         make(my_note="x", strict_keys=True)
     with pytest.raises(UnknownKeyError, match="'n_layers'.*not read by GlobalDiff with backbone GRU4Rec"):
-        Config(model="GlobalDiff", dataset=SLICE, backbone="GRU4Rec", cmd_line=False,
-               config_dict=dict(SASREC_KEYS, strict_keys=True))
+        Config(
+            model="GlobalDiff",
+            dataset=SLICE,
+            backbone="GRU4Rec",
+            cmd_line=False,
+            config_dict=dict(SASREC_KEYS, strict_keys=True),
+        )
     # keys of RecBole's yamls (overall, dataset, model), ours and the backbone's, read from the yamls themselves
-    legit = dict(SASREC_KEYS, strict_keys=True, load_col={"inter": ["user_id", "item_id", "timestamp"]},
-                 benchmark_filename=None, USER_ID_FIELD="user_id", stopping_step=3, weight_decay=0.0,
-                 hidden_dropout_prob=0.2, gamma=0.4, diffusion_steps=5, sample_steps=5, stage_cache=None,
-                 resume_dir=None, extra_test_modes=[], seed=3, nproc=1)
+    legit = dict(
+        SASREC_KEYS,
+        strict_keys=True,
+        load_col={"inter": ["user_id", "item_id", "timestamp"]},
+        benchmark_filename=None,
+        USER_ID_FIELD="user_id",
+        stopping_step=3,
+        weight_decay=0.0,
+        hidden_dropout_prob=0.2,
+        gamma=0.4,
+        diffusion_steps=5,
+        sample_steps=5,
+        stage_cache=None,
+        resume_dir=None,
+        extra_test_modes=[],
+        seed=3,
+        nproc=1,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnknownKeyWarning)
         config = Config(model="GlobalDiff", dataset=SLICE, config_dict=legit, cmd_line=False)
@@ -69,8 +88,11 @@ def test_a_misspelled_key_in_a_bench_preset_stops_the_grid_before_any_cell(tmp_p
     with pytest.raises(BenchmarkError, match="unknown key 'baselin'; did you mean 'baseline'"):
         run_grid(write_grid(tmp_path, baselin="SASRec"), str(tmp_path / "out"), log=lambda *_: None)
     with pytest.raises(BenchmarkError, match="unknown key 'backbone'; did you mean 'backbones'"):
-        run_grid(write_grid(tmp_path, methods=[{"model": "GlobalDiff", "backbone": "GRU4Rec"}]),
-                 str(tmp_path / "out"), log=lambda *_: None)
+        run_grid(
+            write_grid(tmp_path, methods=[{"model": "GlobalDiff", "backbone": "GRU4Rec"}]),
+            str(tmp_path / "out"),
+            log=lambda *_: None,
+        )
 
 
 def test_a_misspelled_key_in_a_tune_space_fails_before_ray_starts(tmp_path):
@@ -88,15 +110,19 @@ def test_a_misspelled_key_in_a_tune_space_fails_before_ray_starts(tmp_path):
 # ---- 2. the command line -------------------------------------------------------------------------------------
 def _command(*args, script=False):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO] + sys.path), OMP_NUM_THREADS="1")
-    head = [os.path.join(os.path.dirname(sys.executable), "recbole-diff")] if script else [sys.executable, "-m",
-                                                                                            "recbole_diff"]
+    head = (
+        [os.path.join(os.path.dirname(sys.executable), "recbole-diff")]
+        if script
+        else [sys.executable, "-m", "recbole_diff"]
+    )
     return subprocess.run(head + list(args), capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_the_console_script_exits_0_on_success_and_prints_results_on_stdout(tmp_path):
     words = [f"--{k}={v}" for k, v in SASREC_KEYS.items()]
-    done = _command("--model=SASRec", f"--dataset={SLICE}", *words, "--epochs=1", f"--checkpoint_dir={tmp_path}",
-                    script=True)
+    done = _command(
+        "--model=SASRec", f"--dataset={SLICE}", *words, "--epochs=1", f"--checkpoint_dir={tmp_path}", script=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ndcg@10" in done.stdout and "best_valid_score" not in done.stderr
     assert "FutureWarning" not in done.stderr  # RecBole's pandas and torch warnings, hidden by the entry point
@@ -108,8 +134,13 @@ def test_help_lists_the_subcommands_each_has_its_own_and_version_prints(capsys):
     assert main(["--help"]) == 0
     top = capsys.readouterr().out
     assert all(name in top for name in ("run", "demo", "doctor", "bench", "tune"))
-    for command, words in (("demo", "bundled ml-100k"), ("doctor", "known-broken"), ("run", "--config_files"),
-                           ("bench", "--config"), ("tune", "--space")):
+    for command, words in (
+        ("demo", "bundled ml-100k"),
+        ("doctor", "known-broken"),
+        ("run", "--config_files"),
+        ("bench", "--config"),
+        ("tune", "--space"),
+    ):
         with pytest.raises(SystemExit) as code:
             main([command, "--help"])
         assert code.value.code == 0
@@ -137,10 +168,11 @@ def test_recboles_future_warnings_are_hidden_in_our_entry_points_only():
 
 # ---- 3. tune's best.yaml: see tests/test_tune.py (it starts Ray) -----------------------------------------------
 
+
 # ---- 4. validate before compute ------------------------------------------------------------------------------
 def test_keys_with_a_tilde_default_are_type_checked_at_config_time():
     with pytest.raises(TypeError, match="'sample_steps' must be of type int"):
-        make("GlobalDiff", **_parse_key_values(["--sample_steps=abc"]))
+        make("GlobalDiff", **parse_key_values(["--sample_steps=abc"]))
     with pytest.raises(TypeError, match="'resume_dir' must be of type str"):
         make(resume_dir=3)
     assert make("GlobalDiff", sample_steps=5)["sample_steps"] == 5
@@ -151,8 +183,12 @@ def test_every_output_folder_is_checked_writable_before_training(tmp_path, key):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(NotADirectoryError, match=f"{key} '.*a_file/sub' cannot be created"):
-        Config(model="DiffuASR", dataset=SLICE, cmd_line=False,
-               config_dict=dict(SASREC_KEYS, **{key: str(blocker / "sub")}))
+        Config(
+            model="DiffuASR",
+            dataset=SLICE,
+            cmd_line=False,
+            config_dict=dict(SASREC_KEYS, **{key: str(blocker / "sub")}),
+        )
 
 
 def test_an_unwritable_bench_out_is_refused_before_any_cell(tmp_path):
@@ -170,12 +206,18 @@ def _dataset(tmp_path, text, name="bad"):
     return {"data_path": str(tmp_path)}
 
 
-@pytest.mark.parametrize("text,match", [
-    ("", r"bad\.inter' is empty.*name:type"),
-    ("user_id\titem_id\ttimestamp\n1\t2\t3\n", r"bad\.inter': header column\(s\) 'user_id', 'item_id', "
-                                               r"'timestamp' have no ':type'"),
-    ("user_id:token\titem_id:token\ttimestamp:float\n", r"bad\.inter' has a header but no interactions"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("", r"bad\.inter' is empty.*name:type"),
+        (
+            "user_id\titem_id\ttimestamp\n1\t2\t3\n",
+            r"bad\.inter': header column\(s\) 'user_id', 'item_id', "
+            r"'timestamp' have no ':type'",
+        ),
+        ("user_id:token\titem_id:token\ttimestamp:float\n", r"bad\.inter' has a header but no interactions"),
+    ],
+)
 def test_broken_atomic_files_are_named_with_the_fix(tmp_path, text, match):
     with pytest.raises(ValueError, match=match):
         Config(model="SASRec", dataset="bad", config_dict=_dataset(tmp_path, text), cmd_line=False)
@@ -185,24 +227,33 @@ def test_an_empty_config_file_is_named(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     with pytest.raises(ValueError, match="empty.yaml' is empty"):
-        Config(model="SASRec", dataset=SLICE, config_file_list=[str(empty)], config_dict=dict(SASREC_KEYS),
-               cmd_line=False)
+        Config(
+            model="SASRec", dataset=SLICE, config_file_list=[str(empty)], config_dict=dict(SASREC_KEYS), cmd_line=False
+        )
 
 
 @pytest.mark.parametrize("model", ["TIDiffRec", "PDRec"])
 def test_models_that_need_time_are_refused_a_file_without_it_before_loading(tmp_path, model):
     text = "user_id:token\titem_id:token\n" + "".join(f"{u}\t{i}\n" for u in range(3) for i in range(4))
-    config = dict(_dataset(tmp_path, text), load_col={"inter": ["user_id", "item_id"]},
-                  eval_args={"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "group_by": "user", "mode": "full"})
+    config = dict(
+        _dataset(tmp_path, text),
+        load_col={"inter": ["user_id", "item_id"]},
+        eval_args={"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "group_by": "user", "mode": "full"},
+    )
     with pytest.raises(ValueError, match=rf"bad\.inter' has no 'timestamp' column.*{model} orders"):
         Config(model=model, dataset="bad", config_dict=config, cmd_line=False)
 
 
 # ---- 6. no collisions ----------------------------------------------------------------------------------------
 def _trainer(tmp_path, **overrides):
-    config = build_config("SASRec", SLICE, config_dict=dict(SASREC_KEYS, checkpoint_dir=str(tmp_path / "saved"),
-                                                            resume_dir=str(tmp_path / "resume"), **overrides),
-                          cmd_line=False)
+    config = build_config(
+        "SASRec",
+        SLICE,
+        config_dict=dict(
+            SASREC_KEYS, checkpoint_dir=str(tmp_path / "saved"), resume_dir=str(tmp_path / "resume"), **overrides
+        ),
+        cmd_line=False,
+    )
     train = prepare_data(config)[1]
     return get_trainer(config["MODEL_TYPE"], "SASRec")(config, get_model("SASRec")(config, train.dataset))
 
@@ -210,7 +261,10 @@ def _trainer(tmp_path, **overrides):
 def test_runs_sharing_a_resume_dir_keep_points_of_their_own(tmp_path):
     first = _trainer(tmp_path)._resume_point().path
     assert _trainer(tmp_path)._resume_point().path == first  # the same run finds its point again
-    others = {_trainer(tmp_path, seed=7)._resume_point().path, _trainer(tmp_path, learning_rate=0.01)._resume_point().path}
+    others = {
+        _trainer(tmp_path, seed=7)._resume_point().path,
+        _trainer(tmp_path, learning_rate=0.01)._resume_point().path,
+    }
     assert first not in others and len(others) == 2
     assert os.path.basename(first).startswith(f"Trainer-SASRec-{SLICE}-seed2020-")
 
@@ -218,7 +272,7 @@ def test_runs_sharing_a_resume_dir_keep_points_of_their_own(tmp_path):
 def test_identical_runs_started_in_the_same_second_log_to_files_of_their_own(tmp_path, monkeypatch):
     from recbole.utils import logger as recbole_logger
 
-    from recbole_diff.utils import init_logger
+    from recbole_diff.runtime import init_logger
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(recbole_logger, "get_local_time", lambda: "Jan-01-2026_00-00-00")
@@ -255,9 +309,22 @@ def test_bench_says_when_a_cell_starts_and_a_restart_rewrites_the_summary_first(
     done = os.path.join(out, "cells", SLICE, "SASRec", "seed1")
     os.makedirs(done)
     with open(os.path.join(done, "result.json"), "w") as f:
-        json.dump({"cell": {"dataset": SLICE, "method": "SASRec", "model": "SASRec", "label": "SASRec",
-                            "backbone": None, "seed": 1}, "seconds": 3.0,
-                   "test_result": {"hit@10": 0.5, "ndcg@10": 0.25}, "test_result_uni100": {"hit@10": 0.75}}, f)
+        json.dump(
+            {
+                "cell": {
+                    "dataset": SLICE,
+                    "method": "SASRec",
+                    "model": "SASRec",
+                    "label": "SASRec",
+                    "backbone": None,
+                    "seed": 1,
+                },
+                "seconds": 3.0,
+                "test_result": {"hit@10": 0.5, "ndcg@10": 0.25},
+                "test_result_uni100": {"hit@10": 0.75},
+            },
+            f,
+        )
     seen = {}
 
     class Child:  # the cell's process, finished at once
@@ -267,8 +334,9 @@ def test_bench_says_when_a_cell_starts_and_a_restart_rewrites_the_summary_first(
             seen["summary"] = open(os.path.join(out, "results.md")).read()
             return 0
 
-    fake = types.SimpleNamespace(Popen=lambda *a, **k: Child(), STDOUT=subprocess.STDOUT,
-                                 TimeoutExpired=subprocess.TimeoutExpired)
+    fake = types.SimpleNamespace(
+        Popen=lambda *a, **k: Child(), STDOUT=subprocess.STDOUT, TimeoutExpired=subprocess.TimeoutExpired
+    )
     monkeypatch.setattr(bench, "subprocess", fake)
     messages = []
     run_grid(grid, out, log=messages.append)
@@ -279,7 +347,7 @@ def test_bench_says_when_a_cell_starts_and_a_restart_rewrites_the_summary_first(
 def test_the_readme_snippet_does_not_read_the_scripts_command_line():
     readme = open(os.path.join(REPO, "README.md")).read()
     snippet = readme.split("```python", 1)[1].split("```", 1)[0]
-    call = snippet[snippet.index("run_recbole_diff("):].split("\n", 1)[0]
+    call = snippet[snippet.index("run_recbole_diff(") :].split("\n", 1)[0]
     assert "cmd_line=False" in call
 
 
@@ -290,7 +358,11 @@ def test_diffuasr_follows_its_backbones_width_unless_the_size_is_set(tmp_path):
     config = build_config("DiffuASR", SLICE, config_dict=dict(settings, checkpoint_dir=str(tmp_path)), cmd_line=False)
     train = prepare_data(config)[1]
     assert get_model("DiffuASR")(config, train.dataset).d == 16  # hidden_size 16, not the former default 64
-    config = build_config("DiffuASR", SLICE, cmd_line=False,
-                          config_dict=dict(settings, checkpoint_dir=str(tmp_path), diffusion_embedding_size=64))
+    config = build_config(
+        "DiffuASR",
+        SLICE,
+        cmd_line=False,
+        config_dict=dict(settings, checkpoint_dir=str(tmp_path), diffusion_embedding_size=64),
+    )
     with pytest.raises(ValueError, match="diffusion_embedding_size = the backbone's item embedding size \\(16\\)"):
         get_model("DiffuASR")(config, train.dataset)

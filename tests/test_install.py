@@ -3,6 +3,7 @@
 Each install goes into a virtual environment of its own, so the environment running the tests is untouched
 (pip would otherwise uninstall its recbole-diff first).
 """
+
 import os
 import shutil
 import subprocess
@@ -15,8 +16,9 @@ PROPS = os.path.join(REPO, "properties")
 
 
 def _yaml_files(root):
-    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
-                  if f.endswith(".yaml"))
+    return sorted(
+        os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs if f.endswith(".yaml")
+    )
 
 
 def _source_copy(tmp_path):
@@ -45,11 +47,17 @@ def test_properties_are_found_after_install(tmp_path, editable):
     python = _fresh_python(tmp_path)
     target = ["-e", str(src)] if editable else [str(src)]
     # Build isolation: the fresh venv has no wheel package; pip fetches the build backend from the index.
-    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", *target],
-                   check=True, capture_output=True, text=True, cwd=elsewhere)
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", *target],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+    )
     code = "import recbole_diff; print(recbole_diff.__file__); print(recbole_diff.properties_dir())"
-    module_file, props = subprocess.run([python, "-c", code], cwd=elsewhere, check=True, capture_output=True,
-                                        text=True).stdout.split("\n")[:2]
+    module_file, props = subprocess.run(
+        [python, "-c", code], cwd=elsewhere, check=True, capture_output=True, text=True
+    ).stdout.split("\n")[:2]
     if editable:
         assert module_file.startswith(str(src)) and props == str(src / "properties")
     else:

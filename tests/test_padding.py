@@ -24,8 +24,11 @@ def test_boundaries_are_optimal_against_brute_force():
     lengths = torch.tensor([1, 1, 2, 2, 2, 3, 5, 8, 8, 13, 21, 21, 34, 50, 50, 50])
     values = sorted(set(lengths.tolist()))
     best = min(
-        sum(int((lengths <= hi).sum() - (lengths <= lo).sum()) * hi for lo, hi in zip((0,) + cuts, cuts + (values[-1],)))
-        for r in range(0, 3) for cuts in itertools.combinations(values[:-1], r)
+        sum(
+            int((lengths <= hi).sum() - (lengths <= lo).sum()) * hi for lo, hi in zip((0,) + cuts, cuts + (values[-1],))
+        )
+        for r in range(0, 3)
+        for cuts in itertools.combinations(values[:-1], r)
     )
     assert work(length_groups(lengths, 3), lengths) == best
     assert work(length_groups(lengths, 1), lengths) == 16 * 50

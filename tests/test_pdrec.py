@@ -1,30 +1,36 @@
 """PDRec: the preference store (stage 2), HBR/NNS/DPA (stage 3), the all-off equivalence and the pipeline."""
+
 import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SLICE, TINY
 
+from recbole_diff import get_model, get_trainer
 from recbole_diff.data.interactions import training_interactions
 from recbole_diff.data.pdrec import (
-    PreferenceStore, TrainingItems, ascending_ranks, check_store_meta, compute_preference_store, draw_band,
-    hbr_weights, nns_band, store_meta,
+    PreferenceStore,
+    TrainingItems,
+    ascending_ranks,
+    check_store_meta,
+    compute_preference_store,
+    draw_band,
+    hbr_weights,
+    nns_band,
+    store_meta,
 )
-from recbole_diff.model.plugin.pdrec import LAST_FIELD
-from recbole_diff.trainer.pdrec import mark_last_rows
+from recbole_diff.model.plugin.pdrec import LAST_FIELD, mark_last_rows
 from recbole_diff.quick_start import build_config, load_data_and_model, prepare_data, run_recbole_diff
-from recbole_diff.utils import get_model, get_trainer
 
-from conftest import SLICE, TINY
-
-PD = dict(TINY, tidiffrec_epochs=1, tidiffrec={"dims_dnn": [32]}, dpa_m=20, dpa_n=3,
-          learning_rate=0.005)
+PD = dict(TINY, tidiffrec_epochs=1, tidiffrec={"dims_dnn": [32]}, dpa_m=20, dpa_n=3, learning_rate=0.005)
 
 
 def build(tmp_path, **overrides):
-    config = build_config("PDRec", SLICE, config_dict=dict(PD, checkpoint_dir=str(tmp_path), **overrides),
-                          cmd_line=False)
+    config = build_config(
+        "PDRec", SLICE, config_dict=dict(PD, checkpoint_dir=str(tmp_path), **overrides), cmd_line=False
+    )
     _, train, valid, test = prepare_data(config)
     torch.manual_seed(0)
     model = get_model("PDRec")(config, train.dataset)
@@ -61,7 +67,7 @@ def dense_band(table, user, own, omega_m):
     free = [i for i in range(1, table.shape[1]) if i not in own]
     by_pref = sorted(free, key=lambda i: -table[user, i].item())
     n = len(free)
-    return by_pref, set(by_pref[int(np.floor(omega_m * n)):int(np.ceil(0.99 * n))])
+    return by_pref, set(by_pref[int(np.floor(omega_m * n)) : int(np.ceil(0.99 * n))])
 
 
 def test_store_keeps_preferences_ranks_top_m_and_the_band():
@@ -89,7 +95,7 @@ def test_compact_band_reproduces_the_dense_reference(omega_m):
     table, prefs = fake_preferences(40, 203, seed=4)
     store = compute_preference_store(prefs, t, m=5, omega_m=omega_m, batch_size=7)
     for user in range(1, 40):
-        own = set(t.items[t.offsets[user]:t.offsets[user + 1]].tolist())
+        own = set(t.items[t.offsets[user] : t.offsets[user + 1]].tolist())
         _, band = dense_band(table, user, own, omega_m)
         assert set(store.band_items(user).tolist()) == band
         assert int(store.band_size[user]) == len(band)
@@ -106,7 +112,7 @@ def test_nns_draws_are_fresh_and_stay_in_the_band():
     epoch1, epoch2 = draw_band(store, batch, store.rounds()), draw_band(store, batch, store.rounds())
     assert not torch.equal(epoch1, epoch2)  # drawn afresh, not a fixed pool
     for user in range(1, 30):
-        own = set(t.items[t.offsets[user]:t.offsets[user + 1]].tolist())
+        own = set(t.items[t.offsets[user] : t.offsets[user + 1]].tolist())
         _, band = dense_band(table, user, own, 0.5)
         drawn = set(epoch1[batch == user].tolist()) | set(epoch2[batch == user].tolist())
         assert drawn <= band and not drawn & own
@@ -159,8 +165,9 @@ def test_store_memory_is_per_user_not_dense():
 
 def test_store_saves_and_loads_exactly(tmp_path):
     t = small_training()
-    store = compute_preference_store(fake_preferences(3, 12)[1], t, m=4, omega_m=0.5,
-                                     meta=store_meta("x", t, 4, 0.5, "abc"))
+    store = compute_preference_store(
+        fake_preferences(3, 12)[1], t, m=4, omega_m=0.5, meta=store_meta("x", t, 4, 0.5, "abc")
+    )
     store.save(str(tmp_path / "s.pt"))
     back = PreferenceStore.load(str(tmp_path / "s.pt"))
     for name in PreferenceStore.TENSORS:
@@ -258,7 +265,7 @@ def test_all_off_skips_stages_1_and_2(tmp_path):
     config, model, train, valid, _ = build(tmp_path, use_hbr=False, use_nns=False, use_dpa=False, epochs=1)
     trainer = get_trainer(config["MODEL_TYPE"], "PDRec")(config, model)
     trainer.fit(train, valid, saved=False)
-    assert trainer.tidiffrec is None and model.store is None
+    assert "tidiffrec" not in trainer.checkpoints and not model._stage_models and model.store is None
 
 
 def with_store(model, train, seed=0):
@@ -292,7 +299,7 @@ def test_dpa_soft_positives_are_re_ranked_by_the_current_backbone(tmp_path):
         cand = model.store.topm[user]
         expected = cand[torch.topk(full[row, cand], model.dpa_n).indices]
         assert set(items[row].tolist()) == set(expected.tolist())
-        own = set(t.items[t.offsets[user]:t.offsets[user + 1]].tolist())
+        own = set(t.items[t.offsets[user] : t.offsets[user + 1]].tolist())
         assert not set(cand.tolist()) & own  # unobserved items only
     assert torch.allclose(scores, full.gather(1, items), atol=1e-5)
 
@@ -306,7 +313,7 @@ def test_nns_negatives_of_training_batches_stay_in_the_band_and_change(tmp_path)
     assert first.shape == users.shape and not torch.equal(first, second)
     assert model.store.in_band(users, first).all() and model.store.in_band(users, second).all()
     for user, a, b in zip(users.tolist(), first.tolist(), second.tolist()):
-        own = set(t.items[t.offsets[user]:t.offsets[user + 1]].tolist())
+        own = set(t.items[t.offsets[user] : t.offsets[user + 1]].tolist())
         assert a not in own and b not in own and a != 0
 
 
@@ -330,11 +337,15 @@ def test_full_loss_is_the_specs_formula(tmp_path):
         s_cand = (h[:, None] * e[cand]).sum(-1)
         s_soft = s_cand.topk(model.dpa_n, dim=1).values
         s = lambda items: (h * e[items]).sum(-1)  # noqa: E731
-        expected = (-w * F.logsigmoid(s(pos)) - 0.5 * F.logsigmoid(-s(neg)) - 0.5 * F.logsigmoid(-s(nns))
-                    - 0.3 * F.logsigmoid(s_soft).mean(1)).mean()
+        expected = (
+            -w * F.logsigmoid(s(pos))
+            - 0.5 * F.logsigmoid(-s(neg))
+            - 0.5 * F.logsigmoid(-s(nns))
+            - 0.3 * F.logsigmoid(s_soft).mean(1)
+        ).mean()
     assert torch.allclose(loss, expected, atol=1e-5)
     for user, item in zip(users.tolist(), nns.tolist()):
-        assert item not in set(t.items[t.offsets[user]:t.offsets[user + 1]].tolist())
+        assert item not in set(t.items[t.offsets[user] : t.offsets[user + 1]].tolist())
 
 
 def test_dpa_last_uses_one_state_per_user(tmp_path):
@@ -397,7 +408,7 @@ def test_full_loss_trains(tmp_path):
 
 def test_missing_store_is_a_clear_error(tmp_path):
     _, model, train, _, _ = build(tmp_path)
-    with pytest.raises(RuntimeError, match="PDRecTrainer"):
+    with pytest.raises(RuntimeError, match="preference store"):
         model.calculate_loss(next(iter(train)))
 
 
@@ -437,8 +448,9 @@ def test_pipeline_uses_training_items_only_reuses_its_store_and_reloads(tmp_path
     assert not (held - train_pairs) & stored
 
     stamp = os.path.getmtime(first["preference_store"])
-    second = run_recbole_diff("PDRec", SLICE, cmd_line=False,
-                              config_dict=dict(cfg, tidiffrec_checkpoint=first["tidiffrec_checkpoint"]))
+    second = run_recbole_diff(
+        "PDRec", SLICE, cmd_line=False, config_dict=dict(cfg, tidiffrec_checkpoint=first["tidiffrec_checkpoint"])
+    )
     assert second["preference_store_reused"] is True
     assert second["preference_store"] == first["preference_store"]
     assert os.path.getmtime(first["preference_store"]) == stamp
@@ -465,8 +477,9 @@ def test_store_is_a_stage_of_its_own_and_resumes_without_tidiffrec(tmp_path):
     assert not glob.glob(str(cache / "TIDiffRec-*.pth"))  # stage 1 was not trained again
     assert second["hbr_mean_weight"] == first["hbr_mean_weight"]
     # another omega_m is another stage: a new store, not this one
-    third = run_recbole_diff("PDRec", SLICE, cmd_line=False,
-                             config_dict=dict(cfg, checkpoint_dir=str(tmp_path / "c"), omega_m=0.8))
+    third = run_recbole_diff(
+        "PDRec", SLICE, cmd_line=False, config_dict=dict(cfg, checkpoint_dir=str(tmp_path / "c"), omega_m=0.8)
+    )
     assert third["preference_store_reused"] is False and third["preference_store"] != stores[0]
     data = torch.load(stores[0], weights_only=False)
     data["meta"]["dataset"] = "sports"
@@ -476,9 +489,15 @@ def test_store_is_a_stage_of_its_own_and_resumes_without_tidiffrec(tmp_path):
 
 
 def test_wrong_tidiffrec_checkpoint_is_refused(tmp_path):
-    sasrec = run_recbole_diff("SASRec", SLICE, config_dict=dict(TINY, checkpoint_dir=str(tmp_path), epochs=1),
-                              cmd_line=False)
+    sasrec = run_recbole_diff(
+        "SASRec", SLICE, config_dict=dict(TINY, checkpoint_dir=str(tmp_path), epochs=1), cmd_line=False
+    )
     with pytest.raises(ValueError, match="TIDiffRec"):
-        run_recbole_diff("PDRec", SLICE, cmd_line=False,
-                         config_dict=dict(PD, checkpoint_dir=str(tmp_path), epochs=1,
-                                          tidiffrec_checkpoint=sasrec["saved_model_file"]))
+        run_recbole_diff(
+            "PDRec",
+            SLICE,
+            cmd_line=False,
+            config_dict=dict(
+                PD, checkpoint_dir=str(tmp_path), epochs=1, tidiffrec_checkpoint=sasrec["saved_model_file"]
+            ),
+        )

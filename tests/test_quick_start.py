@@ -1,4 +1,5 @@
 """End to end through the CLI path: train, save, reload, same scores; checkpoints never collide."""
+
 import json
 import os
 import subprocess
@@ -6,15 +7,15 @@ import sys
 
 import pytest
 import torch
+from helpers import SLICE
 from recbole.utils import ModelType
 
-from recbole_diff.cli import _parse_key_values, main, run_command
+from recbole_diff import get_model, get_trainer
+from recbole_diff.cli import main, run_command
 from recbole_diff.doctor import check_versions
 from recbole_diff.quick_start import build_config, load_data_and_model, run_recbole_diff
+from recbole_diff.runtime import parse_key_values
 from recbole_diff.trainer import Trainer
-from recbole_diff.utils import get_model, get_trainer
-
-from conftest import SLICE
 
 
 def test_cli_trains_saves_and_the_reloaded_model_scores_the_same(tiny, capsys):
@@ -23,7 +24,11 @@ def test_cli_trains_saves_and_the_reloaded_model_scores_the_same(tiny, capsys):
     out = capsys.readouterr().out
     assert "SASRec" in out and "ndcg@10" in out
     assert result["model"] == "SASRec" and set(result) >= {
-        "best_valid_score", "valid_score_bigger", "best_valid_result", "test_result"}
+        "best_valid_score",
+        "valid_score_bigger",
+        "best_valid_result",
+        "test_result",
+    }
     path = result["saved_model_file"]
     assert os.path.isfile(path) and path.startswith(tiny["checkpoint_dir"])
 
@@ -33,22 +38,30 @@ def test_cli_trains_saves_and_the_reloaded_model_scores_the_same(tiny, capsys):
     assert dict(reloaded) == pytest.approx(dict(result["test_result"]), abs=1e-4)
 
     # ... and in a new process, which has built no Config (RecBole's metrics need its numpy aliases)
-    code = ("import json, sys\n"
-            "from recbole_diff.quick_start import load_data_and_model\n"
-            "from recbole_diff.utils import get_trainer\n"
-            "config, model, _, _, _, test = load_data_and_model(sys.argv[1])\n"
-            "trainer = get_trainer(config['MODEL_TYPE'], config['model'])(config, model)\n"
-            "print(json.dumps(dict(trainer.evaluate(test, load_best_model=False))))\n")
-    done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, cwd=os.getcwd(),
-                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    code = (
+        "import json, sys\n"
+        "from recbole_diff.quick_start import load_data_and_model\n"
+        "from recbole_diff import get_trainer\n"
+        "config, model, _, _, _, test = load_data_and_model(sys.argv[1])\n"
+        "trainer = get_trainer(config['MODEL_TYPE'], config['model'])(config, model)\n"
+        "print(json.dumps(dict(trainer.evaluate(test, load_best_model=False))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, path],
+        capture_output=True,
+        text=True,
+        cwd=os.getcwd(),
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     fresh = json.loads(done.stdout.strip().splitlines()[-1])
     assert fresh == pytest.approx(dict(result["test_result"]), abs=1e-4)
 
 
 def test_a_trained_sasrec_beats_random_ranking(tiny):
-    result = run_recbole_diff("SASRec", SLICE, config_dict=dict(tiny, epochs=15, learning_rate=0.005,
-                                                               stopping_step=15), cmd_line=False)
+    result = run_recbole_diff(
+        "SASRec", SLICE, config_dict=dict(tiny, epochs=15, learning_rate=0.005, stopping_step=15), cmd_line=False
+    )
     n_items = 915
     # Random ranking hits the target among the top 20 with probability 20 / n_items.
     assert result["test_result"]["hit@20"] > 3 * 20 / n_items
@@ -96,17 +109,33 @@ def test_threads_default_to_one_and_are_overridable(tiny):
 
 
 def test_cli_words_are_converted_like_recbole_and_bad_words_refused():
-    assert _parse_key_values(["--epochs=3", "--topk=[5,10]", "--show_progress=false", "--data_path=a/b"]) == {
-        "epochs": 3, "topk": [5, 10], "show_progress": False, "data_path": "a/b"}
+    assert parse_key_values(["--epochs=3", "--topk=[5,10]", "--show_progress=false", "--data_path=a/b"]) == {
+        "epochs": 3,
+        "topk": [5, 10],
+        "show_progress": False,
+        "data_path": "a/b",
+    }
     with pytest.raises(SystemExit, match="--key=value"):
-        _parse_key_values(["epochs", "3"])
+        parse_key_values(["epochs", "3"])
 
 
 def test_doctor_flags_known_broken_versions():
-    assert check_versions({"recbole": "1.2.1", "numpy": "1.26.4", "pandas": "2.3.3", "pyarrow": "25.0.1",
-                           "setuptools": "80.10.2", "ray": "2.6.3"}) == []
-    bad = check_versions({"numpy": "2.1.0", "pandas": "3.0.1", "pyarrow": "26.0.0", "setuptools": "81.0.0",
-                          "recbole": "1.2.0"})
+    assert (
+        check_versions(
+            {
+                "recbole": "1.2.1",
+                "numpy": "1.26.4",
+                "pandas": "2.3.3",
+                "pyarrow": "25.0.1",
+                "setuptools": "80.10.2",
+                "ray": "2.6.3",
+            }
+        )
+        == []
+    )
+    bad = check_versions(
+        {"numpy": "2.1.0", "pandas": "3.0.1", "pyarrow": "26.0.0", "setuptools": "81.0.0", "recbole": "1.2.0"}
+    )
     assert {p[0] for p in bad} == {"numpy", "pandas", "pyarrow", "setuptools", "recbole"}
     assert all(p[3].startswith("pip install") for p in bad)
 
@@ -115,8 +144,10 @@ def test_importing_the_package_does_not_import_ray():
     import subprocess
     import sys
 
-    code = ("import sys, recbole_diff, recbole_diff.quick_start, recbole_diff.cli, recbole_diff.model.backbone, "
-            "recbole_diff.diffusion; print('ray' in sys.modules)")
+    code = (
+        "import sys, recbole_diff, recbole_diff.quick_start, recbole_diff.cli, recbole_diff.model.backbone, "
+        "recbole_diff.diffusion; print('ray' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -129,9 +160,12 @@ def test_recboles_anomaly_detection_is_switched_off(tiny):
 
 
 def test_extra_test_modes_report_another_protocol_from_the_same_model(tiny):
-    result = run_recbole_diff("SASRec", SLICE, cmd_line=False,
-                              config_dict=dict(tiny, epochs=1, metrics=["Hit", "NDCG", "GAUC"],
-                                               extra_test_modes=["full", "uni100"]))
+    result = run_recbole_diff(
+        "SASRec",
+        SLICE,
+        cmd_line=False,
+        config_dict=dict(tiny, epochs=1, metrics=["Hit", "NDCG", "GAUC"], extra_test_modes=["full", "uni100"]),
+    )
     assert result["test_result_full"] == result["test_result"]  # the run's own mode, evaluated again
     uni = result["test_result_uni100"]
     assert uni["hit@10"] > result["test_result"]["hit@10"] and 0 < uni["gauc"] < 1
@@ -148,8 +182,12 @@ def test_source_rows_follow_recboles_sampled_layout():
 
 def _sampled_eval_setup(tiny):
     uni100 = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni100"}
-    result = run_recbole_diff("SASRec", SLICE, cmd_line=False, config_dict=dict(
-        tiny, epochs=1, eval_args=uni100, metrics=["Hit", "NDCG", "GAUC"]))
+    result = run_recbole_diff(
+        "SASRec",
+        SLICE,
+        cmd_line=False,
+        config_dict=dict(tiny, epochs=1, eval_args=uni100, metrics=["Hit", "NDCG", "GAUC"]),
+    )
     config, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
     rows = []
     predict = model.predict
@@ -205,17 +243,22 @@ def test_masked_items_do_not_hide_a_full_sort_that_differs_from_predict(tiny):
     assert trainer._full_sort_agrees is False
 
 
-@pytest.mark.parametrize("name, extra", [("DiffuRec", {"n_blocks": 2}),
-                                         ("GlobalDiff", {"approx_hidden": 16, "filter_history": True})])
+@pytest.mark.parametrize(
+    "name, extra", [("DiffuRec", {"n_blocks": 2}), ("GlobalDiff", {"approx_hidden": 16, "filter_history": True})]
+)
 def test_fast_sampled_eval_serves_models_that_draw_noise_or_score_by_rank(tiny, name, extra):
     from recbole.utils import init_seed
 
     from recbole_diff.quick_start import prepare_data
 
     uni100 = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni100"}
-    config = build_config(name, SLICE, config_dict=dict(tiny, eval_args=uni100, eval_batch_size=2020, **extra),
-                          cmd_line=False,
-                          backbone="SASRec" if name == "GlobalDiff" else None)
+    config = build_config(
+        name,
+        SLICE,
+        config_dict=dict(tiny, eval_args=uni100, eval_batch_size=2020, **extra),
+        cmd_line=False,
+        backbone="SASRec" if name == "GlobalDiff" else None,
+    )
     init_seed(config["seed"], True)
     _, train, _, test = prepare_data(config)
     model = get_model(name)(config, train._dataset).eval()
@@ -233,8 +276,12 @@ def test_sampled_evaluation_draws_the_same_candidates_and_leaves_trainings_rando
     import numpy as np
 
     uni100 = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni100"}
-    result = run_recbole_diff("SASRec", SLICE, cmd_line=False, config_dict=dict(
-        tiny, epochs=1, eval_args=uni100, metrics=["Hit", "NDCG", "GAUC"]))
+    result = run_recbole_diff(
+        "SASRec",
+        SLICE,
+        cmd_line=False,
+        config_dict=dict(tiny, epochs=1, eval_args=uni100, metrics=["Hit", "NDCG", "GAUC"]),
+    )
     config, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     np.random.seed(7)
@@ -247,7 +294,8 @@ def test_sampled_evaluation_draws_the_same_candidates_and_leaves_trainings_rando
 
 
 def test_no_arguments_run_the_globaldiff_demo_and_print_backbone_ensemble_and_diffusion_side_by_side(
-        monkeypatch, capsys):
+    monkeypatch, capsys
+):
     import yaml
 
     import recbole_diff.quick_start as quick_start
@@ -257,8 +305,13 @@ def test_no_arguments_run_the_globaldiff_demo_and_print_backbone_ensemble_and_di
 
     def fake_run(**kwargs):
         seen.update(kwargs)
-        return {"model": "GlobalDiff", "backbone": "SASRec", "test_result": dict(metrics, **{"hit@10": 0.2}),
-                "backbone_test_result": metrics, "diffusion_only_test_result": dict(metrics, **{"hit@10": 0.3})}
+        return {
+            "model": "GlobalDiff",
+            "backbone": "SASRec",
+            "test_result": dict(metrics, **{"hit@10": 0.2}),
+            "backbone_test_result": metrics,
+            "diffusion_only_test_result": dict(metrics, **{"hit@10": 0.3}),
+        }
 
     monkeypatch.setattr(quick_start, "run_recbole_diff", fake_run)
     assert main([]) == 0

@@ -1,5 +1,6 @@
 """`recbole-diff tune --address` against a real Ray cluster: a head started with `ray start --head` as its own
 process, the way a user starts one (marked `tune`: needs the [tune] extra)."""
+
 import glob
 import json
 import os
@@ -13,8 +14,7 @@ import time
 
 import pytest
 import yaml
-
-from conftest import DATA_PATH, SLICE, TINY
+from helpers import DATA_PATH, SLICE, TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the venv's ray, beside its python
@@ -40,16 +40,43 @@ def ray_head():
     port, client, dashboard, agent, agent_grpc, metrics = free_ports(6)
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     # the cluster's workers import recbole_diff as on a node where the package is installed
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1"
+    )
     log = open(os.path.join(temp_dir, "head.log"), "w")
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
-         "--ray-client-server-port", str(client), "--include-dashboard", "false", "--dashboard-port",
-         str(dashboard), "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port",
-         str(agent_grpc), "--metrics-export-port", str(metrics), "--temp-dir", temp_dir,
-         "--disable-usage-stats", "--block"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        [
+            RAY,
+            "start",
+            "--head",
+            "--port",
+            str(port),
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            "2",
+            "--ray-client-server-port",
+            str(client),
+            "--include-dashboard",
+            "false",
+            "--dashboard-port",
+            str(dashboard),
+            "--dashboard-agent-listen-port",
+            str(agent),
+            "--dashboard-agent-grpc-port",
+            str(agent_grpc),
+            "--metrics-export-port",
+            str(metrics),
+            "--temp-dir",
+            temp_dir,
+            "--disable-usage-stats",
+            "--block",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 60
         while "Ray runtime started" not in open(log.name).read():
@@ -80,16 +107,40 @@ def test_tune_runs_its_trials_in_a_ray_cluster_started_with_ray_start(ray_head, 
     keys = [f"--{k}={v}" for k, v in dict(TINY, epochs=1, data_path=DATA_PATH).items()]
     out = tmp_path / "runs"
     done = subprocess.run(
-        [sys.executable, "-m", "recbole_diff.cli", "tune", "--model", "SASRec", "--dataset", SLICE, "--space",
-         str(space), "--samples", "1", "--address", f"127.0.0.1:{port}", "--out", str(out)] + keys,
-        cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=150)
+        [
+            sys.executable,
+            "-m",
+            "recbole_diff.cli",
+            "tune",
+            "--model",
+            "SASRec",
+            "--dataset",
+            SLICE,
+            "--space",
+            str(space),
+            "--samples",
+            "1",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--out",
+            str(out),
+        ]
+        + keys,
+        cwd=str(tmp_path),
+        env=dict(os.environ, PYTHONPATH=REPO),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     trials = sorted(glob.glob(str(out / "*" / "trainable_*" / "result.json")))
     assert len(trials) == 2
     # every trial ran in a worker of this cluster: its process wrote its logs into the head's session folder
-    workers = {int(p.rsplit("-", 1)[1].split(".")[0])
-               for p in glob.glob(os.path.join(temp_dir, "session_*", "logs", "worker-*.out"))}
+    workers = {
+        int(p.rsplit("-", 1)[1].split(".")[0])
+        for p in glob.glob(os.path.join(temp_dir, "session_*", "logs", "worker-*.out"))
+    }
     for path in trials:
         reports = [json.loads(line) for line in open(path) if line.strip()]
         assert reports and reports[-1]["pid"] in workers, (reports[-1]["pid"], sorted(workers))

@@ -1,4 +1,5 @@
 """The results page (recbole_diff/report.py) built from a small fixture grid, with hand-computed figures."""
+
 import json
 import math
 import os
@@ -6,7 +7,7 @@ import os
 import pytest
 import yaml
 
-from recbole_diff.report import ReportError, Grids, baseline_rows, build, claim_rows, load_spec
+from recbole_diff.report import Grids, ReportError, baseline_rows, build, claim_rows, load_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,8 +35,14 @@ def write_grid(results, name, grid, seeds=(2020, 2021, 2022), mode=None):
         for k, seed in enumerate(seeds):
             folder = results / name / "cells" / "d" / label / f"seed{seed}"
             folder.mkdir(parents=True)
-            cell = {"dataset": "d", "method": method, "model": method, "label": label, "backbone": bb or None,
-                    "seed": seed}
+            cell = {
+                "dataset": "d",
+                "method": method,
+                "model": method,
+                "label": label,
+                "backbone": bb or None,
+                "seed": seed,
+            }
             result = {"test_result": {"ndcg@10": values[k]}, "seconds": seconds[k], "cell": cell}
             if backbone:
                 result["backbone_test_result"] = {"ndcg@10": backbone[k]}
@@ -48,27 +55,58 @@ def write_grid(results, name, grid, seeds=(2020, 2021, 2022), mode=None):
 def spec_path(tmp_path):
     results = tmp_path / "results"
     write_grid(results, "g", GRID)
-    write_grid(results, "g2", {"M": ([0.3, 0.4], [60, 60], None), "Base": ([0.2, 0.2], [60, 60], None)},
-               seeds=(2020, 2021), mode="uni100")
+    write_grid(
+        results,
+        "g2",
+        {"M": ([0.3, 0.4], [60, 60], None), "Base": ([0.2, 0.2], [60, 60], None)},
+        seeds=(2020, 2021),
+        mode="uni100",
+    )
     (results / "tune").mkdir()
     (results / "tune" / "summary.json").write_text(json.dumps({"wall_seconds": 1800.0}))
     spec = {
         "results_dir": "results",
         "datasets": ["d", "e"],
         "claims": [
-            {"method": "M", "paper": "P1", "paper_dataset": "X", "metric": "ndcg@10", "before": 1.0, "after": 1.5,
-             "ours": {"d": {"grid": "g", "label": "M", "versus": "Base"}}},
-            {"method": "P", "metric": "ndcg@10", "before": 0.5, "after": 0.55,
-             "ours": {"d": {"grid": "g", "label": "P@Base", "versus": "backbone"}}},
-            {"method": "M two seeds", "metric": "NDCG@10", "before": 1.0, "after": 1.1,
-             "ours": {"d": {"grid": "g2", "label": "M", "versus": "Base"},
-                      "e": {"grid": None, "note": "later"}}},
-            {"method": "M no figure", "metric": "ndcg@10", "ours": {"d": {"grid": "g", "label": "M",
-                                                                          "versus": "Base"}}},
+            {
+                "method": "M",
+                "paper": "P1",
+                "paper_dataset": "X",
+                "metric": "ndcg@10",
+                "before": 1.0,
+                "after": 1.5,
+                "ours": {"d": {"grid": "g", "label": "M", "versus": "Base"}},
+            },
+            {
+                "method": "P",
+                "metric": "ndcg@10",
+                "before": 0.5,
+                "after": 0.55,
+                "ours": {"d": {"grid": "g", "label": "P@Base", "versus": "backbone"}},
+            },
+            {
+                "method": "M two seeds",
+                "metric": "NDCG@10",
+                "before": 1.0,
+                "after": 1.1,
+                "ours": {"d": {"grid": "g2", "label": "M", "versus": "Base"}, "e": {"grid": None, "note": "later"}},
+            },
+            {
+                "method": "M no figure",
+                "metric": "ndcg@10",
+                "ours": {"d": {"grid": "g", "label": "M", "versus": "Base"}},
+            },
         ],
-        "baselines": {"grid": "g", "dataset": "d", "metric": "ndcg@10", "versus": ["Base", "Base-tuned"],
-                      "cost_reference": "Base", "tuning": {"Base-tuned": {"summary": "tune/summary.json", "cpus": 2}},
-                      "notes": {"M": "a caveat"}, "pending": {"Other-tuned": "its search ran out of time"}},
+        "baselines": {
+            "grid": "g",
+            "dataset": "d",
+            "metric": "ndcg@10",
+            "versus": ["Base", "Base-tuned"],
+            "cost_reference": "Base",
+            "tuning": {"Base-tuned": {"summary": "tune/summary.json", "cpus": 2}},
+            "notes": {"M": "a caveat"},
+            "pending": {"Other-tuned": "its search ran out of time"},
+        },
         "superseded": {"g-old": "why"},
     }
     path = tmp_path / "report.yaml"
@@ -146,15 +184,21 @@ def test_the_page_shows_the_figures(spec_path, tmp_path):
     assert pending.count("|") == tuned.count("|")  # as many columns as a measured row
 
 
-@pytest.mark.parametrize("change,match", [
-    (lambda s: s["claims"][0]["ours"]["d"].update(label="Nope"), "no row 'Nope' on d; its rows: Base, Base-tuned"),
-    (lambda s: s["claims"][0]["ours"]["d"].update(grid="missing"), "Grid 'missing' has no finished cell"),
-    (lambda s: s["claims"][0].pop("after"), "needs both 'before' and 'after'"),
-    (lambda s: s["claims"][0]["ours"].update(z={"grid": "g"}), "dataset 'z', which is not in 'datasets'"),
-    (lambda s: s["claims"][0]["ours"]["d"].update(versus="backbone"), "has no backbone result"),
-    (lambda s: s["baselines"]["tuning"]["Base-tuned"].update(summary="nope.json"), "nope.json' does not exist"),
-    (lambda s: s["baselines"]["pending"].update({"Base-tuned": "x"}), "'Base-tuned' is pending but g has its cells"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda s: s["claims"][0]["ours"]["d"].update(label="Nope"), "no row 'Nope' on d; its rows: Base, Base-tuned"),
+        (lambda s: s["claims"][0]["ours"]["d"].update(grid="missing"), "Grid 'missing' has no finished cell"),
+        (lambda s: s["claims"][0].pop("after"), "needs both 'before' and 'after'"),
+        (lambda s: s["claims"][0]["ours"].update(z={"grid": "g"}), "dataset 'z', which is not in 'datasets'"),
+        (lambda s: s["claims"][0]["ours"]["d"].update(versus="backbone"), "has no backbone result"),
+        (lambda s: s["baselines"]["tuning"]["Base-tuned"].update(summary="nope.json"), "nope.json' does not exist"),
+        (
+            lambda s: s["baselines"]["pending"].update({"Base-tuned": "x"}),
+            "'Base-tuned' is pending but g has its cells",
+        ),
+    ],
+)
 def test_bad_report_files_are_refused_naming_the_fix(spec_path, change, match):
     spec = yaml.safe_load(open(spec_path))
     change(spec)
@@ -167,5 +211,6 @@ def test_bad_report_files_are_refused_naming_the_fix(spec_path, change, match):
 def test_the_committed_page_is_the_one_the_committed_grids_give(tmp_path):
     out = tmp_path / "results.md"
     build(os.path.join(REPO, "benchmarks", "report.yaml"), str(out))
-    assert out.read_text() == open(os.path.join(REPO, "docs", "results.md")).read(), \
+    assert out.read_text() == open(os.path.join(REPO, "docs", "results.md")).read(), (
         "docs/results.md is stale: run `recbole-diff bench --report` and commit it"
+    )

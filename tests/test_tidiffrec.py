@@ -1,14 +1,14 @@
 """TI-DiffRec: time-interval weights, RecBole's user-level loader, DiffRec's defaults."""
+
 import numpy as np
 import pytest
 import torch
+from helpers import SLICE, TINY
 from recbole.data.dataloader import UserDataLoader
 
+from recbole_diff import get_model
 from recbole_diff.model.plugin.tidiffrec import interval_weights
 from recbole_diff.quick_start import build_config, prepare_data
-from recbole_diff.utils import get_model
-
-from conftest import SLICE, TINY
 
 
 def test_interval_weights_are_min_max_scaled_per_user():
@@ -114,9 +114,14 @@ def test_position_weighting_and_bad_choices():
 def test_runs_on_its_own_like_any_recbole_model_and_beats_chance(tmp_path):
     from recbole_diff.quick_start import load_data_and_model, run_recbole_diff
 
-    result = run_recbole_diff("TIDiffRec", SLICE, cmd_line=False,
-                              config_dict=dict(TINY, dims_dnn=[64], epochs=10, learning_rate=1e-3, train_batch_size=16,
-                                               checkpoint_dir=str(tmp_path)))
+    result = run_recbole_diff(
+        "TIDiffRec",
+        SLICE,
+        cmd_line=False,
+        config_dict=dict(
+            TINY, dims_dnn=[64], epochs=10, learning_rate=1e-3, train_batch_size=16, checkpoint_dir=str(tmp_path)
+        ),
+    )
     _, _, dataset, *_ = load_data_and_model(result["saved_model_file"])
     # a random ranking's HR@10 is 10 / items (0.011 here); 10 epochs of 8 steps give about 0.03
     assert result["test_result"]["hit@10"] > 2 * 10 / dataset.item_num
@@ -149,7 +154,7 @@ def test_split_first_layer_gives_the_dense_layers_output_and_gradients():
         model.zero_grad()
         torch.manual_seed(7)  # the same dropout mask
         out = forward(model.mlp, x_t, t)
-        (out ** 2).mean().backward()
+        (out**2).mean().backward()
         grads.append({k: p.grad.clone() for k, p in model.mlp.named_parameters()})
     for k in grads[0]:
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4), k
@@ -168,7 +173,7 @@ def test_preferences_with_the_sparse_first_step_equal_recboles_reverse_run():
 
 
 def test_trainer_steps_with_a_fused_adamw():
-    from recbole_diff.utils import get_trainer
+    from recbole_diff import get_trainer
 
     config, model, _, _, _ = build()
     trainer = get_trainer(config["MODEL_TYPE"], "TIDiffRec")(config, model)

@@ -1,14 +1,14 @@
 """Ray Tune search on the test slice (marked `tune`: starts a local Ray; runs in CI)."""
+
 import json
 import os
 
 import pytest
 import yaml
+from helpers import SLICE, TINY
 
 from recbole_diff.config import Config
 from recbole_diff.tune import SearchSpaceError, load_space
-
-from conftest import SLICE, TINY
 
 
 def write(tmp_path, text):
@@ -17,13 +17,16 @@ def write(tmp_path, text):
     return str(path)
 
 
-@pytest.mark.parametrize("text,match", [
-    ("learning_rate: {normal: [0, 1]}\n", "unknown distribution 'normal'"),
-    ("learning_rate: [0.1, 0.2]\n", "exactly one distribution"),
-    ("learning_rate: {uniform: [0.2, 0.1]}\n", "low < high"),
-    ("learning_rate: {loguniform: [0, 0.1]}\n", "positive lower bound"),
-    ("- a\n- b\n", "must map config keys"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("learning_rate: {normal: [0, 1]}\n", "unknown distribution 'normal'"),
+        ("learning_rate: [0.1, 0.2]\n", "exactly one distribution"),
+        ("learning_rate: {uniform: [0.2, 0.1]}\n", "low < high"),
+        ("learning_rate: {loguniform: [0, 0.1]}\n", "positive lower bound"),
+        ("- a\n- b\n", "must map config keys"),
+    ],
+)
 def test_bad_search_spaces_are_refused(tmp_path, text, match):
     with pytest.raises(SearchSpaceError, match=match):
         load_space(write(tmp_path, text))
@@ -38,11 +41,10 @@ def test_every_shipped_space_is_valid():
     import glob
     import os
 
+    from helpers import SLICE, TINY
+
     from recbole_diff import properties_dir
-
     from recbole_diff.quick_start import build_config
-
-    from conftest import SLICE, TINY
 
     files = glob.glob(os.path.join(properties_dir(), "tune", "*.yaml"))
     assert len(files) >= 5
@@ -56,19 +58,26 @@ def test_every_shipped_space_is_valid():
 @pytest.mark.tune
 def test_two_trials_on_local_ray_write_a_loadable_best_config(tmp_path):
     ray = pytest.importorskip("ray")
-    from recbole_diff.tune import run_tune
-
     from recbole_diff.trainer.resume import plain_settings
+    from recbole_diff.tune import run_tune
 
     space = write(tmp_path, "learning_rate: {grid: [0.001, 0.01]}\n")
     # the model's size in a config file, the rest as overrides: best.yaml must keep both
     sizes = tmp_path / "sizes.yaml"
     sizes.write_text("hidden_size: 8\ninner_size: 16\nweight_decay: 1e-6\n")
-    fixed = dict({k: v for k, v in TINY.items() if k not in ("hidden_size", "inner_size", "embedding_size")},
-                 epochs=2)
+    fixed = dict({k: v for k, v in TINY.items() if k not in ("hidden_size", "inner_size", "embedding_size")}, epochs=2)
     try:
-        best, best_yaml, _ = run_tune("SASRec", SLICE, space, samples=1, config_dict=fixed, config_files=[str(sizes)],
-                                      cpus=2, out_dir=str(tmp_path / "runs"), log=lambda *_: None)
+        best, best_yaml, _ = run_tune(
+            "SASRec",
+            SLICE,
+            space,
+            samples=1,
+            config_dict=fixed,
+            config_files=[str(sizes)],
+            cpus=2,
+            out_dir=str(tmp_path / "runs"),
+            log=lambda *_: None,
+        )
     finally:
         ray.shutdown()
     assert best["learning_rate"] in (0.001, 0.01)

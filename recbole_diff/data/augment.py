@@ -4,6 +4,7 @@ the random baselines, cosine rounding, and the writer of the augmented RecBole a
 Everything here reads the training split only (see :func:`~recbole_diff.data.interactions.training_interactions`):
 validation and test items never reach the augmenter, its condition or its exclusions.
 """
+
 import csv
 import hashlib
 import json
@@ -30,7 +31,7 @@ class Sequences:
         return self.offsets[1:] - self.offsets[:-1]
 
     def of(self, user):
-        return self.items[self.offsets[user]:self.offsets[user + 1]]
+        return self.items[self.offsets[user] : self.offsets[user + 1]]
 
     def bags(self, users, start=0):
         """(flat items, bag offsets) of the given users' sequences from position ``start`` on, for
@@ -93,9 +94,11 @@ def round_to_items(x0, item_table, exclude=None):
     # only exclusion can leave a user without items; read once, not per position (each read stalls a GPU)
     if taken is not None and torch.isinf(best).any():
         k = int(torch.isinf(best).any(0).nonzero()[0])
-        raise ValueError(f"DiffuASR: a user has no item left for generated position {k + 1}: the catalogue "
-                         "minus the user's history and the items generated before is empty. Lower M or set "
-                         "exclude_history: False.")
+        raise ValueError(
+            f"DiffuASR: a user has no item left for generated position {k + 1}: the catalogue "
+            "minus the user's history and the items generated before is empty. Lower M or set "
+            "exclude_history: False."
+        )
     return out
 
 
@@ -118,13 +121,23 @@ def random_seq_prefix(sequences, users, m, generator=None):
 
 
 # ---- the augmented dataset ---------------------------------------------------------------------------
-def augmented_name(dataset, backbone, augmenter, m, seed, guide=None, gamma=None, sample_steps=None, sampler=None,
-                   settings=None):
-    """``<dataset>-<augmenter>-<backbone>-M<M>[-<guide>-g<gamma>-<sampler><steps>]-seed<seed>[-<hash>]``: the
+def augmented_name(
+    dataset,
+    backbone,
+    augmenter,
+    m,
+    seed,
+    guide=None,
+    guidance_scale=None,
+    sample_steps=None,
+    sampler=None,
+    settings=None,
+):
+    """``<dataset>-<augmenter>-<backbone>-M<M>[-<guide>-g<guidance_scale>-<sampler><steps>]-seed<seed>[-<hash>]``: the
     source, M, guidance, steps and seed readable; the augmenter's other settings as a short hash."""
     parts = [dataset, "diffuasr" if augmenter == "diffusion" else augmenter, backbone, f"M{m}"]
     if augmenter == "diffusion":
-        parts += [guide, f"g{gamma:g}", f"{sampler}{sample_steps if sample_steps else 'all'}"]
+        parts += [guide, f"g{guidance_scale:g}", f"{sampler}{sample_steps if sample_steps else 'all'}"]
     parts.append(f"seed{seed}")
     if settings:
         parts.append(hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:6])
@@ -139,8 +152,9 @@ def read_atomic(path):
         return header, list(reader)
 
 
-def write_augmented_dataset(source_dir, source_name, target_root, target_name, user_tokens, prefix_tokens,
-                            uid_field, iid_field, time_field):
+def write_augmented_dataset(
+    source_dir, source_name, target_root, target_name, user_tokens, prefix_tokens, uid_field, iid_field, time_field
+):
     """A new atomic dataset ``<target_root>/<target_name>/``: the source ``.inter`` rows unchanged, then for each
     given user the M generated items, other columns copied from the user's first real row, with timestamps before
     the user's first real interaction (``first - M * gap``,
@@ -148,8 +162,10 @@ def write_augmented_dataset(source_dir, source_name, target_root, target_name, u
     (``.item``, ``.user``) are copied. An existing target directory is never touched."""
     target = os.path.join(target_root, target_name)
     if os.path.exists(target):
-        raise FileExistsError(f"Augmented dataset '{target}' already exists and is not overwritten. Delete it, or "
-                              "change augmented_data_path / the seed to write another one.")
+        raise FileExistsError(
+            f"Augmented dataset '{target}' already exists and is not overwritten. Delete it, or "
+            "change augmented_data_path / the seed to write another one."
+        )
     header, rows = read_atomic(os.path.join(source_dir, f"{source_name}.inter"))
     names = [h.split(":")[0] for h in header]
     for field in (uid_field, iid_field, time_field):

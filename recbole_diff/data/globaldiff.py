@@ -1,5 +1,6 @@
 """GlobalDiff's training data: item-item similarity from the training interactions, per-user training
 sequences, and the masked, position-reweighted Bernoulli targets (paper section 3.3)."""
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -17,8 +18,9 @@ def training_pairs(train_dataset, user_field, item_field, seq_field, len_field):
     items never appear. The field names are the model's and must be the dataset's."""
     ds = train_dataset
     if (user_field, item_field) != (ds.uid_field, ds.iid_field):
-        raise ValueError(f"training_pairs: fields {user_field}/{item_field} are not the dataset's "
-                         f"{ds.uid_field}/{ds.iid_field}.")
+        raise ValueError(
+            f"training_pairs: fields {user_field}/{item_field} are not the dataset's {ds.uid_field}/{ds.iid_field}."
+        )
     return training_interactions(ds)
 
 
@@ -69,7 +71,7 @@ class UserSequenceLoader:
         order = torch.randperm(len(self.users) * self.mask_samples) % len(self.users)
         user_field, seq_field, len_field = self.fields
         for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
+            rows = order[start : start + self.batch_size]
             yield Interaction({user_field: self.users[rows], seq_field: self.seqs[rows], len_field: self.lens[rows]})
 
 
@@ -108,13 +110,24 @@ class ItemSimilarity:
       cosine of item i and the centroid of j's cluster (O(KM) memory), A[i, i] = 1.
     """
 
-    def __init__(self, users, items, n_users, n_items, kind="sparse", topk=None, n_clusters=None,
-                 dense_limit_gb=4.0, seed=0, device="cpu"):
+    def __init__(
+        self,
+        users,
+        items,
+        n_users,
+        n_items,
+        kind="sparse",
+        topk=None,
+        n_clusters=None,
+        dense_limit_gb=4.0,
+        seed=0,
+        device="cpu",
+    ):
         if kind not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got '{kind}'.")
         self.kind, self.n_items, self.device = kind, n_items, device
         if kind == "dense":
-            need = n_items * n_items * 4 / 2 ** 30
+            need = n_items * n_items * 4 / 2**30
             if need > dense_limit_gb:
                 raise MemoryError(
                     f"A dense item-item similarity for {n_items} items needs {need:.1f} GB, more than "

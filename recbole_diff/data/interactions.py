@@ -1,4 +1,5 @@
 """What a training split holds, for general and sequential RecBole datasets alike."""
+
 import numpy as np
 
 

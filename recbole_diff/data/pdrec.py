@@ -7,6 +7,7 @@ are computed chunk by chunk and kept in :class:`PreferenceStore`: O(users x (his
 bit per (user, item), 1/32 of a dense float matrix (the band's items as int32 would take 16x the bits: the
 band holds about half of all items).
 """
+
 import hashlib
 import json
 import math
@@ -19,7 +20,8 @@ import torch
 from recbole.utils import set_color
 from tqdm import tqdm
 
-from recbole_diff.utils import argsort_descending
+from recbole_diff.device import argsort_descending
+from recbole_diff.io import atomic_write
 
 STORE_VERSION = 2
 
@@ -66,13 +68,13 @@ class PreferenceStore:
     user's NNS band as a bitmap (bit ``i % 8`` of byte ``i // 8`` for item i); ``band_size`` counts its items
     and ``reserve`` is one of them (the best-preferred), the fallback that keeps a draw inside the band."""
 
-    train_key: torch.Tensor   # [N] user * n_items + item
+    train_key: torch.Tensor  # [N] user * n_items + item
     train_pref: torch.Tensor  # [N] TI-DiffRec's preference for the item
     train_rank: torch.Tensor  # [N] ascending rank among the user's items / P_u, in (0, 1]
-    topm: torch.Tensor        # [U, m] best non-interacted items, by preference
-    band: torch.Tensor        # [U, ceil(n_items / 8)] uint8 bitmap of the low-preference band
-    band_size: torch.Tensor   # [U] items in the band
-    reserve: torch.Tensor     # [U] one item of the band
+    topm: torch.Tensor  # [U, m] best non-interacted items, by preference
+    band: torch.Tensor  # [U, ceil(n_items / 8)] uint8 bitmap of the low-preference band
+    band_size: torch.Tensor  # [U] items in the band
+    reserve: torch.Tensor  # [U] one item of the band
     n_items: int
     meta: dict = field(default_factory=dict)
 
@@ -87,8 +89,10 @@ class PreferenceStore:
         key = users.long() * self.n_items + items.long()
         idx = torch.searchsorted(self.train_key, key).clamp(max=len(self.train_key) - 1)
         if not torch.equal(self.train_key[idx], key):
-            raise ValueError("PDRec: a training (user, item) pair is missing from the preference store; it was "
-                             "computed for other data. Delete it or point tidiffrec_checkpoint elsewhere.")
+            raise ValueError(
+                "PDRec: a training (user, item) pair is missing from the preference store; it was "
+                "computed for other data. Delete it or point tidiffrec_checkpoint elsewhere."
+            )
         return idx
 
     def in_band(self, users, items):
@@ -116,19 +120,20 @@ class PreferenceStore:
         return self
 
     def save(self, path):
-        tmp = f"{path}.tmp-{os.getpid()}"
         data = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in asdict(self).items()}
         data["topm"] = data["topm"].int()  # item ids fit int32; halves the file
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            torch.save(data, tmp)
 
     @classmethod
     def load(cls, path, device="cpu"):
         data = torch.load(path, map_location=device, weights_only=False)
         if data.get("meta", {}).get("version") != STORE_VERSION or "band" not in data:
-            raise ValueError(f"Preference store '{path}' has an older layout (version "
-                             f"{data.get('meta', {}).get('version')}, this code writes {STORE_VERSION}); "
-                             "delete it to recompute it.")
+            raise ValueError(
+                f"Preference store '{path}' has an older layout (version "
+                f"{data.get('meta', {}).get('version')}, this code writes {STORE_VERSION}); "
+                "delete it to recompute it."
+            )
         data["topm"] = data["topm"].long()
         return cls(**data)
 
@@ -157,14 +162,21 @@ def check_store_meta(stored, expected, path):
     """Refuse a store made for another dataset, training split, TI-DiffRec or setting, naming what differs."""
     if stored == expected:
         return
-    names = {"dataset": "dataset", "training": "training split", "tidiffrec": "TI-DiffRec (its weights)",
-             "n_users": "user count", "n_items": "item count"}
+    names = {
+        "dataset": "dataset",
+        "training": "training split",
+        "tidiffrec": "TI-DiffRec (its weights)",
+        "n_users": "user count",
+        "n_items": "item count",
+    }
     diff = [k for k in sorted(set(stored) | set(expected)) if stored.get(k) != expected.get(k)]
     first = sorted(diff, key=lambda k: k not in names)[0]
-    raise ValueError(f"Preference store '{path}' was computed for another {names.get(first, first)} "
-                     f"({first}: stored {stored.get(first)!r}, this run {expected.get(first)!r}); it is not used or "
-                     "overwritten. Move it away to recompute it, or point tidiffrec_checkpoint at the model it "
-                     "was computed from.")
+    raise ValueError(
+        f"Preference store '{path}' was computed for another {names.get(first, first)} "
+        f"({first}: stored {stored.get(first)!r}, this run {expected.get(first)!r}); it is not used or "
+        "overwritten. Move it away to recompute it, or point tidiffrec_checkpoint at the model it "
+        "was computed from."
+    )
 
 
 def model_fingerprint(model):
@@ -179,9 +191,16 @@ def model_fingerprint(model):
 def store_meta(dataset_name, training, m, omega_m, tidiffrec):
     """What a store depends on (``tidiffrec``: :func:`model_fingerprint` of stage 1); its hash names the file,
     so other settings never overwrite it. The store draws nothing at random: no seed."""
-    return {"version": STORE_VERSION, "dataset": str(dataset_name), "n_users": training.n_users,
-            "n_items": training.n_items, "training": training.fingerprint(), "m": int(m),
-            "omega_m": float(omega_m), "tidiffrec": str(tidiffrec)}
+    return {
+        "version": STORE_VERSION,
+        "dataset": str(dataset_name),
+        "n_users": training.n_users,
+        "n_items": training.n_items,
+        "training": training.fingerprint(),
+        "m": int(m),
+        "omega_m": float(omega_m),
+        "tidiffrec": str(tidiffrec),
+    }
 
 
 def store_path(tidiffrec_checkpoint, meta):
@@ -213,22 +232,25 @@ def nns_band(n_candidates, omega_m):
 
 
 @torch.no_grad()
-def compute_preference_store(preferences, training, m, omega_m, batch_size=256, device="cpu", show_progress=False,
-                             meta=None):
+def compute_preference_store(
+    preferences, training, m, omega_m, batch_size=256, device="cpu", show_progress=False, meta=None
+):
     """Run ``preferences(users) -> [B, n_items]`` over all users in chunks of ``batch_size`` and keep the store.
     ``batch_size=1`` is the authors' one-user-at-a-time loop (the cost benchmark compares the two)."""
     n_users, n_items = training.n_users, training.n_items
     most = int(training.counts.max()) if n_users else 0
     if m > n_items - 1 - most:
-        raise ValueError(f"PDRec: dpa_m = {m} exceeds the {n_items - 1 - most} items some user has not interacted "
-                         "with; lower dpa_m.")
+        raise ValueError(
+            f"PDRec: dpa_m = {m} exceeds the {n_items - 1 - most} items some user has not interacted with; lower dpa_m."
+        )
     prefs, topm = [], torch.empty(n_users, m, dtype=torch.long)
     band = torch.empty(n_users, (n_items + 7) // 8, dtype=torch.uint8)
     band_size, reserve = torch.empty(n_users, dtype=torch.long), torch.empty(n_users, dtype=torch.long)
     starts = range(0, n_users, batch_size)
     if show_progress:
-        starts = tqdm(starts, total=math.ceil(n_users / batch_size), ncols=100,
-                      desc=set_color("PDRec preferences", "pink"))
+        starts = tqdm(
+            starts, total=math.ceil(n_users / batch_size), ncols=100, desc=set_color("PDRec preferences", "pink")
+        )
     for start in starts:
         stop = min(start + batch_size, n_users)
         users = torch.arange(start, stop, device=device)
@@ -251,8 +273,17 @@ def compute_preference_store(preferences, training, m, omega_m, batch_size=256, 
         reserve[start:stop] = order.gather(1, lo[:, None]).squeeze(1).cpu()
     pref = torch.cat(prefs) if prefs else torch.empty(0)
     owners = torch.repeat_interleave(torch.arange(n_users), training.counts)
-    return PreferenceStore(training.keys(), pref, ascending_ranks(owners, pref) / training.counts[owners].float(),
-                           topm, band, band_size, reserve, n_items, dict(meta or {}))
+    return PreferenceStore(
+        training.keys(),
+        pref,
+        ascending_ranks(owners, pref) / training.counts[owners].float(),
+        topm,
+        band,
+        band_size,
+        reserve,
+        n_items,
+        dict(meta or {}),
+    )
 
 
 def hbr_weights(store, omega_r, c_w, omega_f):

@@ -1,4 +1,5 @@
 """Sinusoidal step embeddings."""
+
 import math
 
 import torch

@@ -4,6 +4,10 @@ A model is any callable ``model_fn(x_t, t, **model_kwargs) -> tensor`` that pred
 (``parameterization='x0'``, DiffuRec, GlobalDiff) or the noise (``'eps'``, DiffuASR). All schedule tensors
 are buffers, so they follow ``.to(device)`` and are saved with the owning model.
 """
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
 import torch
 from torch import nn
 
@@ -49,9 +53,29 @@ def spaced_steps(num_steps, sample_steps):
     # evenly spaced in float64 from both ends, as torch.linspace computes them, rounded half to even; in Python
     # because the schedule is host data (a sampling loop must not read tensors back)
     stride, half = (num_steps - 1) / (sample_steps - 1), sample_steps // 2
-    points = [i * stride if i < half else (num_steps - 1) - (sample_steps - 1 - i) * stride
-              for i in range(sample_steps)]
+    points = [
+        i * stride if i < half else (num_steps - 1) - (sample_steps - 1 - i) * stride for i in range(sample_steps)
+    ]
     return sorted({round(p) for p in points}, reverse=True)
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """What a reverse step does around ``model_fn(x_t, t)``, for guided sampling (DiffuASR); the plain samplers
+    need none of it.
+
+    Args:
+        model_kwargs: extra keyword inputs of the model (the condition ``c``), as ``model_fn(x_t, t, **kwargs)``.
+        denoised_fn: post-processes the predicted x0 (clipping, rounding).
+        guidance: hooks ``hook(diffusion, x_t, t, pred) -> pred`` that may shift ``pred_eps`` (classifier guidance).
+    """
+
+    model_kwargs: dict = field(default_factory=dict)
+    denoised_fn: Optional[Callable] = None
+    guidance: tuple = ()
+
+
+_PLAIN = StepOptions()
 
 
 class GaussianDiffusion(nn.Module):
@@ -65,8 +89,9 @@ class GaussianDiffusion(nn.Module):
         schedule_kwargs: forwarded to ``make_betas`` (``beta_start``, ``noise_scale``, ``noise_min`` ...).
     """
 
-    def __init__(self, schedule="linear", steps=1000, parameterization="eps", variance="fixed_small",
-                 **schedule_kwargs):
+    def __init__(
+        self, schedule="linear", steps=1000, parameterization="eps", variance="fixed_small", **schedule_kwargs
+    ):
         super().__init__()
         if parameterization not in ("x0", "eps"):
             raise ValueError(f"parameterization must be 'x0' or 'eps', got '{parameterization}'.")
@@ -94,17 +119,14 @@ class GaussianDiffusion(nn.Module):
             self.register_buffer(name, value.float())
 
     # ---- forward process -----------------------------------------------------------------------------
-    def q_mean_variance(self, x0, t):
-        mean = _gather(self.sqrt_alphas_cumprod, t, x0.dim()) * x0
-        var = _gather(1.0 - self.alphas_cumprod, t, x0.dim())
-        return mean, var
-
     def q_sample(self, x0, t, noise=None):
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; pass ``make_noise(...)`` for offset noise."""
         if noise is None:
             noise = torch.randn_like(x0)
-        return (_gather(self.sqrt_alphas_cumprod, t, x0.dim()) * x0
-                + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0.dim()) * noise)
+        return (
+            _gather(self.sqrt_alphas_cumprod, t, x0.dim()) * x0
+            + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0.dim()) * noise
+        )
 
     def q_sample_from(self, x_s, s, t, noise=None):
         """Continue the forward process from step ``s`` to a later step ``t`` (GlobalDiff treats the backbone's
@@ -116,25 +138,30 @@ class GaussianDiffusion(nn.Module):
 
     def q_posterior_mean_variance(self, x0, x_t, t):
         """Mean and variance of q(x_{t-1} | x_t, x0)."""
-        mean = (_gather(self.posterior_mean_coef1, t, x_t.dim()) * x0
-                + _gather(self.posterior_mean_coef2, t, x_t.dim()) * x_t)
+        mean = (
+            _gather(self.posterior_mean_coef1, t, x_t.dim()) * x0
+            + _gather(self.posterior_mean_coef2, t, x_t.dim()) * x_t
+        )
         return mean, _gather(self.posterior_variance, t, x_t.dim())
 
     def predict_x0_from_eps(self, x_t, t, eps):
-        return (_gather(self.sqrt_recip_alphas_cumprod, t, x_t.dim()) * x_t
-                - _gather(self.sqrt_recipm1_alphas_cumprod, t, x_t.dim()) * eps)
+        return (
+            _gather(self.sqrt_recip_alphas_cumprod, t, x_t.dim()) * x_t
+            - _gather(self.sqrt_recipm1_alphas_cumprod, t, x_t.dim()) * eps
+        )
 
     def predict_eps_from_x0(self, x_t, t, x0):
-        return ((_gather(self.sqrt_recip_alphas_cumprod, t, x_t.dim()) * x_t - x0)
-                / _gather(self.sqrt_recipm1_alphas_cumprod, t, x_t.dim()))
+        return (_gather(self.sqrt_recip_alphas_cumprod, t, x_t.dim()) * x_t - x0) / _gather(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t.dim()
+        )
 
     # ---- reverse process -----------------------------------------------------------------------------
-    def model_predictions(self, model_fn, x_t, t, model_kwargs=None, denoised_fn=None, guidance=()):
-        """Run the model once and return ``{'pred_x0', 'pred_eps', 'model_output'}``.
-
-        ``denoised_fn`` post-processes x0 (clipping, rounding); each ``guidance`` hook is called as
-        ``hook(self, x_t, t, pred) -> pred`` and may shift ``pred_eps`` (classifier guidance)."""
-        output = model_fn(x_t, t, **(model_kwargs or {}))
+    def model_predictions(self, model_fn, x_t, t, options=None):
+        """Run the model once and return ``{'pred_x0', 'pred_eps', 'model_output'}``, with the
+        :class:`StepOptions` applied (x0 post-processing, then the guidance hooks)."""
+        options = options or _PLAIN
+        denoised_fn = options.denoised_fn
+        output = model_fn(x_t, t, **options.model_kwargs)
         if self.parameterization == "x0":
             x0 = output
             if denoised_fn is not None:
@@ -147,7 +174,7 @@ class GaussianDiffusion(nn.Module):
                 x0 = denoised_fn(x0)
                 eps = self.predict_eps_from_x0(x_t, t, x0)
         pred = {"pred_x0": x0, "pred_eps": eps, "model_output": output}
-        for hook in guidance:
+        for hook in options.guidance:
             pred = hook(self, x_t, t, pred)
         return pred
 
@@ -168,80 +195,72 @@ class GaussianDiffusion(nn.Module):
         small = beta * (1.0 - abar_prev) / (1.0 - abar_t)
         return abar_t, abar_prev, coef_x0, coef_xt, small, beta
 
-    def p_mean_variance(self, model_fn, x_t, t, t_prev=None, model_kwargs=None, denoised_fn=None, guidance=()):
+    def p_mean_variance(self, model_fn, x_t, t, t_prev=None, options=None):
         """Mean and variance of p(x_{t_prev} | x_t) (``t_prev`` defaults to t - 1), plus the predictions."""
         t_prev = t - 1 if t_prev is None else t_prev
-        pred = self.model_predictions(model_fn, x_t, t, model_kwargs, denoised_fn, guidance)
+        pred = self.model_predictions(model_fn, x_t, t, options)
         _, _, coef_x0, coef_xt, small, beta = self._step_coefficients(t, t_prev, x_t.dim())
         pred["mean"] = coef_x0 * pred["pred_x0"] + coef_xt * x_t
         pred["variance"] = small if self.variance == "fixed_small" else beta
         return pred
 
-    def p_sample(self, model_fn, x_t, t, t_prev=None, model_kwargs=None, denoised_fn=None, guidance=(),
-                 noise=None):
+    def p_sample(self, model_fn, x_t, t, t_prev=None, options=None, noise=None):
         """One ancestral step; no noise is added on the step that lands on x0."""
         t_prev = t - 1 if t_prev is None else t_prev
-        out = self.p_mean_variance(model_fn, x_t, t, t_prev, model_kwargs, denoised_fn, guidance)
+        out = self.p_mean_variance(model_fn, x_t, t, t_prev, options)
         if noise is None:
             noise = torch.randn_like(x_t)
         keep = (t_prev >= 0).float().reshape(-1, *([1] * (x_t.dim() - 1)))
         out["sample"] = out["mean"] + keep * out["variance"].sqrt() * noise
         return out
 
-    def ddim_sample(self, model_fn, x_t, t, t_prev, eta=0.0, model_kwargs=None, denoised_fn=None, guidance=(),
-                    noise=None):
+    def ddim_sample(self, model_fn, x_t, t, t_prev, eta=0.0, options=None, noise=None):
         """One DDIM step from t to t_prev (eta = 0: deterministic; eta = 1: the ancestral step in law)."""
-        pred = self.model_predictions(model_fn, x_t, t, model_kwargs, denoised_fn, guidance)
+        pred = self.model_predictions(model_fn, x_t, t, options)
         abar_t, abar_prev, *_ = self._step_coefficients(t, t_prev, x_t.dim())
         sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).clamp(min=0).sqrt()
-        mean = abar_prev.sqrt() * pred["pred_x0"] + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * pred["pred_eps"]
+        mean = abar_prev.sqrt() * pred["pred_x0"] + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * pred["pred_eps"]
         if noise is None:
             noise = torch.randn_like(x_t)
-        pred["mean"], pred["variance"] = mean, sigma ** 2
+        pred["mean"], pred["variance"] = mean, sigma**2
         pred["sample"] = mean + sigma * noise
         return pred
 
-    def sample(self, model_fn, shape=None, x_T=None, steps=None, sampler="ancestral", eta=0.0, start_step=None,
-               model_kwargs=None, denoised_fn=None, guidance=(), generator=None, device=None, progress=False,
-               return_x0=True, stochastic=True):
-        """Run the reverse process and return the final x0 prediction (or the last sample).
+    def reverse_schedule(self, steps=None):
+        """The descending step indices a reverse run visits: every step (``None``), a number of evenly spaced
+        steps (int), or an explicit list (a run from an earlier step than T - 1 lists its steps)."""
+        if steps is None:
+            return list(range(self.num_steps - 1, -1, -1))
+        if isinstance(steps, int):
+            return spaced_steps(self.num_steps, steps)
+        return sorted((int(s) for s in steps), reverse=True)
+
+    def sample(
+        self, model_fn, x_T, steps=None, sampler="ancestral", eta=0.0, generator=None, stochastic=True, options=None
+    ):
+        """Run the reverse process from ``x_T`` and return the final x0 prediction (the last step lands on x0,
+        so it is also the chain's last state).
 
         Args:
-            shape / x_T: start from N(0, I) of ``shape`` or from a given state ``x_T``.
-            steps (int or list, optional): a number of evenly spaced steps, or an explicit descending list of
-                step indices; ``None`` uses every step from ``start_step``.
+            x_T: the start state, at the first step of the schedule (noise: ``torch.randn(shape, generator=g)``).
+            steps (int or list, optional): see :meth:`reverse_schedule`.
             sampler: ``'ancestral'`` or ``'ddim'`` (with ``eta``).
-            start_step: the step ``x_T`` belongs to (default T - 1).
             generator: a ``torch.Generator`` for reproducible noise.
             stochastic: ``False`` follows the mean of every step (DiffRec's noise-free inference).
+            options (StepOptions, optional): model inputs, x0 post-processing and guidance of every step.
         """
         if sampler not in ("ancestral", "ddim"):
             raise ValueError(f"Unknown sampler '{sampler}'; choose 'ancestral' or 'ddim'.")
-        device = device or self.betas.device
-        start = self.num_steps - 1 if start_step is None else int(start_step)
-        if x_T is None:
-            x_T = torch.randn(shape, device=device, generator=generator)
-        if steps is None:
-            schedule = list(range(start, -1, -1))
-        elif isinstance(steps, int):
-            schedule = [s for s in spaced_steps(start + 1, steps)]
-        else:
-            schedule = sorted((int(s) for s in steps), reverse=True)
-        x, batch = x_T, x_T.shape[0]
-        iterator = zip(schedule, schedule[1:] + [-1])
-        if progress:
-            from tqdm import tqdm
-
-            iterator = tqdm(list(iterator), desc="Sampling", ncols=100)
+        schedule = self.reverse_schedule(steps)
+        x, batch, device = x_T, x_T.shape[0], x_T.device
         out = None
-        for step, prev in iterator:
+        for step, prev in zip(schedule, schedule[1:] + [-1]):
             t = torch.full((batch,), step, device=device, dtype=torch.long)
             t_prev = torch.full((batch,), prev, device=device, dtype=torch.long)
-            noise = (torch.randn(x.shape, device=device, generator=generator) if stochastic
-                     else torch.zeros_like(x))
+            noise = torch.randn(x.shape, device=device, generator=generator) if stochastic else torch.zeros_like(x)
             if sampler == "ancestral":
-                out = self.p_sample(model_fn, x, t, t_prev, model_kwargs, denoised_fn, guidance, noise)
+                out = self.p_sample(model_fn, x, t, t_prev, options, noise)
             else:
-                out = self.ddim_sample(model_fn, x, t, t_prev, eta, model_kwargs, denoised_fn, guidance, noise)
+                out = self.ddim_sample(model_fn, x, t, t_prev, eta, options, noise)
             x = out["sample"]
-        return out["pred_x0"] if return_x0 else x
+        return out["pred_x0"]

@@ -3,10 +3,11 @@
 * Classifier-free guidance wraps the model: ``classifier_free(model_fn, gamma, null_kwargs)`` returns a new
   ``model_fn`` computing ``(1 + gamma) * f(x, t, c) - gamma * f(x, t, null)``. gamma = 0 is the unguided
   conditional model.
-* Classifier guidance is a hook for ``GaussianDiffusion`` (``guidance=[ClassifierGuidance(...)]``): it shifts
-  the predicted noise by ``-gamma * sqrt(1 - abar_t) * grad_x log p(y | x_t)`` and recomputes x0, which
-  works for ancestral and DDIM sampling alike (Dhariwal & Nichol's score conditioning).
+* Classifier guidance is a hook for ``GaussianDiffusion`` (``StepOptions(guidance=(ClassifierGuidance(...),))``):
+  it shifts the predicted noise by ``-gamma * sqrt(1 - abar_t) * grad_x log p(y | x_t)`` and recomputes x0,
+  which works for ancestral and DDIM sampling alike (Dhariwal & Nichol's score conditioning).
 """
+
 import torch
 
 from recbole_diff.diffusion.gaussian import _gather

@@ -1,4 +1,5 @@
 """Timestep samplers for training: uniform, and DiffRec's loss-aware importance sampling."""
+
 import torch
 from torch import nn
 

@@ -1,5 +1,6 @@
 """Beta schedules. Every schedule returns a float64 tensor of T betas; callers cast after deriving
 cumulative products so that long schedules keep their precision."""
+
 import math
 
 import torch
@@ -14,8 +15,9 @@ def _betas_from_alpha_bar(alpha_bar, steps, max_beta=0.999):
     return torch.clamp(1.0 - ratio, max=max_beta)
 
 
-def make_betas(schedule, steps, beta_start=None, beta_end=None, noise_scale=1.0, noise_min=5e-4,
-               noise_max=5e-3, max_beta=0.999):
+def make_betas(
+    schedule, steps, beta_start=None, beta_end=None, noise_scale=1.0, noise_min=5e-4, noise_max=5e-3, max_beta=0.999
+):
     """Betas of ``schedule`` over ``steps`` steps.
 
     * ``linear``: DDPM's, rescaled to T (``scale = 1000 / T``, 1e-4 * scale .. 0.02 * scale) unless

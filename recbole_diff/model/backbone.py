@@ -11,9 +11,9 @@ Per-position states are captured with a forward hook on the sub-module that prod
 own ``forward`` runs, so the adapter never re-implements a backbone. Models without per-position states
 (CORE, STAMP, ...) still get ``last_hidden`` and ``item_scores``; ``position_hidden`` refuses them.
 """
+
 from dataclasses import dataclass
 from typing import Callable, Optional
-
 
 
 def _forward_seq_len(model, seq, seq_len):

@@ -6,6 +6,7 @@ row saves little, while most rows are short (Amazon Sports: median length 6). Sp
 of similar length, each cut to its own longest row, removes most of the padding at the price of one extra
 call per group.
 """
+
 import numpy as np
 import torch
 

@@ -13,6 +13,7 @@ A point keeps the settings it was made with; a run where a key has another value
 that names the key, rather than continuing another training. Keys only one side has (a default a newer
 version added) do not count. Data files count by size and content (older points kept their time: by size).
 """
+
 import hashlib
 import json
 import os
@@ -22,7 +23,8 @@ import shutil
 import numpy as np
 import torch
 
-from recbole_diff.utils import load_checkpoint
+from recbole_diff.io import atomic_write, load_checkpoint
+from recbole_diff.trainer.settings import BOOKKEEPING, data_files, plain
 
 
 def rng_state(loader=None):
@@ -50,18 +52,14 @@ def set_rng_state(state, loader=None):
 def plain_settings(config):
     """The config's values as json would keep them (numpy scalars as floats, enums as strings), without the
     keys that cannot change what is trained."""
-    from recbole_diff.trainer.stage_cache import BOOKKEEPING, _plain
-
     values = {k: v for k, v in config.final_config_dict.items() if k not in BOOKKEEPING}
-    return json.loads(json.dumps(values, sort_keys=True, default=_plain))
+    return json.loads(json.dumps(values, sort_keys=True, default=plain))
 
 
 def run_settings(config):
     """What a run's point is checked against: its config (see :func:`plain_settings`) and its data files' size
     and content hash, so a point of other data is not resumed."""
-    from recbole_diff.trainer.stage_cache import _data_files
-
-    return dict(plain_settings(config), data_files=_data_files(config))
+    return dict(plain_settings(config), data_files=data_files(config))
 
 
 def point_name(config, kind, settings=None):
@@ -69,13 +67,11 @@ def point_name(config, kind, settings=None):
     that share a ``resume_dir`` with other seeds or settings keep points of their own. Defaults are left out of
     the hash: a point made before a default changed is found, and refused by its settings check. A point beside a
     shared stage hashes the stage's ``settings`` instead: every run that claims the stage finds it."""
-    from recbole_diff.trainer.stage_cache import BOOKKEEPING, _plain
-
     user = settings
     if user is None:
         user = {k: v for k, v in getattr(config, "external_config_dict", {}).items() if k not in BOOKKEEPING}
         user["backbone"] = config["backbone"]
-    digest = hashlib.sha1(json.dumps(user, sort_keys=True, default=_plain).encode()).hexdigest()[:10]
+    digest = hashlib.sha1(json.dumps(user, sort_keys=True, default=plain).encode()).hexdigest()[:10]
     return f"{kind}-{os.path.basename(str(config['dataset']))}-seed{config['seed']}-{digest}"
 
 
@@ -109,9 +105,8 @@ class ResumePoint:
 
     def save(self, **state):
         os.makedirs(self.folder, exist_ok=True)
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        torch.save(dict(state, settings=self.settings), tmp, pickle_protocol=4)
-        os.replace(tmp, self.path)  # a point is either whole or the previous one
+        with atomic_write(self.path) as tmp:  # a point is either whole or the previous one
+            torch.save(dict(state, settings=self.settings), tmp, pickle_protocol=4)
 
 
 def _sizes_only(files, force=False):

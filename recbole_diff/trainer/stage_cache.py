@@ -9,13 +9,12 @@ A stage counts as the same when its model, dataset (name, folder, and the size a
 the value of every key the stage model's own config has are equal. Keys only the plugin reads (``gamma``,
 ``guide``, ``M``...) and bookkeeping (``checkpoint_dir``, ``device``...) do not count. DiffuASR's augmenter
 is a second stage of its own, keyed by everything but what only its sampling reads (see
-``recbole_diff.trainer.diffuasr.augmenter_stage_key``). Runs started together wait for the one training the
+``PluginTrainer.fit_stage_key``). Runs started together wait for the one training the
 stage (a lock file with its pid); a lock left by a dead process is taken over.
 """
-import glob
+
 import hashlib
 import json
-import numbers
 import os
 import shutil
 import time
@@ -23,60 +22,27 @@ from contextlib import contextmanager
 
 import torch
 
+from recbole_diff.config import Config
+from recbole_diff.io import atomic_write, claim_lock, load_checkpoint
 from recbole_diff.trainer.resume import clear
-from recbole_diff.utils import claim_lock, load_checkpoint
-
-# keys that cannot change what a stage learns
-BOOKKEEPING = frozenset({
-    "model", "checkpoint_dir", "device", "gpu_id", "use_gpu", "worker", "threads", "show_progress", "state",
-    "log_wandb", "wandb_project", "eval_batch_size", "extra_test_modes", "loss_decimal_place", "metric_decimal_place", "save_dataset", "save_dataloaders", "dataset_save_path",
-    "dataloaders_save_path", "local_rank", "nproc", "world_size", "offset", "ip", "port", "stage_cache",
-    "fast_sampled_eval", "resume_dir", "strict_keys",
-})
+from recbole_diff.trainer.settings import BOOKKEEPING, data_files, plain
 
 _OWN_KEYS = {}
 
 
 def own_keys(model_name, dataset, data_path):
     """The keys of ``model_name``'s own config on this dataset (RecBole's and ours, its yamls, the dataset's)."""
-    from recbole_diff.config import Config
-
     if (model_name, dataset, data_path) not in _OWN_KEYS:
         config = Config(model=model_name, dataset=dataset, config_dict={"data_path": data_path}, cmd_line=False)
         _OWN_KEYS[model_name, dataset, data_path] = frozenset(config.final_config_dict)
     return _OWN_KEYS[model_name, dataset, data_path]
 
 
-_DIGESTS = {}
-
-
-def file_digest(path):
-    """A short content hash of ``path``, computed once per process for each version of the file (inode, size,
-    modification and change times: a file replaced or rewritten gets another)."""
-    stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha1()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()[:16]
-    return _DIGESTS[key]
-
-
-def _data_files(config):
-    """Each data file's size and content hash. Not its time: a dataset copied or provisioned again (a shared
-    folder is, at every session here) is the same data, and a stage or a resume point must still match it."""
-    folder = str(config["data_path"])  # RecBole's Config has joined the dataset's name on already
-    return {os.path.basename(p): [os.path.getsize(p), file_digest(p)]
-            for p in sorted(glob.glob(os.path.join(folder, "*"))) if os.path.isfile(p)}
-
-
 def stage_key(config, model_name):
     """What makes two runs' stage the same model (see the module doc)."""
     keys = own_keys(model_name, config["dataset"], os.path.dirname(str(config["data_path"]))) - BOOKKEEPING
     values = {k: config[k] for k in sorted(keys) if k in config}
-    return {"stage_model": model_name, "config": values, "data_files": _data_files(config)}
+    return {"stage_model": model_name, "config": values, "data_files": data_files(config)}
 
 
 def claim_or_wait(lock, ready, logger, what, poll=10.0):
@@ -96,10 +62,6 @@ def claim_or_wait(lock, ready, logger, what, poll=10.0):
     return False
 
 
-def _plain(value):
-    return float(value) if isinstance(value, numbers.Real) else str(value)  # numpy scalars; enums in configs
-
-
 class Stage:
     """One stage's place in the cache: ``hit`` (a stored checkpoint at ``path`` and its ``meta``) or a claim
     to train it and ``store`` the result. ``key`` replaces :func:`stage_key` for a stage that is not a whole
@@ -111,7 +73,7 @@ class Stage:
         if folder is None:
             return
         self.key = key if key is not None else stage_key(config, model_name)
-        digest = hashlib.sha1(json.dumps(self.key, sort_keys=True, default=_plain).encode()).hexdigest()[:12]
+        digest = hashlib.sha1(json.dumps(self.key, sort_keys=True, default=plain).encode()).hexdigest()[:12]
         base = os.path.join(folder, f"{name}-{os.path.basename(str(config['dataset']))}-seed{config['seed']}-{digest}")
         self.path, self._meta_path, self._lock = base + ".pth", base + ".json", base + ".lock"
         # its training's resume point: whichever run claims the stage next goes on from it
@@ -148,16 +110,15 @@ class Stage:
         enough to commit without it."""
         if self.folder is None or self.hit:
             return False
-        tmp = self.path + f".{os.getpid()}.tmp"
         checkpoint = load_checkpoint(checkpoint_file, "cpu") if drop else None
-        if isinstance(checkpoint, dict) and any(k in checkpoint for k in drop):
-            torch.save({k: v for k, v in checkpoint.items() if k not in drop}, tmp)
-        else:
-            shutil.copyfile(checkpoint_file, tmp)
-        os.replace(tmp, self.path)
-        with open(self._meta_path + ".tmp", "w") as f:
-            json.dump({"key": self.key, "meta": meta, "trained_as": checkpoint_file}, f, indent=1, default=_plain)
-        os.replace(self._meta_path + ".tmp", self._meta_path)  # last: the pair counts only when both are whole
+        with atomic_write(self.path) as tmp:
+            if isinstance(checkpoint, dict) and any(k in checkpoint for k in drop):
+                torch.save({k: v for k, v in checkpoint.items() if k not in drop}, tmp)
+            else:
+                shutil.copyfile(checkpoint_file, tmp)
+        # last: the pair counts only when both are whole
+        with atomic_write(self._meta_path) as tmp, open(tmp, "w") as f:
+            json.dump({"key": self.key, "meta": meta, "trained_as": checkpoint_file}, f, indent=1, default=plain)
         clear(self.resume_dir)
         return True
 

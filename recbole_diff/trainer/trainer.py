@@ -21,20 +21,22 @@ What RecBole 1.2.1's Trainer does that every recbole-diff run would hit:
 * A killed run loses its training. With ``resume_dir`` each ``fit`` keeps a point to resume from before every
   epoch, and the same run started again goes on from there (see :mod:`recbole_diff.trainer.resume`).
 """
+
 import os
 import shutil
 import uuid
 
 import numpy as np
 import torch
-
+from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.model.abstract_recommender import AbstractRecommender
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import EvaluatorType, get_local_time
 
 from recbole_diff.device import mixed_precision
+from recbole_diff.io import atomic_write, load_checkpoint
+from recbole_diff.model.utils import seeded_numpy
 from recbole_diff.trainer.resume import point_name, resume_point, rng_state, run_settings, set_rng_state
-from recbole_diff.utils import load_checkpoint, seeded_numpy
 
 
 def unique_checkpoint_path(config, tag=None):
@@ -77,8 +79,9 @@ class CompatMixin:
         super().__init__(config, model)
         self.saved_model_file = unique_checkpoint_path(config)
         self._item_side, self._full_sort_agrees, self._disagreed = set(), None, set()
-        # a stage shared between runs keeps its point beside the stage instead (see backbone.py, pdrec.py)
+        # a stage shared between runs keeps its point beside the stage instead (see plugin.py)
         self.resume_dir, self.resume_settings = config["resume_dir"], None
+        self.point_kind = None  # the resume point's name stem (default: trainer and model class)
         self._resume = None
         # built once here so that a bad value fails before training
         self._autocast = mixed_precision(config, self.device)
@@ -99,8 +102,14 @@ class CompatMixin:
             self.logger.info(f"resume_dir: {point.name} goes on at epoch {self.start_epoch} from {point.path}")
         self._resume = point
         try:
-            result = super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
-                                 callback_fn=callback_fn)
+            result = super().fit(
+                train_data,
+                valid_data,
+                verbose=verbose,
+                saved=saved,
+                show_progress=show_progress,
+                callback_fn=callback_fn,
+            )
         finally:
             self._resume = None
         if point is not None:
@@ -121,18 +130,29 @@ class CompatMixin:
         if base is not RecBoleTrainer:
             # RecBole's other trainers keep state of their own (two optimisers, cluster centroids, inner
             # loaders' generators) that a point does not hold: they train from the start
-            self.logger.warning(f"resume_dir: {base.__name__} is not covered by resume points; it trains from the "
-                                "start")
+            self.logger.warning(
+                f"resume_dir: {base.__name__} is not covered by resume points; it trains from the start"
+            )
             return None
-        name = point_name(self.config, f"{type(self).__name__}-{type(self.model).__name__}", self.resume_settings)
+        name = point_name(
+            self.config, self.point_kind or f"{type(self).__name__}-{type(self.model).__name__}", self.resume_settings
+        )
         return resume_point(self.resume_dir, name, self.resume_settings or run_settings(self.config))
 
     def _training_state(self, train_data, epoch, done=False):
-        return {"epoch": epoch, "done": done, "model": self.model.state_dict(),
-                "other_parameter": self._other_parameter(), "optimizer": self.optimizer.state_dict(),
-                "cur_step": self.cur_step, "best_valid_score": self.best_valid_score,
-                "best_valid_result": self.best_valid_result, "saved_model_file": self.saved_model_file,
-                "rng": rng_state(train_data)}
+        return {
+            "epoch": epoch,
+            "done": done,
+            "model": self.model.state_dict(),
+            "other_parameter": self._other_parameter(),
+            "optimizer": self.optimizer.state_dict(),
+            "cur_step": self.cur_step,
+            "best_valid_score": self.best_valid_score,
+            "best_valid_result": self.best_valid_result,
+            "saved_model_file": self.saved_model_file,
+            "train_loss_dict": dict(self.train_loss_dict),
+            "rng": rng_state(train_data),
+        }
 
     def _other_parameter(self):
         # some RecBole models list sub-modules here, which the state dict holds already; setting a copy back
@@ -145,6 +165,7 @@ class CompatMixin:
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch, self.cur_step = state["epoch"], state["cur_step"]
         self.best_valid_score, self.best_valid_result = state["best_valid_score"], state["best_valid_result"]
+        self.train_loss_dict.update(state.get("train_loss_dict", {}))
         self._adopt_best_checkpoint(state["saved_model_file"], state["best_valid_result"] is not None)
         set_rng_state(state["rng"], train_data)
 
@@ -152,12 +173,13 @@ class CompatMixin:
         """The killed run's best checkpoint, copied to this run's own file: it may lie in another run's folder
         (a shared stage's point), which this run must not write to."""
         if os.path.isfile(path):
-            tmp = f"{self.saved_model_file}.{os.getpid()}.tmp"
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, self.saved_model_file)
+            with atomic_write(self.saved_model_file) as tmp:
+                shutil.copyfile(path, tmp)
         elif needed:
-            raise FileNotFoundError(f"resume_dir: the best checkpoint '{path}' of the run to resume is gone. Delete "
-                                    "its resume point to train from the start.")
+            raise FileNotFoundError(
+                f"resume_dir: the best checkpoint '{path}' of the run to resume is gone. Delete "
+                "its resume point to train from the start."
+            )
 
     def load_model_file(self, model_file=None):
         """Load a checkpoint's weights into ``self.model`` (the best one of this run by default)."""
@@ -189,6 +211,18 @@ class CompatMixin:
         with seeded_numpy(self.config["seed"]), mixed_precision(self.config, self.device):
             return super().evaluate(eval_data, load_best_model=False, model_file=None, show_progress=show_progress)
 
+    def batch_scorer(self, eval_data):
+        """The function :meth:`evaluate` scores each batch of ``eval_data`` with, for evaluation code of its own
+        (per-group metrics): batch -> (interaction, scores, positive_u, positive_i), one row of scores over all
+        items per user of the batch."""
+        self.tot_item_num = eval_data._dataset.item_num
+        if not isinstance(eval_data, FullSortEvalDataLoader):
+            self.start_sampled_eval(eval_data)
+            return self._neg_sample_batch_eval
+        if self.item_tensor is None:
+            self.item_tensor = eval_data._dataset.get_item_feature().to(self.device)
+        return self._full_sort_batch_eval
+
     def start_sampled_eval(self, eval_data):
         """Before scoring ``eval_data``'s batches with ``fast_sampled_eval``: which fields belong to the item, and
         a fresh check against ``predict`` (a plugin's model scores by its evaluation mode, which may change)."""
@@ -210,8 +244,11 @@ class CompatMixin:
         """``model.predict``'s scores of the batch's rows, from one full sort per user row; None where that
         cannot be done (see the module doc)."""
         verified = self._full_sort_agrees
-        if not self.config["fast_sampled_eval"] or verified is False \
-                or self.config["eval_type"] != EvaluatorType.RANKING:
+        if (
+            not self.config["fast_sampled_eval"]
+            or verified is False
+            or self.config["eval_type"] != EvaluatorType.RANKING
+        ):
             return None
         src = source_rows(row_idx, positive_u)
         if src is None:
@@ -240,16 +277,29 @@ class CompatMixin:
     def _agrees_with_predict(self, interaction, scores):
         """The same items at -inf (a model's masked history) and the same finite scores up to float rounding."""
         n = interaction.length
-        reference = (self.model.predict(interaction.to(self.device)) if n <= self.test_batch_size
-                     else self._spilt_predict(interaction, n)).view(-1).double()
+        reference = (
+            (
+                self.model.predict(interaction.to(self.device))
+                if n <= self.test_batch_size
+                else self._spilt_predict(interaction, n)
+            )
+            .view(-1)
+            .double()
+        )
         scores = scores.double()
         finite = torch.isfinite(reference)
-        agrees = torch.equal(finite, torch.isfinite(scores)) and (not finite.any() or torch.allclose(
-            scores[finite], reference[finite], rtol=1e-5, atol=1e-6 * max(1.0, float(reference[finite].abs().max()))))
+        agrees = torch.equal(finite, torch.isfinite(scores)) and (
+            not finite.any()
+            or torch.allclose(
+                scores[finite], reference[finite], rtol=1e-5, atol=1e-6 * max(1.0, float(reference[finite].abs().max()))
+            )
+        )
         if not agrees and type(self.model) not in self._disagreed:
             self._disagreed.add(type(self.model))
-            self.logger.warning(f"fast_sampled_eval: {type(self.model).__name__}'s full_sort_predict does not "
-                                f"give its predict scores; sampled evaluation scores every row with predict")
+            self.logger.warning(
+                f"fast_sampled_eval: {type(self.model).__name__}'s full_sort_predict does not "
+                f"give its predict scores; sampled evaluation scores every row with predict"
+            )
         return agrees
 
     def resume_checkpoint(self, resume_file):
@@ -273,10 +323,14 @@ def compat_trainer(trainer_class):
     if issubclass(trainer_class, CompatMixin) or not issubclass(trainer_class, RecBoleTrainer):
         return trainer_class
     if trainer_class not in _COMPAT_CACHE:
-        _COMPAT_CACHE[trainer_class] = type(trainer_class.__name__, (CompatMixin, trainer_class), {
-            "__module__": __name__,
-            "__doc__": f"RecBole's {trainer_class.__name__} with recbole-diff's checkpoint handling.",
-        })
+        _COMPAT_CACHE[trainer_class] = type(
+            trainer_class.__name__,
+            (CompatMixin, trainer_class),
+            {
+                "__module__": __name__,
+                "__doc__": f"RecBole's {trainer_class.__name__} with recbole-diff's checkpoint handling.",
+            },
+        )
     return _COMPAT_CACHE[trainer_class]
 
 

@@ -1,4 +1,5 @@
 """GlobalDiff's x0 approximators: the small 2-D U-Net of the authors' code (default) and an MLP."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn

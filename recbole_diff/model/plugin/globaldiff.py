@@ -9,22 +9,30 @@ Inference: the backbone's softmax ``y`` is taken as the diffusion state at step 
 the last step, denoised to ``x0_hat``, and the two are fused by a Borda count with ``gamma``.
 See ``docs/globaldiff.md`` for every key and for where this differs from the authors' code.
 """
+
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_diff.data.globaldiff import (
-    SIMILARITY_WINDOWS, ItemSimilarity, UserSequenceLoader, bernoulli_targets, reweighted_targets,
-    sample_mask_positions, training_pairs, user_sequences, window_pairs,
+    SIMILARITY_WINDOWS,
+    ItemSimilarity,
+    UserSequenceLoader,
+    bernoulli_targets,
+    reweighted_targets,
+    sample_mask_positions,
+    training_pairs,
+    user_sequences,
+    window_pairs,
 )
+from recbole_diff.device import argsort_descending
 from recbole_diff.diffusion import GaussianDiffusion, make_step_sampler
-from recbole_diff.model.plugin.frozen import FrozenBackboneMixin
 from recbole_diff.model.plugin.approximators import GlobalApproximator
-from recbole_diff.utils import argsort_descending, eval_generator, predict_from_full_sort, require_keys
+from recbole_diff.model.plugin.base import PluginRecommender, Stage
+from recbole_diff.model.utils import eval_generator, predict_from_full_sort, require_keys
 
 GUIDANCE = ("full", "target", "none")
 EVAL_MODES = ("ensemble", "backbone", "diffusion_only")
@@ -65,14 +73,16 @@ def descending_places(v, zero_ties=False):
     in index order, as ``descending_order``)."""
     places = torch.empty_like(v)
     m = v.shape[1]
-    places.scatter_(1, descending_order(v, zero_ties),
-                    torch.arange(m, 0, -1, device=v.device, dtype=v.dtype).expand_as(v))
+    places.scatter_(
+        1, descending_order(v, zero_ties), torch.arange(m, 0, -1, device=v.device, dtype=v.dtype).expand_as(v)
+    )
     return places
 
 
 def borda_fuse(y, x0, gamma):
     """``gamma * r(y) * y + (1 - gamma) * r(x0) * x0`` with r the rank (best item M, next M - 1, ...; ties in
     index order). Computed in float64 so that gamma = 1 keeps the backbone's order down to the tail."""
+
     def ranked(v):
         v = v.double()
         return descending_places(v) * v
@@ -82,6 +92,24 @@ def borda_fuse(y, x0, gamma):
     if gamma == 0:
         return ranked(x0)
     return gamma * ranked(y) + (1 - gamma) * ranked(x0)
+
+
+def softmax_distribution(x0_hat, exclude=None):
+    """``x0_norm: softmax``: the softmax of x0_hat, the ``exclude``d items at 0."""
+    if exclude is not None:
+        x0_hat = x0_hat.masked_fill(exclude, float("-inf"))
+    return torch.softmax(x0_hat, dim=-1)
+
+
+def l1_distribution(x0_hat, exclude=None):
+    """``x0_norm: l1``: x0_hat clipped at 0 and divided by its sum, the ``exclude``d items at 0."""
+    x = x0_hat.clamp(min=0)
+    if exclude is not None:
+        x = x.masked_fill(exclude, 0.0)
+    return x / x.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+X0_NORMS = {"softmax": softmax_distribution, "l1": l1_distribution}
 
 
 def _nonzero_ties(values):
@@ -96,8 +124,7 @@ def _candidate_parts(weight, values, place, m, c):
     bounded by [1, m - c] elsewhere (float rounding is monotone, so the bounds hold as computed)."""
     known = place >= 0
     exact = weight * ((m - place).to(values.dtype) * values)
-    return (torch.where(known, exact, weight * values),
-            torch.where(known, exact, weight * ((m - c) * values)))
+    return (torch.where(known, exact, weight * values), torch.where(known, exact, weight * ((m - c) * values)))
 
 
 def fused_topk(y, d, gamma, k, candidates):
@@ -133,7 +160,7 @@ def fused_topk(y, d, gamma, k, candidates):
     hi, items = hi.gather(1, order), items.gather(1, order)
     below = torch.flip(torch.cummax(torch.flip(hi, [1]), dim=1).values, [1])  # max hi from each place on
     outside = gamma * ((m - c) * vy[:, c]) + (1 - gamma) * ((m - c) * vd[:, c])
-    rest = torch.maximum(below[:, 1:k + 1], outside[:, None])
+    rest = torch.maximum(below[:, 1 : k + 1], outside[:, None])
     certified = (lo[:, :k] > rest).all(dim=1) & ~tied
     scores = torch.full_like(y, float("-inf")).scatter_(1, items[:, :k], lo[:, :k])
     if y.device.type == "cpu":  # rank only the rows that need it (on an accelerator a mask costs a sync)
@@ -144,21 +171,47 @@ def fused_topk(y, d, gamma, k, candidates):
     return torch.where(certified[:, None], scores, borda_fuse(y, d, gamma)), certified
 
 
-class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
-    """GlobalDiff plugin; ``--backbone`` picks the RecBole sequential model it is stacked on."""
+class GlobalDiff(PluginRecommender):
+    """GlobalDiff plugin; ``--backbone`` picks the RecBole sequential model it is stacked on. Stages: the
+    backbone (trained with RecBole's recipe, then frozen), then the diffusion model on it."""
 
     input_type = InputType.POINTWISE
-    is_plugin = True
     EVAL_MODES = EVAL_MODES
-    default_backbone = "SASRec"
+    STAGES = (Stage("backbone", "backbone"), Stage("diffusion", "fit", cache=False))
 
-    REQUIRED = ("backbone", "diffusion_steps", "noise_schedule", "noise_scale", "noise_min", "noise_max",
-                "step_sampler", "approximator", "step_embedding_size", "guidance", "zeta", "delta",
-                "position_offset", "mask_samples", "similarity", "dense_memory_limit_gb", "diffusion_loss",
-                "diffusion_epochs", "diffusion_stopping_step", "diffusion_learning_rate", "diffusion_batch_size",
-                "diffusion_dropout",
-                "sampling_noise", "y_form", "y_scale", "gamma", "eval_mode", "filter_history", "similarity_window",
-                "topk_fusion", "fusion_candidates")
+    REQUIRED = (
+        "backbone",
+        "diffusion_steps",
+        "noise_schedule",
+        "noise_scale",
+        "noise_min",
+        "noise_max",
+        "step_sampler",
+        "approximator",
+        "step_embedding_size",
+        "guidance",
+        "zeta",
+        "delta",
+        "position_offset",
+        "mask_samples",
+        "similarity",
+        "dense_memory_limit_gb",
+        "diffusion_loss",
+        "diffusion_epochs",
+        "diffusion_stopping_step",
+        "diffusion_learning_rate",
+        "diffusion_batch_size",
+        "diffusion_dropout",
+        "sampling_noise",
+        "y_form",
+        "y_scale",
+        "gamma",
+        "eval_mode",
+        "filter_history",
+        "similarity_window",
+        "topk_fusion",
+        "fusion_candidates",
+    )
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -170,12 +223,24 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         self.guidance = config["guidance"]
         cond_dim = {"full": 2 * state_dim, "target": state_dim, "none": 0}[self.guidance]
         hidden = config["approx_hidden"] or state_dim
-        self.approximator = GlobalApproximator(self.n_items, hidden, cond_dim, config["step_embedding_size"],
-                                               config["approximator"], config["diffusion_dropout"])
+        self.approximator = GlobalApproximator(
+            self.n_items,
+            hidden,
+            cond_dim,
+            config["step_embedding_size"],
+            config["approximator"],
+            config["diffusion_dropout"],
+        )
         steps = int(config["diffusion_steps"])
-        self.diffusion = GaussianDiffusion(config["noise_schedule"], steps, parameterization="x0",
-                                           variance="fixed_small", noise_scale=config["noise_scale"],
-                                           noise_min=config["noise_min"], noise_max=config["noise_max"])
+        self.diffusion = GaussianDiffusion(
+            config["noise_schedule"],
+            steps,
+            parameterization="x0",
+            variance="fixed_small",
+            noise_scale=config["noise_scale"],
+            noise_min=config["noise_min"],
+            noise_max=config["noise_max"],
+        )
         self.step_sampler = make_step_sampler(config["step_sampler"], steps)
         self.start_step = steps - 1 if config["start_step"] is None else int(config["start_step"])
         if not 0 <= self.start_step < steps:
@@ -205,18 +270,25 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
 
     @staticmethod
     def _check_choices(config):
-        checks = {"guidance": GUIDANCE, "eval_mode": EVAL_MODES, "diffusion_loss": ("mse", "ce"),
-                  "y_form": ("softmax", "logits", "topk"), "y_scale": ("unit", "raw"),
-                  "x0_norm": (None, "softmax", "l1"), "similarity_window": SIMILARITY_WINDOWS,
-                  "topk_fusion": (True, False)}
+        checks = {
+            "guidance": GUIDANCE,
+            "eval_mode": EVAL_MODES,
+            "diffusion_loss": ("mse", "ce"),
+            "y_form": ("softmax", "logits", "topk"),
+            "y_scale": ("unit", "raw"),
+            "x0_norm": (None, "softmax", "l1"),
+            "similarity_window": SIMILARITY_WINDOWS,
+            "topk_fusion": (True, False),
+        }
         for key, allowed in checks.items():
             if config[key] not in allowed:
                 raise ValueError(f"GlobalDiff: {key} must be one of {allowed}, got '{config[key]}'.")
         if not 0.0 <= float(config["gamma"]) <= 1.0:
             raise ValueError(f"GlobalDiff: gamma must be in [0, 1], got {config['gamma']}.")
         if not isinstance(config["fusion_candidates"], int) or config["fusion_candidates"] < 1:
-            raise ValueError(f"GlobalDiff: fusion_candidates must be a positive integer, got "
-                             f"{config['fusion_candidates']!r}.")
+            raise ValueError(
+                f"GlobalDiff: fusion_candidates must be a positive integer, got {config['fusion_candidates']!r}."
+            )
 
     @staticmethod
     def _fusion_k(config):
@@ -238,7 +310,16 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         seq = torch.ones(1, self.max_seq_length, dtype=torch.long)
         return self.adapter.states(seq, torch.tensor([self.max_seq_length])).shape[-1]
 
-    # ---- the frozen backbone -------------------------------------------------------------------------
+    # ---- stages ----------------------------------------------------------------------------------------
+    def stages(self):
+        return self.STAGES
+
+    def stage_parameters(self, name):
+        return self.diffusion_parameters()
+
+    def stage_data(self, name, train_data, logger=None):
+        return self.build_training_data(train_data, logger)
+
     def diffusion_parameters(self):
         return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
 
@@ -285,27 +366,49 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         else:
             users, items = training_pairs(*args)
         self.similarity = ItemSimilarity(
-            users, items, dataset.user_num, dataset.item_num, kind=config["similarity"],
-            topk=config["similarity_topk"], n_clusters=config["n_clusters"],
-            dense_limit_gb=config["dense_memory_limit_gb"], seed=config["seed"], device=self.device)
+            users,
+            items,
+            dataset.user_num,
+            dataset.item_num,
+            kind=config["similarity"],
+            topk=config["similarity_topk"],
+            n_clusters=config["n_clusters"],
+            dense_limit_gb=config["dense_memory_limit_gb"],
+            seed=config["seed"],
+            device=self.device,
+        )
         keep = lens >= (2 if self.adapter.causal else 1)  # a causal condition needs a prefix
         if logger is not None:
-            logger.info(f"GlobalDiff: {config['similarity']} similarity of {dataset.item_num} items from "
-                        f"{len(users)} training interactions (similarity_window: {config['similarity_window']}, "
-                        f"{self.similarity.nbytes() / 2 ** 20:.1f} MB); {int(keep.sum())} user sequences")
-        return UserSequenceLoader(dataset, u[keep], seqs[keep], lens[keep], config["diffusion_batch_size"],
-                                  config["mask_samples"], self.USER_ID, self.ITEM_SEQ, self.ITEM_SEQ_LEN)
+            logger.info(
+                f"GlobalDiff: {config['similarity']} similarity of {dataset.item_num} items from "
+                f"{len(users)} training interactions (similarity_window: {config['similarity_window']}, "
+                f"{self.similarity.nbytes() / 2**20:.1f} MB); {int(keep.sum())} user sequences"
+            )
+        return UserSequenceLoader(
+            dataset,
+            u[keep],
+            seqs[keep],
+            lens[keep],
+            config["diffusion_batch_size"],
+            config["mask_samples"],
+            self.USER_ID,
+            self.ITEM_SEQ,
+            self.ITEM_SEQ_LEN,
+        )
 
     def calculate_loss(self, interaction):
         if self.similarity is None:
-            raise RuntimeError("GlobalDiff.calculate_loss needs build_training_data(train_data) first "
-                               "(GlobalDiffTrainer.fit does it).")
+            raise RuntimeError(
+                "GlobalDiff.calculate_loss needs build_training_data(train_data) first "
+                "(its trainer's diffusion stage does it)."
+            )
         seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         positions = sample_mask_positions(lens, self.adapter.causal)
         arange = torch.arange(seq.shape[0], device=seq.device)
         masked = seq[arange, positions]
-        q = reweighted_targets(self.similarity.rows(masked), seq, lens, positions, self.zeta, self.delta,
-                               self.position_offset)
+        q = reweighted_targets(
+            self.similarity.rows(masked), seq, lens, positions, self.zeta, self.delta, self.position_offset
+        )
         x0 = bernoulli_targets(q)
         if self.training:
             self._track_x0_length(x0)
@@ -346,30 +449,52 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         return estimate * self._mse_scale() if self.diffusion_loss == "mse" else estimate
 
     # ---- inference -----------------------------------------------------------------------------------
+    # Named steps; each key picks its step by name where it is read (benchmarks switch them on a live model):
+    #   eval_mode backbone:       backbone_scores (the backbone's own full_sort_predict, history dropped)
+    #   eval_mode diffusion_only: votes (backbone pass -> drop history -> diffusion_input -> denoise_scores ->
+    #                             normalise), the diffusion side
+    #   eval_mode ensemble:       votes, then fuse (exact top-k with fusion_k, else the full Borda count)
+    SCORERS = {"ensemble": "ensemble_scores", "backbone": "backbone_scores", "diffusion_only": "diffusion_scores"}
+    Y_FORMS = {"softmax": "_y_softmax", "logits": "_y_logits", "topk": "_y_topk"}
+
     def _history_mask(self, item_seq, n_items):
         mask = torch.zeros(item_seq.shape[0], n_items, dtype=torch.bool, device=item_seq.device)
         mask.scatter_(1, item_seq, True)
         mask[:, 0] = False
         return mask
 
+    def excluded_items(self, item_seq, n_items):
+        """The items dropped from every ranking: each user's history with ``filter_history``, else None."""
+        return self._history_mask(item_seq, n_items) if self.filter_history else None
+
+    @staticmethod
+    def drop_items(logits, excluded):
+        return logits if excluded is None else logits.masked_fill(excluded, float("-inf"))
+
     def diffusion_input(self, logits, y=None):
-        """The backbone's prediction in the form the diffusion model starts from: its softmax (the paper), its
-        raw logits (the authors' code), or a binary vector of its ``y_topk`` best items, the form of the
-        Bernoulli x0 the model is trained on. A filtered history item (-inf logit) takes its row's lowest finite
-        logit. With ``diffusion_loss: mse``, ``y_scale: unit`` gives y the length of the x0 estimates it is mixed
-        with in the reverse steps (the training x0's); with ``ce`` those are logits and y enters as formed."""
-        if self.y_form == "softmax":
-            x = (torch.softmax(logits.double(), dim=-1) if y is None else y).float()
-        elif self.y_form == "logits":
-            finite = torch.isfinite(logits)
-            lowest = logits.masked_fill(~finite, float("inf")).min(dim=-1, keepdim=True).values
-            x = torch.where(finite, logits, lowest)
-        else:
-            top = torch.topk(logits, min(self.y_topk, logits.shape[1]), dim=1).indices
-            x = torch.zeros_like(logits).scatter_(1, top, 1.0)
+        """The backbone's prediction in the form the diffusion model starts from (``y_form``, see the
+        ``_y_*`` steps). With ``diffusion_loss: mse``, ``y_scale: unit`` gives y the length of the x0 estimates it
+        is mixed with in the reverse steps (the training x0's); with ``ce`` those are logits and y enters as
+        formed. ``y``: the softmax of ``logits`` when the caller has it."""
+        x = getattr(self, self.Y_FORMS[self.y_form])(logits, y)
         if self.y_scale == "unit" and self.diffusion_loss == "mse":
             x = F.normalize(x, dim=-1) * self._mse_scale()
         return x
+
+    def _y_softmax(self, logits, y):
+        """The softmax (the paper)."""
+        return (torch.softmax(logits.double(), dim=-1) if y is None else y).float()
+
+    def _y_logits(self, logits, y):
+        """The raw logits (the authors' code); a dropped history item (-inf) takes its row's lowest finite one."""
+        finite = torch.isfinite(logits)
+        lowest = logits.masked_fill(~finite, float("inf")).min(dim=-1, keepdim=True).values
+        return torch.where(finite, logits, lowest)
+
+    def _y_topk(self, logits, y):
+        """A binary vector of the ``y_topk`` best items: the form of the Bernoulli x0 the model is trained on."""
+        top = torch.topk(logits, min(self.y_topk, logits.shape[1]), dim=1).indices
+        return torch.zeros_like(logits).scatter_(1, top, 1.0)
 
     def denoise_scores(self, y, cond, generator=None):
         """The backbone's y as the state at ``start_step``, noised on to the last step, reversed to x0_hat."""
@@ -384,8 +509,56 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
         def model_fn(x_t, t):
             return self.x0_estimate(self.approximator(x_t, t, cond))
 
-        return self.diffusion.sample(model_fn, x_T=x, steps=self.sample_steps, generator=generator,
-                                     stochastic=self.sampling_noise)
+        return self.diffusion.sample(
+            model_fn, x_T=x, steps=self.sample_steps, generator=generator, stochastic=self.sampling_noise
+        )
+
+    def normalise(self, x0_hat, exclude=None):
+        """x0_hat as a distribution over items (``x0_norm``), the ``exclude``d items at 0. ``softmax`` suits logits
+        (``diffusion_loss: ce``); an MSE-trained x0_hat estimates a 0/1 vector (entries of at most ~1), whose
+        softmax is nearly flat: the diffusion side loses most of its vote in the Borda count, which ``l1`` (clip
+        at 0, divide by the sum) keeps."""
+        return X0_NORMS[self.x0_norm](x0_hat, exclude)
+
+    def votes(self, interaction):
+        """One backbone pass -> (y, d): the backbone's softmax and the diffusion model's distribution, both
+        without the excluded items."""
+        seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        logits, states = self.adapter.scores_and_states(interaction)  # the scores and the condition at once
+        excluded = self.excluded_items(seq, logits.shape[1])
+        logits = self.drop_items(logits, excluded)
+        y = torch.softmax(logits.double(), dim=-1)  # once: the diffusion input and the Borda count share it
+        cond = self.condition_from_states(states, lens - 1, lens)
+        generator = eval_generator(self.eval_seed, interaction, self.USER_ID, self.device)
+        x0_hat = self.denoise_scores(self.diffusion_input(logits, y), cond, generator)
+        return y, self.normalise(x0_hat.double(), excluded)
+
+    def fuse(self, y, d, fusion_k=None):
+        """The Borda count of the two votes: exactly its best ``fusion_k`` items (see :func:`fused_topk`), or the
+        whole ranking (None)."""
+        if fusion_k is None:
+            return borda_fuse(y, d, self.gamma)
+        scores, certified = fused_topk(y, d, self.gamma, fusion_k, self.fusion_candidates)
+        if scores.device.type == "cpu":
+            self.fusion_fallbacks += int((~certified).sum())
+        return scores
+
+    # The scorers of the eval modes; ``fusion_k`` is the ranking depth the caller reads (None: every item's
+    # place), which only the ensemble's top-k fusion needs: the others rank every item.
+    def backbone_scores(self, interaction, fusion_k=None):
+        """The backbone alone, as it scores on its own (``full_sort_predict``), without the excluded items."""
+        logits = self.adapter.item_scores(interaction)
+        return self.drop_items(logits, self.excluded_items(interaction[self.ITEM_SEQ], logits.shape[1]))
+
+    def diffusion_scores(self, interaction, fusion_k=None):
+        """The diffusion model alone (the paper's Figure 5)."""
+        return self.votes(interaction)[1]
+
+    def ensemble_scores(self, interaction, fusion_k=None):
+        return self.fuse(*self.votes(interaction), fusion_k)
+
+    def _scores(self, interaction, fusion_k=None):
+        return getattr(self, self.SCORERS[self.eval_mode])(interaction, fusion_k)
 
     def full_sort_predict(self, interaction):
         """Full-ranking scores. The ensemble scores only its best ``fusion_k`` items, exactly in the Borda order
@@ -402,43 +575,6 @@ class GlobalDiff(FrozenBackboneMixin, SequentialRecommender):
             yield self
         finally:
             self.fusion_k = saved
-
-    def _scores(self, interaction, fusion_k=None):
-        seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
-        if self.eval_mode == "backbone":
-            logits, states = self.adapter.item_scores(interaction), None
-        else:  # one backbone pass gives both the scores and the condition
-            logits, states = self.adapter.scores_and_states(interaction)
-        if self.filter_history:
-            logits = logits.masked_fill(self._history_mask(seq, logits.shape[1]), float("-inf"))
-        if self.eval_mode == "backbone":
-            return logits
-        cond = self.condition_from_states(states, lens - 1, lens)
-        y = torch.softmax(logits.double(), dim=-1)  # once: the diffusion input and the Borda count share it
-        generator = eval_generator(self.eval_seed, interaction, self.USER_ID, self.device)
-        x0_hat = self.denoise_scores(self.diffusion_input(logits, y), cond, generator)
-        d = self.normalise(x0_hat.double(), self._history_mask(seq, x0_hat.shape[1]) if self.filter_history else None)
-        if self.eval_mode == "diffusion_only":
-            return d
-        if fusion_k is None:
-            return borda_fuse(y, d, self.gamma)
-        scores, certified = fused_topk(y, d, self.gamma, fusion_k, self.fusion_candidates)
-        if scores.device.type == "cpu":
-            self.fusion_fallbacks += int((~certified).sum())
-        return scores
-
-    def normalise(self, x0_hat, exclude=None):
-        """x0_hat as a distribution over items. ``softmax`` suits logits (``diffusion_loss: ce``); an MSE-trained
-        x0_hat estimates a 0/1 vector (entries of at most ~1), whose softmax is nearly flat: the diffusion side
-        loses most of its vote in the Borda count, which ``l1`` (clip at 0, divide by the sum) keeps."""
-        if self.x0_norm == "softmax":
-            if exclude is not None:
-                x0_hat = x0_hat.masked_fill(exclude, float("-inf"))
-            return torch.softmax(x0_hat, dim=-1)
-        x = x0_hat.clamp(min=0)
-        if exclude is not None:
-            x = x.masked_fill(exclude, 0.0)
-        return x / x.sum(dim=-1, keepdim=True).clamp(min=1e-12)
 
     def predict(self, interaction):
         """Sampled evaluation: each row's item in its user's full-sort order, as a score (higher is better).

@@ -15,52 +15,94 @@ trains the backbone with, per training row (user u, target i, state h):
   or at every row's own state (``dpa_state: prefix``).
 
 With ``use_hbr``, ``use_nns`` and ``use_dpa`` all off this is the backbone trained with BCE and one uniform
-negative (``pos_weight`` scales the positive), and stages 1 and 2 are skipped. The stages run in
-:class:`~recbole_diff.trainer.PDRecTrainer`; see ``docs/pdrec.md``.
+negative (``pos_weight`` scales the positive), and stages 1 and 2 are skipped. The stages (``tidiffrec``,
+``preferences``, ``backbone``) run in :class:`~recbole_diff.trainer.PluginTrainer`; see ``docs/pdrec.md``.
 """
+
+from logging import getLogger
+
+import numpy as np
 import torch
 import torch.nn.functional as F
-from recbole.model.abstract_recommender import SequentialRecommender
-from recbole.utils import InputType
+from recbole.data.interaction import Interaction
+from recbole.utils import InputType, set_color
 
-from recbole_diff.data.pdrec import draw_band, hbr_weights
+from recbole_diff.data.interactions import training_interactions
+from recbole_diff.data.pdrec import (
+    STORE_VERSION,
+    PreferenceStore,
+    TrainingItems,
+    check_store_meta,
+    compute_preference_store,
+    draw_band,
+    hbr_weights,
+    model_fingerprint,
+    store_meta,
+    timed,
+)
 from recbole_diff.model.backbone import BackboneAdapter
-from recbole_diff.utils import get_model, predict_from_full_sort, require_keys
+from recbole_diff.model.plugin.base import PluginRecommender, Stage
+from recbole_diff.model.registry import get_model
+from recbole_diff.model.utils import predict_from_full_sort, require_keys
 
 SCORES = ("dot", "cosine")
 DPA_STATES = ("last", "prefix")
-# training rows whose prefix is the user's whole training history; PDRecTrainer adds it to the training data
+# training rows whose prefix is the user's whole training history; stage_data adds it to the training data
 LAST_FIELD = "pdrec_last_row"
 # Next-item models whose own score is the dot product of forward()'s state with item_embedding.
 BACKBONES = ("SASRec", "GRU4Rec", "NARM", "NextItNet", "LightSANs", "STAMP", "SRGNN", "GCSAN")
 
 
-class PDRec(SequentialRecommender):
+class PDRec(PluginRecommender):
     """PDRec plugin; ``--backbone`` picks the RecBole sequential model it trains."""
 
     input_type = InputType.PAIRWISE  # RecBole's loader samples the uniform negative (NEG_ITEM_ID)
-    is_plugin = True
     needs_timestamp = True  # stage 1 is TI-DiffRec (checked at config time)
-    default_backbone = "SASRec"
+    STAGES = (
+        Stage("tidiffrec", "model", model="TIDiffRec", only_for="preferences"),
+        Stage("preferences", "compute"),
+        Stage("backbone", "fit", cache=False),
+    )
 
-    REQUIRED = ("backbone", "use_hbr", "use_dpa", "use_nns", "omega_r", "c_w", "omega_f", "omega_m", "dpa_m",
-                "dpa_n", "omega_d", "dpa_state", "pos_weight", "pos_weight_from_hbr", "score", "temperature",
-                "tidiffrec_epochs", "preference_batch_size")
+    REQUIRED = (
+        "backbone",
+        "use_hbr",
+        "use_dpa",
+        "use_nns",
+        "omega_r",
+        "c_w",
+        "omega_f",
+        "omega_m",
+        "dpa_m",
+        "dpa_n",
+        "omega_d",
+        "dpa_state",
+        "pos_weight",
+        "pos_weight_from_hbr",
+        "score",
+        "temperature",
+        "tidiffrec_epochs",
+        "preference_batch_size",
+    )
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         require_keys(config, self.REQUIRED, "PDRec")
         self.backbone_name = config["backbone"]
         if self.backbone_name not in BACKBONES:
-            raise ValueError(f"PDRec trains a next-item backbone scored by dot product; '{self.backbone_name}' is "
-                             f"not one. Use one of: {', '.join(BACKBONES)}.")
+            raise ValueError(
+                f"PDRec trains a next-item backbone scored by dot product; '{self.backbone_name}' is "
+                f"not one. Use one of: {', '.join(BACKBONES)}."
+            )
         if config["score"] not in SCORES:
             raise ValueError(f"PDRec: score must be one of {SCORES}, got '{config['score']}'.")
         if not 0 <= float(config["omega_m"]) < 0.99:
             raise ValueError(f"PDRec: omega_m must be in [0, 0.99), got {config['omega_m']}.")
         if config["dpa_state"] not in DPA_STATES:
-            raise ValueError(f"PDRec: dpa_state must be one of {DPA_STATES} (last: the user's last-behaviour state, "
-                             f"the paper's; prefix: every training row's), got '{config['dpa_state']}'.")
+            raise ValueError(
+                f"PDRec: dpa_state must be one of {DPA_STATES} (last: the user's last-behaviour state, "
+                f"the paper's; prefix: every training row's), got '{config['dpa_state']}'."
+            )
         if not 0 < int(config["dpa_n"]) <= int(config["dpa_m"]):
             raise ValueError(f"PDRec needs 0 < dpa_n <= dpa_m, got dpa_n={config['dpa_n']}, dpa_m={config['dpa_m']}.")
         self.backbone = get_model(self.backbone_name)(config, dataset)
@@ -72,10 +114,107 @@ class PDRec(SequentialRecommender):
         self.pos_weight_from_hbr = bool(config["pos_weight_from_hbr"])
         self.score_kind, self.temperature = config["score"], float(config["temperature"])
         self.store, self.hbr, self.nns_rounds = None, None, 1
+        self._stage_models = {}  # TI-DiffRec: read by stage 2, not part of this model's weights
 
     @property
     def needs_preferences(self):
         return self.use_hbr or self.use_dpa or self.use_nns or self.pos_weight_from_hbr
+
+    # ---- stages ----------------------------------------------------------------------------------------
+    def stages(self):
+        return self.STAGES
+
+    def skip_stage(self, name):
+        return name in ("tidiffrec", "preferences") and not self.needs_preferences
+
+    def stage_config_overrides(self, name):
+        return {"mask_history": True}  # TI-DiffRec is validated on the sequential split, which keeps the history
+
+    def set_stage_model(self, name, model):
+        self._stage_models[name] = model
+
+    def stage_settings(self, name):
+        return {"version": STORE_VERSION, "dpa_m": int(self.config["dpa_m"]), "omega_m": float(self.config["omega_m"])}
+
+    def _training_items(self, train_data):
+        dataset = train_data.dataset
+        users, items = training_interactions(dataset)
+        return TrainingItems.from_pairs(users, items, dataset.user_num, dataset.item_num)
+
+    def _store_meta(self, training, fingerprint):
+        c = self.config
+        return store_meta(c["dataset"], training, c["dpa_m"], c["omega_m"], fingerprint)
+
+    def compute_stage(self, name, train_data, valid_data, logger):
+        """Stage 2: the preference store from TI-DiffRec's preferences over the training split."""
+        c, tidiffrec = self.config, self._stage_models["tidiffrec"]
+        training = self._training_items(train_data)
+        meta = self._store_meta(training, model_fingerprint(tidiffrec))
+        logger.info(
+            set_color(f"PDRec stage 2: preferences of {training.n_users} users over {training.n_items} items", "green")
+        )
+        store, seconds = timed(
+            compute_preference_store,
+            tidiffrec.preferences,
+            training,
+            int(c["dpa_m"]),
+            float(c["omega_m"]),
+            int(c["preference_batch_size"]),
+            self.device,
+            bool(c["show_progress"]),
+            meta,
+        )
+        logger.info(
+            f"PDRec stage 2: {training.n_users / seconds:.0f} users/s, store {store.nbytes() / 2**20:.1f} "
+            f"MB (a dense users x items matrix: {training.n_users * training.n_items * 4 / 2**20:.1f} MB)"
+        )
+        self.stage_info.update(preference_seconds=seconds, preference_store_mb=store.nbytes() / 2**20)
+        return store
+
+    def load_stage(self, name, path, train_data, meta):
+        """A stored preference store, refused when made for another dataset, split, TI-DiffRec or setting."""
+        store = PreferenceStore.load(path)
+        tidiffrec = self._stage_models.get("tidiffrec")
+        fingerprint = meta["tidiffrec"] if meta else model_fingerprint(tidiffrec)
+        check_store_meta(store.meta, self._store_meta(self._training_items(train_data), fingerprint), path)
+        return store
+
+    def stage_meta(self, name, product):
+        return {"tidiffrec": product.meta["tidiffrec"], "store_mb": product.nbytes() / 2**20}
+
+    def set_stage_result(self, name, product, path, reused):
+        if reused:
+            getLogger().info(set_color(f"PDRec stage 2: reusing the preference store {path}", "green"))
+        self.stage_info.update(preference_store=path, preference_store_reused=reused)
+        self.set_store(product)
+
+    def stage_data(self, name, train_data, logger=None):
+        """Stage 3's training rows: the run's, with each user's last row marked for DPA at the last state; HBR's
+        mean weight is reported (and is the constant weight of ``pos_weight_from_hbr``)."""
+        if self.needs_preferences:
+            self._report_hbr(train_data.dataset, logger or getLogger())
+        if self.use_dpa and self.dpa_state == "last":
+            mark_last_rows(train_data.dataset)
+        parts = [name for name, on in (("HBR", self.use_hbr), ("NNS", self.use_nns), ("DPA", self.use_dpa)) if on]
+        (logger or getLogger()).info(
+            set_color(
+                f"PDRec stage 3: training {self.backbone_name} with BCE{' + ' + ' + '.join(parts) if parts else ''}",
+                "green",
+            )
+        )
+        self.stage_info["positive_weight"] = None if self.use_hbr else self.pos_weight
+        return train_data
+
+    def _report_hbr(self, train_dataset, logger):
+        """HBR's mean weight over the training rows: also the constant positive weight of the
+        ``pos_weight_from_hbr`` baseline, which separates reweighting from a larger positive weight."""
+        inter = train_dataset.inter_feat
+        users, items = inter[train_dataset.uid_field].to(self.device), inter[train_dataset.iid_field].to(self.device)
+        mean = float(self.hbr[self.store.lookup(users, items)].mean())
+        self.stage_info["hbr_mean_weight"] = mean
+        if self.pos_weight_from_hbr and not self.use_hbr:
+            self.pos_weight = mean
+            logger.info(f"PDRec: constant positive weight {mean:.4f} (HBR's mean)")
 
     def set_store(self, store):
         """Stage 2's store; HBR's weights follow from it and the config's omega_r, c_w, omega_f."""
@@ -130,16 +269,20 @@ class PDRec(SequentialRecommender):
         if self.dpa_state == "prefix":
             return self.omega_d * loss
         if LAST_FIELD not in interaction:
-            raise RuntimeError(f"PDRec with dpa_state: last needs the '{LAST_FIELD}' field of the training data; "
-                               "train with PDRecTrainer (run_recbole_diff does), which adds it.")
+            raise RuntimeError(
+                f"PDRec with dpa_state: last needs the '{LAST_FIELD}' field of the training data; "
+                "train it with run_recbole_diff (its PluginTrainer adds it)."
+            )
         last = interaction[LAST_FIELD].to(loss.dtype)
         # no host sync: an empty selection divides 0 by 1
         return self.omega_d * (loss * last).sum() / last.sum().clamp(min=1) * torch.ones_like(loss)
 
     def _require_store(self):
         if self.needs_preferences and self.store is None:
-            raise RuntimeError("PDRec with use_hbr/use_nns/use_dpa needs its preference store: train it with "
-                               "PDRecTrainer (run_recbole_diff does), which runs stages 1 and 2 first.")
+            raise RuntimeError(
+                "PDRec with use_hbr/use_nns/use_dpa needs its preference store: train it with "
+                "run_recbole_diff (its PluginTrainer runs stages 1 and 2 first)."
+            )
 
     def calculate_loss(self, interaction):
         self._require_store()
@@ -156,3 +299,18 @@ class PDRec(SequentialRecommender):
         if self.use_dpa:
             loss = loss + self.dpa_loss(h, users, interaction)
         return loss.mean()
+
+
+def mark_last_rows(train_dataset):
+    """Add ``LAST_FIELD`` to a sequential training split: True on each user's row whose prefix is the user's
+    whole training history (the latest target; RecBole writes a user's rows in time order, so the last row)."""
+    inter = train_dataset.inter_feat
+    users = inter[train_dataset.uid_field].numpy()
+    times = (
+        inter[train_dataset.time_field].numpy() if train_dataset.time_field in inter.columns else np.zeros(len(users))
+    )
+    order = np.lexsort((np.arange(len(users)), times, users))
+    last = np.zeros(len(users), dtype=bool)
+    ends = np.r_[users[order][1:] != users[order][:-1], True]
+    last[order[ends]] = True
+    inter.update(Interaction({LAST_FIELD: torch.from_numpy(last)}))

@@ -7,6 +7,7 @@ block, per level ``res_blocks + 1`` ResNet blocks on the up path joined with the
 concatenation, nearest-neighbour up-sampling, and an output conv back to M channels. GroupNorm, SiLU,
 dropout; the vector z = MLP(step embedding) + MLP(condition) is projected into every ResNet block.
 """
+
 import math
 
 import torch
@@ -57,8 +58,10 @@ def square_side(d):
     side = math.isqrt(int(d))
     if side * side != int(d):
         squares = ", ".join(str(s * s) for s in (4, 6, 8, 10, 12, 16))
-        raise ValueError(f"SU-Net folds each d-dim embedding into a sqrt(d) x sqrt(d) map, so d must be a perfect "
-                         f"square; got d = {d}. Use e.g. {squares} (diffusion_embedding_size).")
+        raise ValueError(
+            f"SU-Net folds each d-dim embedding into a sqrt(d) x sqrt(d) map, so d must be a perfect "
+            f"square; got d = {d}. Use e.g. {squares} (diffusion_embedding_size)."
+        )
     return side
 
 
@@ -70,8 +73,10 @@ class SUNet(nn.Module):
         self.positions, self.d, self.side = positions, d, square_side(d)
         levels = len(channels)
         if self.side % (2 ** (levels - 1)):
-            raise ValueError(f"SU-Net with {levels} levels halves the {self.side} x {self.side} map {levels - 1} "
-                             f"times; use fewer unet_channels or a d whose side is divisible by {2 ** (levels - 1)}.")
+            raise ValueError(
+                f"SU-Net with {levels} levels halves the {self.side} x {self.side} map {levels - 1} "
+                f"times; use fewer unet_channels or a d whose side is divisible by {2 ** (levels - 1)}."
+            )
         self.step_dim = step_dim
         self.step_mlp = nn.Sequential(nn.Linear(step_dim, z_dim), nn.SiLU(), nn.Linear(z_dim, z_dim))
         self.cond_mlp = nn.Sequential(nn.Linear(d, z_dim), nn.SiLU(), nn.Linear(z_dim, z_dim))
@@ -85,7 +90,9 @@ class SUNet(nn.Module):
             if i < levels - 1:
                 self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
                 skips.append(cur)
-        self.mid = nn.ModuleList([ResBlock(cur, cur, z_dim, dropout), AttnBlock(cur), ResBlock(cur, cur, z_dim, dropout)])
+        self.mid = nn.ModuleList(
+            [ResBlock(cur, cur, z_dim, dropout), AttnBlock(cur), ResBlock(cur, cur, z_dim, dropout)]
+        )
         self.up = nn.ModuleList()
         for i, ch in reversed(list(enumerate(channels))):
             for _ in range(res_blocks + 1):

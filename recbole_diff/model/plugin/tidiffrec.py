@@ -14,6 +14,7 @@ of the wide item input, which nothing uses (one of the five [B, I] x [I, d] prod
 first reverse step of inference, whose input is the un-noised, sparse history, multiplies only its nonzeros.
 Training inputs are noised, hence dense: no sparse product there.
 """
+
 import numpy as np
 import torch
 from recbole.data.interaction import Interaction
@@ -74,7 +75,7 @@ class SplitInputDNN(DNN):
         h = torch.addmm(linear.bias, emb, linear.weight[:, n:].t())
         w_items = linear.weight[:, :n].t()
         h = h + (torch.sparse.mm(x.to_sparse(), w_items) if self.sparse_input else x @ w_items)
-        for layer in layers[first + 1:]:
+        for layer in layers[first + 1 :]:
             h = layer(h)
         return h
 
@@ -123,8 +124,10 @@ class TIDiffRec(DiffRec):
             self.time_aware = True  # T-DiffRec: weights evenly spaced over each user's items in time order
             times = within_user_positions(users, times)
         elif times is None:
-            raise ValueError("TIDiffRec (weighting: interval) needs the timestamp column: set TIME_FIELD and "
-                             "load_col: {inter: [user_id, item_id, timestamp]}.")
+            raise ValueError(
+                "TIDiffRec (weighting: interval) needs the timestamp column: set TIME_FIELD and "
+                "load_col: {inter: [user_id, item_id, timestamp]}."
+            )
         users, items, weights = interval_weights(users, items, times, float(self.w_min), float(self.w_max))
         counts = np.bincount(users, minlength=dataset.user_num)
         width = max(int(counts.max()), 1)

@@ -18,6 +18,7 @@ length), and a key-padding mask keeps padded positions out of attention, so resu
 the device on every batch and padded positions cost parallel work only, batches run at full width under the
 same mask (:func:`recbole_diff.device.host_fast_path`).
 """
+
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
@@ -27,7 +28,7 @@ from torch import nn
 from recbole_diff.device import host_fast_path
 from recbole_diff.diffusion import OFFSET_MODES, GaussianDiffusion, StepEmbedding, make_noise
 from recbole_diff.model.padding import length_groups
-from recbole_diff.utils import eval_generator, predict_from_full_sort, require_keys
+from recbole_diff.model.utils import eval_generator, predict_from_full_sort, require_keys
 
 APPROXIMATORS = ("add", "cross_attention")
 SAMPLERS = ("ancestral", "ddim")
@@ -48,15 +49,17 @@ class ApproximatorBlock(nn.Module):
         self.ln_attn = nn.LayerNorm(hidden)
         self.self_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
         self.ln_ffn = nn.LayerNorm(hidden)
-        self.ffn = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(4 * hidden, hidden))
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * hidden, hidden)
+        )
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, h, pad_mask, query=None):
         if self.cross_attn is not None:
             memory = self.ln_memory(h)
-            attended = self.cross_attn(self.ln_query(query), memory, memory, key_padding_mask=pad_mask,
-                                       need_weights=False)[0]
+            attended = self.cross_attn(
+                self.ln_query(query), memory, memory, key_padding_mask=pad_mask, need_weights=False
+            )[0]
             h = h + self.dropout(attended)
         x = self.ln_attn(h)
         h = h + self.dropout(self.self_attn(x, x, x, key_padding_mask=pad_mask, need_weights=False)[0])
@@ -76,10 +79,28 @@ class DiffuRec(SequentialRecommender):
 
     input_type = InputType.POINTWISE
 
-    REQUIRED = ("hidden_size", "n_blocks", "n_heads", "dropout_prob", "emb_dropout_prob", "diffusion_steps",
-                "noise_schedule", "lambda_mean", "lambda_std", "approximator", "offset_noise_mode",
-                "offset_scale", "offset_constant", "inference_samples", "position_embedding", "trim_padding",
-                "length_buckets", "item_init", "x0_scale", "sampler")
+    REQUIRED = (
+        "hidden_size",
+        "n_blocks",
+        "n_heads",
+        "dropout_prob",
+        "emb_dropout_prob",
+        "diffusion_steps",
+        "noise_schedule",
+        "lambda_mean",
+        "lambda_std",
+        "approximator",
+        "offset_noise_mode",
+        "offset_scale",
+        "offset_constant",
+        "inference_samples",
+        "position_embedding",
+        "trim_padding",
+        "length_buckets",
+        "item_init",
+        "x0_scale",
+        "sampler",
+    )
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -99,8 +120,9 @@ class DiffuRec(SequentialRecommender):
         self.sampler = config["sampler"]
 
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
-        self.position_embedding = (nn.Embedding(self.max_seq_length, self.hidden_size)
-                                   if config["position_embedding"] else None)
+        self.position_embedding = (
+            nn.Embedding(self.max_seq_length, self.hidden_size) if config["position_embedding"] else None
+        )
         self.emb_dropout = nn.Dropout(config["emb_dropout_prob"])
         self.emb_norm = nn.LayerNorm(self.hidden_size)
         self.step_embedding = StepEmbedding(self.hidden_size, t_scale=1000.0 / steps)
@@ -113,8 +135,9 @@ class DiffuRec(SequentialRecommender):
         self.out_norm = nn.LayerNorm(self.hidden_size)
         self.cross = cross
         # x0-parameterised with sigma_t^2 = beta_t, as DiffuRec samples.
-        self.diffusion = GaussianDiffusion(config["noise_schedule"], steps, parameterization="x0",
-                                           variance="fixed_large")
+        self.diffusion = GaussianDiffusion(
+            config["noise_schedule"], steps, parameterization="x0", variance="fixed_large"
+        )
         self.loss_fct = nn.CrossEntropyLoss()
         for block in self.blocks:
             block.init_weights()
@@ -134,18 +157,24 @@ class DiffuRec(SequentialRecommender):
         if config["offset_noise_mode"] not in OFFSET_MODES:
             raise ValueError(f"offset_noise_mode must be one of {OFFSET_MODES}, got '{config['offset_noise_mode']}'.")
         if config["item_init"] not in ("xavier", "normal") or config["x0_scale"] not in ("unit", "raw"):
-            raise ValueError(f"item_init must be xavier or normal and x0_scale unit or raw, got "
-                             f"'{config['item_init']}' and '{config['x0_scale']}'.")
+            raise ValueError(
+                f"item_init must be xavier or normal and x0_scale unit or raw, got "
+                f"'{config['item_init']}' and '{config['x0_scale']}'."
+            )
         if config["inference_samples"] < 1:
             raise ValueError("inference_samples must be >= 1.")
         if config["sampler"] not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got '{config['sampler']}'.")
         steps = config["sample_steps"]
         if steps is not None and not (isinstance(steps, int) and 1 <= steps <= int(config["diffusion_steps"])):
-            raise ValueError(f"sample_steps must be an integer in [1, diffusion_steps = {config['diffusion_steps']}] "
-                             f"or ~ (all steps), got {steps!r}.")
+            raise ValueError(
+                f"sample_steps must be an integer in [1, diffusion_steps = {config['diffusion_steps']}] "
+                f"or ~ (all steps), got {steps!r}."
+            )
         if config["hidden_size"] % config["n_heads"]:
-            raise ValueError(f"hidden_size ({config['hidden_size']}) must be divisible by n_heads ({config['n_heads']}).")
+            raise ValueError(
+                f"hidden_size ({config['hidden_size']}) must be divisible by n_heads ({config['n_heads']})."
+            )
 
     # ---- the denoiser --------------------------------------------------------------------------------
     def _trim(self, item_seq, item_seq_len):
@@ -156,8 +185,12 @@ class DiffuRec(SequentialRecommender):
     def _groups(self, item_seq_len):
         """Row groups of similar length, each later cut to its own longest sequence (see
         ``recbole_diff.model.padding``)."""
-        if (not self.trim_padding or self.length_buckets <= 1 or item_seq_len.shape[0] < 2 * self.length_buckets
-                or not host_fast_path(item_seq_len)):
+        if (
+            not self.trim_padding
+            or self.length_buckets <= 1
+            or item_seq_len.shape[0] < 2 * self.length_buckets
+            or not host_fast_path(item_seq_len)
+        ):
             return [None]
         return length_groups(item_seq_len, self.length_buckets)
 
@@ -207,7 +240,7 @@ class DiffuRec(SequentialRecommender):
         x_t = self.diffusion.q_sample(x0, t, self.training_noise(x0.shape, x0.device))
         predictions, targets = [], []
         for rows in self._groups(item_seq_len):
-            pick = (lambda v: v) if rows is None else (lambda v: v[rows])  # noqa: E731
+            pick = (lambda v: v) if rows is None else (lambda v: v[rows])  # noqa: B023 (used in this iteration only)
             lengths = pick(item_seq_len)
             history, pad_mask = self.encode_history(self._trim(pick(item_seq), lengths))
             predictions.append(self.denoise(history, pad_mask, lengths, pick(x_t), pick(t)))
@@ -224,15 +257,18 @@ class DiffuRec(SequentialRecommender):
         def model_fn(x_t, t):
             return self.denoise(history, pad_mask, item_seq_len, x_t, t, generator)
 
-        return self.diffusion.sample(model_fn, x_T=x_T, steps=self.sample_steps, sampler=self.sampler,
-                                     generator=generator)
+        return self.diffusion.sample(
+            model_fn, x_T=x_T, steps=self.sample_steps, sampler=self.sampler, generator=generator
+        )
 
     def _reverse_grouped(self, item_seq, item_seq_len, generator):
         groups = self._groups(item_seq_len)
         if groups == [None]:
             return self.reverse(self._trim(item_seq, item_seq_len), item_seq_len, generator)
-        parts = [self.reverse(self._trim(item_seq[rows], item_seq_len[rows]), item_seq_len[rows], generator)
-                 for rows in groups]
+        parts = [
+            self.reverse(self._trim(item_seq[rows], item_seq_len[rows]), item_seq_len[rows], generator)
+            for rows in groups
+        ]
         x0_hat = torch.empty(item_seq.shape[0], self.hidden_size, device=item_seq.device, dtype=parts[0].dtype)
         for rows, part in zip(groups, parts):
             x0_hat[rows] = part
@@ -247,7 +283,8 @@ class DiffuRec(SequentialRecommender):
             return self._item_scores(self._reverse_grouped(item_seq, item_seq_len, generator))
         probs = 0
         for _ in range(self.inference_samples):
-            probs = probs + F.softmax(self._item_scores(self._reverse_grouped(item_seq, item_seq_len, generator)), dim=-1)
+            scores = self._item_scores(self._reverse_grouped(item_seq, item_seq_len, generator))
+            probs = probs + F.softmax(scores, dim=-1)
         return torch.log(probs / self.inference_samples)
 
     def _item_scores(self, x0_hat):
