@@ -1,28 +1,8 @@
 """recbole-diff: diffusion models for sequential recommendation, the RecBole way."""
 
-import os
-
 __version__ = "0.1.0"
 
-_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def properties_dir():
-    """The folder holding the default yamls.
-
-    A regular install ships them inside the package (``recbole_diff/properties``); a source checkout or an
-    editable install keeps them in the repository's top-level ``properties/``.
-    """
-    for candidate in (
-        os.path.join(_PKG_DIR, "properties"),
-        os.path.join(os.path.dirname(_PKG_DIR), "properties"),
-    ):
-        if os.path.isfile(os.path.join(candidate, "overall.yaml")):
-            return candidate
-    raise FileNotFoundError(
-        "recbole-diff cannot find its default yamls (properties/overall.yaml) next to "
-        f"{_PKG_DIR}; reinstall the package with `pip install .` from the repository root."
-    )
+from recbole_diff.paths import properties_dir  # noqa: E402  (re-exported: part of the public API)
 
 
 def __getattr__(name):

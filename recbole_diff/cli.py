@@ -21,7 +21,8 @@ import argparse
 import os
 import sys
 
-from recbole_diff import __version__, properties_dir
+from recbole_diff import __version__
+from recbole_diff.paths import properties_dir
 from recbole_diff.runtime import parse_key_values, recbole_warnings_hidden
 
 # Each command's module is imported when the command runs: `recbole-diff --help` stays instant, and only `tune`

@@ -16,10 +16,10 @@ import warnings
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
-from recbole_diff import properties_dir
 from recbole_diff.io import read_yaml
 from recbole_diff.model.plugin.base import is_plugin, plugin_names, sequential_model_names
 from recbole_diff.model.registry import get_model
+from recbole_diff.paths import properties_dir
 
 RECBOLE_PROPERTIES = os.path.join(os.path.dirname(os.path.realpath(__import__("recbole").__file__)), "properties")
 

@@ -265,7 +265,7 @@ def test_all_off_skips_stages_1_and_2(tmp_path):
     config, model, train, valid, _ = build(tmp_path, use_hbr=False, use_nns=False, use_dpa=False, epochs=1)
     trainer = get_trainer(config["MODEL_TYPE"], "PDRec")(config, model)
     trainer.fit(train, valid, saved=False)
-    assert "tidiffrec" not in trainer.checkpoints and not model._stage_models and model.store is None
+    assert "tidiffrec" not in trainer.checkpoints and not model.stage_models and model.store is None
 
 
 def with_store(model, train, seed=0):

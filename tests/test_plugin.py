@@ -28,9 +28,6 @@ class Head(PluginRecommender):
         self.head = torch.nn.Linear(d, d)
         self.eval_mode = "plugin"
 
-    def stages(self):
-        return self.STAGES
-
     def stage_parameters(self, name):
         return list(self.head.parameters())
 
@@ -119,6 +116,12 @@ def test_stage_declarations_are_checked(tmp_path):
     config, model, *_ = setup(tmp_path)
     model.STAGES = (Stage("backbone", "backbone"),)
     with pytest.raises(ValueError, match="'fit' stage"):
+        PluginTrainer(config, model)
+    model.STAGES = ()
+    with pytest.raises(ValueError, match="declares no stages"):
+        PluginTrainer(config, model)
+    model.STAGES = (Stage("backbone", "backbone"), Stage("counts", "compute"), Stage("head", "fit"))
+    with pytest.raises(ValueError, match="compute_stage, load_stage, set_stage_result"):
         PluginTrainer(config, model)
     model.STAGES = Head.STAGES
     with pytest.raises(ValueError, match="no stage 'head' before its last"):

@@ -144,7 +144,6 @@ class DiffuASRTrainer(PluginTrainer):
     def extra_results(self, valid_data=None, test_data=None):
         """The plugin's results, and the test metrics by user group of sequence length (``long_tail_bounds``)."""
         out = super().extra_results(valid_data, test_data)
-        out.pop(self.final.key("steps_trained"), None)  # the last stage trains in its own trainer
         if test_data is not None and self.model.sequences is not None:
             lengths = self.model.sequences.lengths + 2  # the user's whole original sequence (valid and test too)
             bounds = tuple(self.config["long_tail_bounds"])

@@ -28,7 +28,7 @@ from recbole.utils import ModelType, init_seed, set_color
 
 from recbole_diff.config import stage_config
 from recbole_diff.io import load_checkpoint
-from recbole_diff.model.plugin.base import STAGE_KEYS, is_plugin
+from recbole_diff.model.plugin.base import COMPUTE_HOOKS, STAGE_KEYS, is_plugin
 from recbole_diff.model.registry import get_model
 from recbole_diff.trainer.registry import get_trainer
 from recbole_diff.trainer.resume import plain_settings, point_name, resume_point, run_settings
@@ -62,6 +62,23 @@ def _digest(value):
     return hashlib.sha1(json.dumps(value, sort_keys=True, default=plain).encode()).hexdigest()[:12]
 
 
+def check_stages(model):
+    """A plugin's stage list, checked before anything trains: some stages, and the methods its compute stages
+    need."""
+    name = type(model).__name__
+    if not model.stages():
+        raise ValueError(f"{name} declares no stages: list them in STAGES (recbole_diff/model/plugin/base.py).")
+    for stage in model.stages():
+        if stage.kind != "compute":
+            continue
+        hooks = COMPUTE_HOOKS if stage.cache else tuple(h for h in COMPUTE_HOOKS if h != "load_stage")
+        missing = [hook for hook in hooks if not callable(getattr(model, hook, None))]
+        if missing:
+            raise ValueError(
+                f"{name} declares the compute stage '{stage.name}' but does not define {', '.join(missing)}."
+            )
+
+
 class StageTrainer(Trainer):
     """The trainer of a ``fit`` stage before the last one: the plugin's stage parameters, the stage's keys."""
 
@@ -79,6 +96,7 @@ class StageTrainer(Trainer):
 class PluginTrainer(Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
+        check_stages(model)
         self.final = model.stages()[-1]
         if self.final.kind != "fit":
             raise ValueError(
@@ -451,7 +469,8 @@ class PluginTrainer(Trainer):
                     out[stage.key("test_result")] = self.stage_trainers[stage.name].evaluate(
                         test_data, load_best_model=False
                     )
-        out[self.final.key("steps_trained")] = self.optimiser_steps
+        if self.optimiser_steps:  # the last stage trained on this trainer (DiffuASR's trains in its own)
+            out[self.final.key("steps_trained")] = self.optimiser_steps
         if test_data is not None and "backbone" in self.model.EVAL_MODES:
             with self.model.evaluating("backbone"):
                 out["backbone_test_result"] = self.evaluate(test_data, load_best_model=False)

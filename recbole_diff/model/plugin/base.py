@@ -34,6 +34,8 @@ from recbole_diff.model.backbone import BackboneAdapter
 from recbole_diff.model.registry import get_model, our_model_names
 
 STAGE_KINDS = ("backbone", "model", "fit", "compute")
+# what a plugin declaring a compute stage must define (see PluginRecommender)
+COMPUTE_HOOKS = ("compute_stage", "load_stage", "set_stage_result")
 # <stage>_<key> -> the RecBole key it sets for that stage
 STAGE_KEYS = {
     "epochs": "epochs",
@@ -82,11 +84,14 @@ class PluginRecommender(SequentialRecommender):
         self.config = config
         self.stage = None
         self.stage_info = {}  # what the stages report, for the run's result dict
+        self.stage_models = {}  # trained ``model`` stages (kept out of the plugin's own parameters)
 
     # ---- the contract ----------------------------------------------------------------------------------
+    STAGES = ()
+
     def stages(self):
-        """The stages in the order they run; the last one is the run's own training."""
-        raise NotImplementedError(f"{type(self).__name__} must list its stages (recbole_diff.model.plugin.base).")
+        """The stages in the order they run (``STAGES``); the last one is the run's own training."""
+        return self.STAGES
 
     def set_stage(self, name):
         """Called before each stage runs: ``calculate_loss`` trains what stage ``name`` trains."""
@@ -110,8 +115,9 @@ class PluginRecommender(SequentialRecommender):
         return {}
 
     def set_stage_model(self, name, model):
-        """A trained ``model`` stage, for the stages after it (kept out of the plugin's own parameters)."""
-        raise NotImplementedError(f"{type(self).__name__} declares a model stage '{name}' but does not take it.")
+        """A trained ``model`` stage, for the stages after it: in ``stage_models``, so that it is not part of the
+        plugin's weights (a plain dict is no sub-module)."""
+        self.stage_models[name] = model
 
     # fit stages before the last, when cached
     def stage_ignores(self, name):
@@ -123,28 +129,20 @@ class PluginRecommender(SequentialRecommender):
         return {}
 
     def stage_state(self, name):
-        """The weights stage ``name`` trained, as stored in the cache."""
-        raise NotImplementedError(f"{type(self).__name__} caches stage '{name}' but cannot give its state.")
+        """The weights stage ``name`` trained, as stored in the cache (default: the plugin's whole state; a plugin
+        stores less when it can)."""
+        return self.state_dict()
 
     def load_stage_state(self, name, state):
-        raise NotImplementedError(f"{type(self).__name__} caches stage '{name}' but cannot load its state.")
+        self.load_state_dict(state)
 
-    # compute stages
-    def compute_stage(self, name, train_data, valid_data, logger):
-        """A ``compute`` stage's product (with ``save(path)`` when the stage is cached)."""
-        raise NotImplementedError(f"{type(self).__name__} declares a compute stage '{name}' but does not compute it.")
-
-    def load_stage(self, name, path, train_data, meta):
-        """A stored product of stage ``name``, checked against this run (``meta``: what the cache kept with it)."""
-        raise NotImplementedError(f"{type(self).__name__} declares a compute stage '{name}' but cannot load it.")
-
+    # compute stages: a plugin that declares one defines the methods of COMPUTE_HOOKS (checked by PluginTrainer):
+    #   compute_stage(name, train_data, valid_data, logger) -> the product (with save(path) when cached)
+    #   load_stage(name, path, train_data, meta) -> a stored product, checked against this run (cached stages)
+    #   set_stage_result(name, product, path, reused): take it, computed or loaded from path
     def stage_meta(self, name, product):
-        """What the cache keeps beside a product (json values)."""
+        """What the cache keeps beside a compute stage's product (json values)."""
         return {}
-
-    def set_stage_result(self, name, product, path, reused):
-        """Take a product, computed (``reused`` False) or loaded from ``path``."""
-        raise NotImplementedError(f"{type(self).__name__} declares a compute stage '{name}' but does not take it.")
 
     # ---- the backbone ----------------------------------------------------------------------------------
     def build_backbone(self, config, dataset):

@@ -260,9 +260,6 @@ class DiffuASR(PluginRecommender):
             raise ValueError(f"DiffuASR: M (generated items per user) must be >= 1, got {config['M']}.")
 
     # ---- stages ----------------------------------------------------------------------------------------
-    def stages(self):
-        return self.STAGES
-
     def skip_stage(self, name):
         return name == "augmenter" and self.augmenter is None
 

@@ -311,9 +311,6 @@ class GlobalDiff(PluginRecommender):
         return self.adapter.states(seq, torch.tensor([self.max_seq_length])).shape[-1]
 
     # ---- stages ----------------------------------------------------------------------------------------
-    def stages(self):
-        return self.STAGES
-
     def stage_parameters(self, name):
         return self.diffusion_parameters()
 

@@ -114,24 +114,17 @@ class PDRec(PluginRecommender):
         self.pos_weight_from_hbr = bool(config["pos_weight_from_hbr"])
         self.score_kind, self.temperature = config["score"], float(config["temperature"])
         self.store, self.hbr, self.nns_rounds = None, None, 1
-        self._stage_models = {}  # TI-DiffRec: read by stage 2, not part of this model's weights
 
     @property
     def needs_preferences(self):
         return self.use_hbr or self.use_dpa or self.use_nns or self.pos_weight_from_hbr
 
     # ---- stages ----------------------------------------------------------------------------------------
-    def stages(self):
-        return self.STAGES
-
     def skip_stage(self, name):
         return name in ("tidiffrec", "preferences") and not self.needs_preferences
 
     def stage_config_overrides(self, name):
         return {"mask_history": True}  # TI-DiffRec is validated on the sequential split, which keeps the history
-
-    def set_stage_model(self, name, model):
-        self._stage_models[name] = model
 
     def stage_settings(self, name):
         return {"version": STORE_VERSION, "dpa_m": int(self.config["dpa_m"]), "omega_m": float(self.config["omega_m"])}
@@ -147,7 +140,7 @@ class PDRec(PluginRecommender):
 
     def compute_stage(self, name, train_data, valid_data, logger):
         """Stage 2: the preference store from TI-DiffRec's preferences over the training split."""
-        c, tidiffrec = self.config, self._stage_models["tidiffrec"]
+        c, tidiffrec = self.config, self.stage_models["tidiffrec"]
         training = self._training_items(train_data)
         meta = self._store_meta(training, model_fingerprint(tidiffrec))
         logger.info(
@@ -174,7 +167,7 @@ class PDRec(PluginRecommender):
     def load_stage(self, name, path, train_data, meta):
         """A stored preference store, refused when made for another dataset, split, TI-DiffRec or setting."""
         store = PreferenceStore.load(path)
-        tidiffrec = self._stage_models.get("tidiffrec")
+        tidiffrec = self.stage_models.get("tidiffrec")
         fingerprint = meta["tidiffrec"] if meta else model_fingerprint(tidiffrec)
         check_store_meta(store.meta, self._store_meta(self._training_items(train_data), fingerprint), path)
         return store
