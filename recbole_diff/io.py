@@ -60,9 +60,21 @@ def _pid_alive(pid):
 def claim_lock(lock):
     """Take ``lock`` (a file holding our pid, created atomically) for this process. A lock left by a dead process
     (an interrupted run) is taken over; False when a live process holds it."""
+    # The pid is written to a file of our own first and linked into place: a lock is never seen empty, so a
+    # process looking in between its creation and its pid cannot mistake it for a dead one's and take it over.
+    mine = f"{lock}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    with open(mine, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        return _link_lock(mine, lock)
+    finally:
+        os.remove(mine)
+
+
+def _link_lock(mine, lock):
     for _ in range(2):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.link(mine, lock)
         except FileExistsError:
             try:
                 with open(lock) as f:
@@ -76,7 +88,5 @@ def claim_lock(lock):
             except FileNotFoundError:
                 pass
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
         return True
     return False

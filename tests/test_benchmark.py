@@ -108,6 +108,32 @@ def test_cells_locked_by_a_live_process_are_left_alone_and_stale_locks_taken_ove
     assert claim_lock(lock)
 
 
+def _race_for(lock, start, done, won):
+    from recbole_diff.io import claim_lock
+
+    start.wait()
+    won.put(claim_lock(lock))
+    done.wait()  # the winner stays alive until every process has tried
+
+
+def test_processes_racing_for_one_lock_give_it_to_exactly_one(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(15):
+        lock, n = str(tmp_path / f"race{round_}.lock"), 6
+        start, done, won = ctx.Barrier(n), ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_race_for, args=(lock, start, done, won)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        wins = [won.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(60)
+        assert sum(wins) == 1, f"round {round_}: {sum(wins)} processes hold the lock"
+        assert os.listdir(tmp_path).count(f"race{round_}.lock") == 1  # and no temporary file is left
+        assert len(os.listdir(tmp_path)) == round_ + 1
+
+
 def test_a_cell_another_process_finished_meanwhile_is_not_run_again(tmp_path):
     from recbole_diff.benchmark import _launch
 
