@@ -4,7 +4,8 @@ fusion certified, evaluation time of the backbone alone, the diffusion model alo
 the ensemble's validation with ``x0_norm`` l1 and softmax, and with fewer reverse steps (``--steps``): inference
 settings, so one trained model answers.
 
-    python benchmarks/globaldiff_fusion.py <saved GlobalDiff .pth> [--users 5000] [--steps 5 2 1] [--out results.json]
+    python benchmarks/globaldiff_fusion.py <saved GlobalDiff .pth> [--users 5000] [--steps 5 2 1] [--candidates 100]
+        [--out results.json]
 """
 
 import argparse
@@ -40,6 +41,7 @@ def main():
     parser.add_argument("checkpoint")
     parser.add_argument("--users", type=int, default=None, help="evaluate this many users of each split (seeded)")
     parser.add_argument("--steps", type=int, nargs="*", default=[5, 2, 1], help="reverse-step counts to compare")
+    parser.add_argument("--candidates", type=int, default=None, help="fusion_candidates (default: the model's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -51,6 +53,8 @@ def main():
     torch.set_num_threads(1)
     valid, test = (validation_subset(d, args.users, config["seed"]) for d in (valid, test))
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    if args.candidates is not None:
+        model.fusion_candidates = args.candidates
     out = {
         "checkpoint": args.checkpoint,
         "dataset": str(config["dataset"]),
@@ -88,7 +92,17 @@ def main():
         for steps in args.steps:
             model.sample_steps = steps
             run = timed_eval(trainer, valid, model, "ensemble")
-            out["valid"]["sample_steps"][steps] = {"result": run["result"], "over_backbone": run["seconds"] / base}
+            full = timed_eval(trainer, valid, model, "ensemble", fusion_k=None)
+            alone = timed_eval(trainer, valid, model, "diffusion_only")
+            if run["result"] != full["result"]:
+                raise SystemExit(f"sample_steps {steps}: the top-k fusion changed the metrics")
+            out["valid"]["sample_steps"][steps] = {
+                "result": run["result"],
+                "over_backbone": run["seconds"] / base,
+                "full_borda_over_backbone": full["seconds"] / base,
+                "diffusion_only_over_backbone": alone["seconds"] / base,
+                "fallback_rows": run["fallback_rows"],
+            }
             print("sample_steps", steps, out["valid"]["sample_steps"][steps], flush=True)
         model.sample_steps = config["sample_steps"]
     report(out, args.out)

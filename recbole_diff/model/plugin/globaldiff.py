@@ -112,32 +112,74 @@ def l1_distribution(x0_hat, exclude=None):
 X0_NORMS = {"softmax": softmax_distribution, "l1": l1_distribution}
 
 
+# Place bounds from a histogram of each row: a value's bucket is its float64 bit pattern shifted right, which
+# is monotone in the value for v >= 0, so an item's place among the row's items lies between the count of items
+# in higher buckets and that count plus its bucket's. PLACE_BITS mantissa bits give buckets 0.4% wide; the
+# PLACE_BUCKETS below the row's largest value cover 16 octaves, and everything smaller shares the last one
+# (such items score too little to matter).
+PLACE_BITS = 8
+PLACE_BUCKETS = 16 << PLACE_BITS
+
+
+def _bucket_keys(values):
+    """Monotone integer keys of non-negative float64 ``values`` (-0.0 with +0.0)."""
+    return (values.view(torch.int64) >> (52 - PLACE_BITS)).clamp_(min=0)
+
+
+class PlaceBounds:
+    """Each row's histogram of ``v`` (non-negative float64), answering for any value the range of 0-based
+    places (descending, ties in any order) an item with that value may hold: O(M) a row instead of a sort."""
+
+    def __init__(self, v):
+        key = _bucket_keys(v)
+        self.top = key.max(dim=1, keepdim=True).values
+        bucket = key.neg_().add_(self.top).clamp_(max=PLACE_BUCKETS - 1)  # in place: [B, M] is the large part
+        self.counts = torch.zeros(v.shape[0], PLACE_BUCKETS, dtype=torch.long, device=v.device)
+        self.counts.scatter_add_(1, bucket, torch.ones(1, 1, dtype=torch.long, device=v.device).expand_as(bucket))
+        self.above = self.counts.cumsum(1) - self.counts
+
+    def places(self, values):
+        """(lowest, highest) place of items of the row with these ``values`` ([B, n])."""
+        bucket = (self.top - _bucket_keys(values)).clamp_(max=PLACE_BUCKETS - 1)
+        low = self.above.gather(1, bucket)
+        return low, low + self.counts.gather(1, bucket) - 1
+
+
 def _nonzero_ties(values):
-    """Rows of descending ``values`` with two equal non-zero neighbours: their order among themselves would come
-    from the index, which a top-k does not keep (equal zeros score 0 wherever they are placed)."""
+    """Rows of descending ``values`` with two equal non-zero neighbours, whose places a top-k does not give."""
     return ((values[:, 1:] == values[:, :-1]) & (values[:, 1:] != 0)).any(dim=1)
 
 
-def _candidate_parts(weight, values, place, m, c):
-    """A list's Borda part ``weight * (place * value)`` of each candidate, as a [low, high] interval: exact
-    where the candidate is in the list's top c (``place`` its 0-based position there), and with its place
-    bounded by [1, m - c] elsewhere (float rounding is monotone, so the bounds hold as computed)."""
-    known = place >= 0
-    exact = weight * ((m - place).to(values.dtype) * values)
-    return (torch.where(known, exact, weight * values), torch.where(known, exact, weight * ((m - c) * values)))
+def _candidate_places(v, items, top_values, top_items, c):
+    """The range of 0-based places in ``v`` of each of ``items`` ([B, n]), the highest place an item outside the
+    list's top c may hold ([B, 1]), and each item's place in the top list (-1 if not there). Without ties among
+    the list's top c + 1 values its top c places are exact and every other item stands below them; elsewhere
+    the histogram's ranges hold."""
+    bounds = PlaceBounds(v)
+    low, high = bounds.places(v.gather(1, items))
+    outside = bounds.places(top_values[:, c:])[0]
+    exact = ~_nonzero_ties(top_values)[:, None]
+    match = items[:, :, None] == top_items[:, None, :c]  # [B, n, c]: cheaper than a [B, M] map for small c
+    place = torch.where(match.any(dim=2), match.to(torch.uint8).argmax(dim=2), -1)
+    known, below = exact & (place >= 0), exact & (place < 0)
+    low = torch.where(known, place, torch.where(below, low.clamp(min=c), low))
+    high = torch.where(known, place, high)
+    return low, high, torch.where(exact, outside.clamp(min=c), outside), place
 
 
 def fused_topk(y, d, gamma, k, candidates):
     """The best ``k`` items of ``borda_fuse(y, d, gamma)`` without ranking every item, for non-negative y, d.
 
-    The fused score ``gamma * r(y) * y + (1 - gamma) * r(d) * d`` is, in each list, non-increasing down that
-    list's order. So an item outside both lists' top ``candidates`` (c) scores at most
-    ``gamma * (M - c) * y_(c+1) + (1 - gamma) * (M - c) * d_(c+1)``, and an item in only one top list has its
-    other part within [w * v, w * (M - c) * v]. A row is certified when its k best candidates by lower bound
-    each stand strictly above every upper bound below them (the other candidates' and the outside bound) and
-    the top lists hold no tied non-zero values; its k items then get scores in the exact fused order (exact
-    fused scores wherever both places are known) and every other item -inf. Rows not certified get the full
-    Borda scores. Returns (scores [B, M] float64, certified rows [B] bool)."""
+    The fused score ``gamma * r(y) * y + (1 - gamma) * r(d) * d`` (r = M - place) is, in each list,
+    non-increasing down that list's order, so only the union of both lists' top ``candidates`` (c) can reach the
+    top k, unless an item outside both beats the bound ``gamma * r * y_(c+1) + (1 - gamma) * r * d_(c+1)`` (r at
+    the highest place a value y_(c+1) may hold). Each candidate's places are exact inside a top list (when its
+    values do not tie) and ranges from a histogram of the row elsewhere (:class:`PlaceBounds`), which give its
+    fused score as an interval. A row is certified when its k best candidates by lower bound each stand strictly
+    above every upper bound below them; its k items then get their lower bounds, which rank them in the exact
+    fused order, and every other item -inf. Rows not certified (near-equal fused scores, ties) get the full
+    Borda scores. Float rounding is monotone, so the bounds hold as computed. Returns (scores [B, M] float64,
+    certified rows [B] bool)."""
     y, d = y.double(), d.double()
     b, m = y.shape
     c = min(int(candidates), m - 1)
@@ -145,23 +187,24 @@ def fused_topk(y, d, gamma, k, candidates):
         return borda_fuse(y, d, gamma), torch.zeros(b, dtype=torch.bool, device=y.device)
     vy, iy = torch.topk(y, c + 1, dim=1)
     vd, idd = torch.topk(d, c + 1, dim=1)
-    tied = _nonzero_ties(vy) | _nonzero_ties(vd)
     items = torch.cat([iy[:, :c], idd[:, :c]], dim=1)
-    slots = torch.arange(c, device=y.device).expand(b, c)
-    place_y = torch.full((b, m), -1, dtype=torch.long, device=y.device).scatter_(1, iy[:, :c], slots).gather(1, items)
-    place_d = torch.full((b, m), -1, dtype=torch.long, device=y.device).scatter_(1, idd[:, :c], slots).gather(1, items)
-    a_lo, a_hi = _candidate_parts(gamma, y.gather(1, items), place_y, m, c)
-    b_lo, b_hi = _candidate_parts(1 - gamma, d.gather(1, items), place_d, m, c)
-    lo, hi = a_lo + b_lo, a_hi + b_hi
+    lo = hi = outside = 0.0
+    places = []
+    for weight, v, top_values, top_items in ((gamma, y, vy, iy), (1 - gamma, d, vd, idd)):
+        values = v.gather(1, items)
+        low, high, highest_outside, place = _candidate_places(v, items, top_values, top_items, c)
+        lo = lo + weight * ((m - high).to(v.dtype) * values)
+        hi = hi + weight * ((m - low).to(v.dtype) * values)
+        outside = outside + weight * ((m - highest_outside).to(v.dtype) * top_values[:, c:])
+        places.append(place)
     dup = torch.zeros_like(items, dtype=torch.bool)
-    dup[:, c:] = place_y[:, c:] >= 0  # in both top lists: its copy from y's list stands
+    dup[:, c:] = places[0][:, c:] >= 0  # in both top lists: its copy from y's list stands
     lo, hi = lo.masked_fill(dup, float("-inf")), hi.masked_fill(dup, float("-inf"))
     lo, order = torch.sort(lo, dim=1, descending=True)
     hi, items = hi.gather(1, order), items.gather(1, order)
     below = torch.flip(torch.cummax(torch.flip(hi, [1]), dim=1).values, [1])  # max hi from each place on
-    outside = gamma * ((m - c) * vy[:, c]) + (1 - gamma) * ((m - c) * vd[:, c])
-    rest = torch.maximum(below[:, 1 : k + 1], outside[:, None])
-    certified = (lo[:, :k] > rest).all(dim=1) & ~tied
+    rest = torch.maximum(below[:, 1 : k + 1], outside)
+    certified = (lo[:, :k] > rest).all(dim=1)
     scores = torch.full_like(y, float("-inf")).scatter_(1, items[:, :k], lo[:, :k])
     if y.device.type == "cpu":  # rank only the rows that need it (on an accelerator a mask costs a sync)
         failed = ~certified
