@@ -28,7 +28,7 @@ from recbole_diff.data.globaldiff import (
     user_sequences,
     window_pairs,
 )
-from recbole_diff.device import argsort_descending
+from recbole_diff.device import argsort_descending, host_fast_path
 from recbole_diff.diffusion import GaussianDiffusion, make_step_sampler
 from recbole_diff.model.plugin.approximators import GlobalApproximator
 from recbole_diff.model.plugin.base import PluginRecommender, Stage
@@ -122,8 +122,8 @@ PLACE_BUCKETS = 16 << PLACE_BITS
 
 
 def _bucket_keys(values):
-    """Monotone integer keys of non-negative float64 ``values`` (-0.0 with +0.0)."""
-    return (values.view(torch.int64) >> (52 - PLACE_BITS)).clamp_(min=0)
+    """Integer keys of float64 ``values``, monotone for values >= 0 (-0.0 falls below every other value)."""
+    return values.view(torch.int64) >> (52 - PLACE_BITS)
 
 
 class PlaceBounds:
@@ -134,15 +134,16 @@ class PlaceBounds:
         key = _bucket_keys(v)
         self.top = key.max(dim=1, keepdim=True).values
         bucket = key.neg_().add_(self.top).clamp_(max=PLACE_BUCKETS - 1)  # in place: [B, M] is the large part
-        self.counts = torch.zeros(v.shape[0], PLACE_BUCKETS, dtype=torch.long, device=v.device)
-        self.counts.scatter_add_(1, bucket, torch.ones(1, 1, dtype=torch.long, device=v.device).expand_as(bucket))
-        self.above = self.counts.cumsum(1) - self.counts
+        ones = torch.ones(1, 1, dtype=torch.int32, device=v.device).expand_as(bucket)
+        self.counts = torch.zeros(v.shape[0], PLACE_BUCKETS, dtype=torch.int32, device=v.device)
+        self.counts.scatter_add_(1, bucket, ones)
+        self.above = self.counts.cumsum(1, dtype=torch.int32) - self.counts
 
-    def places(self, values):
-        """(lowest, highest) place of items of the row with these ``values`` ([B, n])."""
+    def place_range(self, values):
+        """(first, last) 0-based place that items of the row with these ``values`` ([B, n]) may hold."""
         bucket = (self.top - _bucket_keys(values)).clamp_(max=PLACE_BUCKETS - 1)
-        low = self.above.gather(1, bucket)
-        return low, low + self.counts.gather(1, bucket) - 1
+        first = self.above.gather(1, bucket).long()
+        return first, first + self.counts.gather(1, bucket) - 1
 
 
 def _nonzero_ties(values):
@@ -150,21 +151,21 @@ def _nonzero_ties(values):
     return ((values[:, 1:] == values[:, :-1]) & (values[:, 1:] != 0)).any(dim=1)
 
 
-def _candidate_places(v, items, top_values, top_items, c):
-    """The range of 0-based places in ``v`` of each of ``items`` ([B, n]), the highest place an item outside the
-    list's top c may hold ([B, 1]), and each item's place in the top list (-1 if not there). Without ties among
-    the list's top c + 1 values its top c places are exact and every other item stands below them; elsewhere
-    the histogram's ranges hold."""
+def _candidate_places(v, values, items, top_values, top_items, c):
+    """For ``items`` ([B, n], whose ``values`` in v these are): the range (first, last) of their 0-based places
+    in ``v``, their place in the list's top c (-1 if not there), and the first place an item outside the top c
+    may hold ([B, 1]). Without ties among the list's top c + 1 values its top c places are exact and every other
+    item stands below them; elsewhere the histogram's ranges hold."""
     bounds = PlaceBounds(v)
-    low, high = bounds.places(v.gather(1, items))
-    outside = bounds.places(top_values[:, c:])[0]
+    first, last = bounds.place_range(values)
+    first_outside = bounds.place_range(top_values[:, c:])[0]
     exact = ~_nonzero_ties(top_values)[:, None]
     match = items[:, :, None] == top_items[:, None, :c]  # [B, n, c]: cheaper than a [B, M] map for small c
     place = torch.where(match.any(dim=2), match.to(torch.uint8).argmax(dim=2), -1)
     known, below = exact & (place >= 0), exact & (place < 0)
-    low = torch.where(known, place, torch.where(below, low.clamp(min=c), low))
-    high = torch.where(known, place, high)
-    return low, high, torch.where(exact, outside.clamp(min=c), outside), place
+    first = torch.where(known, place, torch.where(below, first.clamp(min=c), first))
+    last = torch.where(known, place, last)
+    return first, last, place, torch.where(exact, first_outside.clamp(min=c), first_outside)
 
 
 def fused_topk(y, d, gamma, k, candidates):
@@ -173,13 +174,14 @@ def fused_topk(y, d, gamma, k, candidates):
     The fused score ``gamma * r(y) * y + (1 - gamma) * r(d) * d`` (r = M - place) is, in each list,
     non-increasing down that list's order, so only the union of both lists' top ``candidates`` (c) can reach the
     top k, unless an item outside both beats the bound ``gamma * r * y_(c+1) + (1 - gamma) * r * d_(c+1)`` (r at
-    the highest place a value y_(c+1) may hold). Each candidate's places are exact inside a top list (when its
+    the first place a value y_(c+1) may hold). Each candidate's places are exact inside a top list (when its
     values do not tie) and ranges from a histogram of the row elsewhere (:class:`PlaceBounds`), which give its
     fused score as an interval. A row is certified when its k best candidates by lower bound each stand strictly
     above every upper bound below them; its k items then get their lower bounds, which rank them in the exact
     fused order, and every other item -inf. Rows not certified (near-equal fused scores, ties) get the full
-    Borda scores. Float rounding is monotone, so the bounds hold as computed. Returns (scores [B, M] float64,
-    certified rows [B] bool)."""
+    Borda scores. The bounds are computed with ``borda_fuse``'s own expression (``weight * (r * v)``, then the
+    sum) and float rounding is monotone, so they hold as computed: keep the two expressions alike. Returns
+    (scores [B, M] float64, certified rows [B] bool)."""
     y, d = y.double(), d.double()
     b, m = y.shape
     c = min(int(candidates), m - 1)
@@ -192,10 +194,10 @@ def fused_topk(y, d, gamma, k, candidates):
     places = []
     for weight, v, top_values, top_items in ((gamma, y, vy, iy), (1 - gamma, d, vd, idd)):
         values = v.gather(1, items)
-        low, high, highest_outside, place = _candidate_places(v, items, top_values, top_items, c)
-        lo = lo + weight * ((m - high).to(v.dtype) * values)
-        hi = hi + weight * ((m - low).to(v.dtype) * values)
-        outside = outside + weight * ((m - highest_outside).to(v.dtype) * top_values[:, c:])
+        first, last, place, first_outside = _candidate_places(v, values, items, top_values, top_items, c)
+        lo = lo + weight * ((m - last).to(v.dtype) * values)
+        hi = hi + weight * ((m - first).to(v.dtype) * values)
+        outside = outside + weight * ((m - first_outside).to(v.dtype) * top_values[:, c:])
         places.append(place)
     dup = torch.zeros_like(items, dtype=torch.bool)
     dup[:, c:] = places[0][:, c:] >= 0  # in both top lists: its copy from y's list stands
@@ -206,12 +208,10 @@ def fused_topk(y, d, gamma, k, candidates):
     rest = torch.maximum(below[:, 1 : k + 1], outside)
     certified = (lo[:, :k] > rest).all(dim=1)
     scores = torch.full_like(y, float("-inf")).scatter_(1, items[:, :k], lo[:, :k])
-    if y.device.type == "cpu":  # rank only the rows that need it (on an accelerator a mask costs a sync)
-        failed = ~certified
-        if failed.any():
-            scores[failed] = borda_fuse(y[failed], d[failed], gamma)
-        return scores, certified
-    return torch.where(certified[:, None], scores, borda_fuse(y, d, gamma)), certified
+    failed = ~certified
+    if failed.any():  # rank only the rows that need it
+        scores[failed] = borda_fuse(y[failed], d[failed], gamma)
+    return scores, certified
 
 
 class GlobalDiff(PluginRecommender):
@@ -574,13 +574,13 @@ class GlobalDiff(PluginRecommender):
         return y, self.normalise(x0_hat.double(), excluded)
 
     def fuse(self, y, d, fusion_k=None):
-        """The Borda count of the two votes: exactly its best ``fusion_k`` items (see :func:`fused_topk`), or the
-        whole ranking (None)."""
-        if fusion_k is None:
+        """The Borda count of the two votes: exactly its best ``fusion_k`` items (see :func:`fused_topk`; on the
+        CPU), or the whole ranking (None)."""
+        if fusion_k is None or not host_fast_path(y):
+            # an accelerator sorts fast, and picking the rows the certificate failed would cost a host sync
             return borda_fuse(y, d, self.gamma)
         scores, certified = fused_topk(y, d, self.gamma, fusion_k, self.fusion_candidates)
-        if scores.device.type == "cpu":
-            self.fusion_fallbacks += int((~certified).sum())
+        self.fusion_fallbacks += int((~certified).sum())
         return scores
 
     # The scorers of the eval modes; ``fusion_k`` is the ranking depth the caller reads (None: every item's
