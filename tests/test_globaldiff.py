@@ -258,7 +258,15 @@ def test_gamma_one_reproduces_the_backbones_ranking_exactly():
     assert torch.equal(torch.argsort(fused, dim=1, descending=True), torch.argsort(logits, dim=1, descending=True))
 
 
-def test_every_eval_mode_filter_and_fusion_composes_the_same_inference_steps():
+@pytest.fixture
+def fusion_on_small_catalogues(monkeypatch):
+    """The slice's 916 items are too few for the top-k fusion to pay (full Borda there); tests of it lift that."""
+    import recbole_diff.model.plugin.globaldiff as module
+
+    monkeypatch.setattr(module, "FUSION_ITEMS_PER_CANDIDATE", 0)
+
+
+def test_every_eval_mode_filter_and_fusion_composes_the_same_inference_steps(fusion_on_small_catalogues):
     """eval_mode x filter_history x topk_fusion on one model: the backbone mode is the backbone's own scores,
     diffusion_only is the diffusion vote the ensemble fuses, the ensemble is the Borda count of the two votes and
     its exact top-k the full count's top k; history items are never ranked with filter_history. A model whose
@@ -468,6 +476,15 @@ def test_topk_fusion_certifies_a_large_sparse_catalogue():
     assert torch.equal(torch.topk(scores, k, dim=1).indices, _borda_topk_reference(y, d, 0.5, k).indices)
 
 
+def test_small_catalogues_are_ranked_in_full():
+    config, dataset, train, _, test = build(fusion_candidates=60)
+    model = get_model("GlobalDiff")(config, train.dataset).eval()
+    y = torch.softmax(torch.randn(4, model.n_items, dtype=torch.float64) * 5, dim=-1)
+    d = torch.softmax(torch.randn(4, model.n_items, dtype=torch.float64) * 5, dim=-1)
+    assert torch.equal(model.fuse(y, d, fusion_k=20), borda_fuse(y, d, model.gamma))
+    assert model.fusion_fallbacks == 0  # not a fallback: the fusion was not tried
+
+
 def test_topk_fusion_falls_back_where_the_certificate_fails():
     """A flat diffusion vote with a long flat tail of y: the outside bound beats the candidates, so the rows are
     ranked in full (and still match)."""
@@ -481,7 +498,7 @@ def test_topk_fusion_falls_back_where_the_certificate_fails():
     assert not fused_topk(y, d, 0.5, 50, candidates=20)[1].any()
 
 
-def test_topk_fusion_gives_the_full_borda_metrics_on_every_row(tiny):
+def test_topk_fusion_gives_the_full_borda_metrics_on_every_row(tiny, fusion_on_small_catalogues):
     """Full-ranking evaluation of one trained GlobalDiff with and without the top-k fusion: the same metrics on
     the slice's every user (valid and test). The tiny model's scores are nearly flat, which no row could
     certify, so they are also sharpened (as a trained model's are) to take both paths."""

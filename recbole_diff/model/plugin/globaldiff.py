@@ -121,6 +121,11 @@ PLACE_BITS = 8
 PLACE_BUCKETS = 16 << PLACE_BITS
 
 
+# The top-k fusion's work grows with the candidates (c) and a sort's with the items (M): on one CPU thread the
+# fusion is faster from about M = 50 c on (c = 50: slower at M = 1,683, 2.5x faster at 4,000, 4.8x at 18,358).
+FUSION_ITEMS_PER_CANDIDATE = 50
+
+
 def _bucket_keys(values):
     """Integer keys of float64 ``values``, monotone for values >= 0 (-0.0 falls below every other value)."""
     return values.view(torch.int64) >> (52 - PLACE_BITS)
@@ -575,8 +580,12 @@ class GlobalDiff(PluginRecommender):
 
     def fuse(self, y, d, fusion_k=None):
         """The Borda count of the two votes: exactly its best ``fusion_k`` items (see :func:`fused_topk`; on the
-        CPU), or the whole ranking (None)."""
-        if fusion_k is None or not host_fast_path(y):
+        CPU, for catalogues where it is faster than a sort), or the whole ranking (None)."""
+        if (
+            fusion_k is None
+            or not host_fast_path(y)
+            or y.shape[1] < FUSION_ITEMS_PER_CANDIDATE * self.fusion_candidates
+        ):
             # an accelerator sorts fast, and picking the rows the certificate failed would cost a host sync
             return borda_fuse(y, d, self.gamma)
         scores, certified = fused_topk(y, d, self.gamma, fusion_k, self.fusion_candidates)
