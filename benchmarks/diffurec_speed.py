@@ -76,9 +76,8 @@ def trim_comparison(model, train_loader, test_loader, batches, rounds=3):
 
 def authors_settings(args):
     """users/s at the authors' settings for each number of reverse steps, the same batches for all."""
-    _, model, _, _, test = build(
-        "DiffuRec", args.dataset, hidden_size=128, MAX_ITEM_LIST_LENGTH=50, train_batch_size=512, eval_batch_size=512
-    )
+    settings = dict(hidden_size=128, MAX_ITEM_LIST_LENGTH=50, train_batch_size=512, eval_batch_size=512)
+    _, model, _, _, test = build("DiffuRec", args.dataset, **settings)
     authors = 1000.0 / AUTHORS_CPU_S_PER_1K_USERS
     rows = {}
     for steps in args.sample_steps:
@@ -86,7 +85,8 @@ def authors_settings(args):
         rate = infer_rate(model, test, args.batches)
         rows[steps] = {"users_per_s": rate, "cpu_s_per_1k_users": 1000.0 / rate, "x_authors": rate / authors}
         print(steps, json.dumps(rows[steps]), flush=True)
-    report(dict(vars(args), authors_users_per_s=authors, target_users_per_s=5 * authors, results=rows), args.out)
+    measured = dict(dataset=args.dataset, batches=args.batches, settings=settings)
+    report(dict(measured, authors_users_per_s=authors, target_users_per_s=5 * authors, results=rows), args.out)
 
 
 def main():

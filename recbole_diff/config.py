@@ -354,7 +354,7 @@ class Config(RecBoleConfig):
                 ok = True
             if not ok:
                 raise TypeError(
-                    f"Config key '{key}' must be a {_type_name(default)} (default: {default!r}), "
+                    f"Config key '{key}' must be of type {_type_name(default)} (default: {default!r}), "
                     f"got {value!r} ({_type_name(value)})."
                 )
 

@@ -86,9 +86,9 @@ def test_missing_timestamp_field_is_refused_before_training(tmp_path):
 
 
 def test_wrong_types_are_refused_with_the_key():
-    with pytest.raises(TypeError, match="'epochs' must be a int"):
+    with pytest.raises(TypeError, match="'epochs' must be of type int"):
         make(epochs="ten")
-    with pytest.raises(TypeError, match="'show_progress' must be a bool"):
+    with pytest.raises(TypeError, match="'show_progress' must be of type bool"):
         make(show_progress=1)
     assert make(learning_rate=1)["learning_rate"] == 1  # an int is a fine float
 
@@ -128,7 +128,7 @@ def test_a_model_of_ours_inherits_its_parents_yaml():
 def test_inherited_keys_are_still_checked():
     with pytest.raises(UnknownKeyError, match="did you mean 'lambda_mean'"):
         make("DiffuRecSys", lamda_mean=0.01)
-    with pytest.raises(TypeError, match="'sample_steps' must be of type int"):  # a `~` key: its type is DiffuRec.yaml's
+    with pytest.raises(TypeError, match="'sample_steps' must be of type int"):  # inherited from DiffuRec.yaml
         make("DiffuRecSys", sample_steps="all")
     assert make("DiffuRecSys", sample_steps=4)["sample_steps"] == 4
 

@@ -10,7 +10,7 @@ from recbole_diff.diffusion import GaussianDiffusion
 
 @pytest.mark.parametrize("name", ["DiffuRec", "DiffuRecSys"])
 def test_a_strided_loop_over_all_steps_equals_the_full_loop(name):
-    _, model, _, test = build(name)
+    _, model, _, test = build(name, sample_steps=None)  # the full loop (the default is one step)
     model.eval()
     users = first_batch(test)
     with torch.no_grad():
