@@ -1,9 +1,9 @@
 """PDRec's cost on a large dataset (sports), short: TI-DiffRec training batches and preference batches with
 RecBole's DNN and per-tensor AdamW (before) against the split first layer and the fused AdamW (after), on the
 same batches, interleaved; stage 2 on a few users; the store's size for every user computed from the band sizes
-(they depend on the training counts only), as bitmap and as an int32 item list.
+and training rows (they depend on the data only), beside the band as a bitmap and as an int32 item list.
 
-    python benchmarks/pdrec_stage1_cost.py --dataset sports --batches 20 --users 800 [--out f.json]
+    python benchmarks/pdrec_stage1_cost.py --dataset sports --batches 20 --users 800 [--out f.json] [--sizes-only]
 
 Per-epoch and per-stage times are extrapolated from the measured batches (one core).
 """
@@ -19,7 +19,7 @@ from recbole.model.general_recommender.diffrec import DNN
 from recbole_diff import get_model
 from recbole_diff.config import stage_config
 from recbole_diff.data.interactions import training_interactions
-from recbole_diff.data.pdrec import TrainingItems, compute_preference_store, nns_band
+from recbole_diff.data.pdrec import TrainingItems, compute_preference_store, nns_band, pool_sizes
 from recbole_diff.model.plugin.tidiffrec import SplitInputDNN
 
 
@@ -48,17 +48,26 @@ def infer_seconds(model, users):
     return time.perf_counter() - start
 
 
-def store_bytes(training, m, omega_m):
+def store_bytes(training, rows, m, omega_m, pool_epochs):
+    """The store's size for every user, from the band sizes and training rows (they depend on the data only):
+    in memory (int64 keys, int32 pools) and on disk (item ids in 16 bits when they fit), beside the band as a
+    bitmap (the store's earlier layout) and as an int32 item list."""
     lo, hi = nns_band(training.n_items - 1 - training.counts, omega_m)
-    band = int((hi - lo).sum())
+    band = hi - lo
+    pool = int(pool_sizes(band, rows, pool_epochs).sum())
     u, n = training.n_users, int(training.counts.sum())
-    common = n * (8 + 4 + 4) + u * (m * 4 + 8 + 8)  # key, preference, rank; top-m (int32 on disk), size, reserve
+    item_bytes = 2 if training.n_items <= 1 << 16 else 4
+    common = n * (8 + 4 + 4) + u * 8 + (u + 1) * 8  # key, preference, rank; band size, pool offsets
     return {
-        "band_items_per_user_mean": band / u,
-        "bitmap_mb": u * ((training.n_items + 7) // 8) / 2**20,
-        "int32_band_list_mb": (band * 4 + (u + 1) * 8) / 2**20,
-        "store_file_mb": (common + u * ((training.n_items + 7) // 8)) / 2**20,
-        "store_with_int32_band_list_mb": (common + band * 4 + (u + 1) * 8) / 2**20,
+        "band_items_per_user_mean": int(band.sum()) / u,
+        "pool_epochs": pool_epochs,
+        "pool_items": pool,
+        "pool_items_per_training_row": pool / int(rows.sum()),
+        "pool_mb_memory": pool * 4 / 2**20,
+        "store_mb_memory": (common + u * m * 8 + pool * 4) / 2**20,
+        "store_file_mb": (common + (u * m + pool) * item_bytes) / 2**20,
+        "band_bitmap_mb": u * ((training.n_items + 7) // 8) / 2**20,
+        "int32_band_list_mb": (int(band.sum()) * 4 + (u + 1) * 8) / 2**20,
         "dense_float_matrix_mb": u * training.n_items * 4 / 2**20,
     }
 
@@ -69,6 +78,7 @@ def main():
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--users", type=int, default=800)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sizes-only", action="store_true", help="only the store sizes (no timing)")
     args = parser.parse_args()
 
     config, _, train, _, _ = build("PDRec", args.dataset, backbone="SASRec", MAX_ITEM_LIST_LENGTH=20)
@@ -94,6 +104,13 @@ def main():
         "measured_batches": 2 * (args.batches // 2),
         "threads": torch.get_num_threads(),
     }
+    rows = torch.bincount(ds.inter_feat[ds.uid_field].long(), minlength=ds.user_num)
+    out["store"] = {
+        f"omega_m_{w}_pool_epochs_{e}": store_bytes(training, rows, 50, w, e) for w in (0.5, 0.9) for e in (10, 20, 40)
+    }
+    if args.sizes_only:
+        report(out, args.out)
+        return
     rounds = {"before": [], "after": []}
     infer = {"before": [], "after": []}
     probe = torch.arange(1, 401)
@@ -128,7 +145,6 @@ def main():
     seconds = time.perf_counter() - start
     out["stage2_s_per_user"] = seconds / args.users
     out["stage2_all_users_s"] = seconds / args.users * ds.user_num
-    out["store"] = {"omega_m_0.5": store_bytes(training, 50, 0.5), "omega_m_0.9": store_bytes(training, 50, 0.9)}
     report(out, args.out)
 
 

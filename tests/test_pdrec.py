@@ -16,7 +16,7 @@ from recbole_diff.data.pdrec import (
     ascending_ranks,
     check_store_meta,
     compute_preference_store,
-    draw_band,
+    draw_pool,
     hbr_weights,
     nns_band,
     store_meta,
@@ -70,6 +70,10 @@ def dense_band(table, user, own, omega_m):
     return by_pref, set(by_pref[int(np.floor(omega_m * n)) : int(np.ceil(0.99 * n))])
 
 
+def own_items(t, user):
+    return set(t.items[t.offsets[user] : t.offsets[user + 1]].tolist())
+
+
 def test_store_keeps_preferences_ranks_top_m_and_the_band():
     t = small_training()
     table, prefs = fake_preferences(3, 12)
@@ -81,63 +85,84 @@ def test_store_keeps_preferences_ranks_top_m_and_the_band():
     for user, own in ((1, {2, 5, 7}), (2, {3})):
         by_pref, band = dense_band(table, user, own, 0.5)
         assert store.topm[user].tolist() == by_pref[:4]  # DPA candidates: best non-interacted items, in order
-        assert set(store.band_items(user).tolist()) == band
-        assert int(store.band_size[user]) == len(band) and int(store.reserve[user]) in band
-
-
-@pytest.mark.parametrize("omega_m", [0.0, 0.5, 0.9])
-def test_compact_band_reproduces_the_dense_reference(omega_m):
-    """Bitmap band of every user == the band computed from the dense users x items preferences."""
-    rng = np.random.default_rng(3)
-    users = np.repeat(np.arange(1, 40), rng.integers(1, 30, size=39))
-    items = rng.integers(1, 203, size=len(users))  # 203 items: the bitmap's last byte is partly padding
-    t = TrainingItems.from_pairs(users, items, 40, 203)
-    table, prefs = fake_preferences(40, 203, seed=4)
-    store = compute_preference_store(prefs, t, m=5, omega_m=omega_m, batch_size=7)
-    for user in range(1, 40):
-        own = set(t.items[t.offsets[user] : t.offsets[user + 1]].tolist())
-        _, band = dense_band(table, user, own, omega_m)
-        assert set(store.band_items(user).tolist()) == band
+        assert set(store.pool_items(user).tolist()) == band  # 20 epochs of draws cover these small bands
         assert int(store.band_size[user]) == len(band)
 
 
-def test_nns_draws_are_fresh_and_stay_in_the_band():
+@pytest.mark.parametrize("omega_m", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("pool_epochs", [1, 3, 1000])
+def test_compact_pools_reproduce_the_dense_band(omega_m, pool_epochs):
+    """Every user's pool: distinct items of the band computed from the dense users x items preferences, as many
+    as its draws over pool_epochs epochs, the whole band when that is fewer."""
+    rng = np.random.default_rng(3)
+    users = np.repeat(np.arange(1, 40), rng.integers(1, 30, size=39))
+    items = rng.integers(1, 203, size=len(users))
+    t = TrainingItems.from_pairs(users, items, 40, 203)
+    rows = torch.bincount(torch.from_numpy(users), minlength=40)  # one training row per interaction
+    table, prefs = fake_preferences(40, 203, seed=4)
+    store = compute_preference_store(prefs, t, m=5, omega_m=omega_m, batch_size=7, rows=rows, pool_epochs=pool_epochs)
+    for user in range(1, 40):
+        _, band = dense_band(table, user, own_items(t, user), omega_m)
+        pool = store.pool_items(user).tolist()
+        assert len(set(pool)) == len(pool) == min(len(band), pool_epochs * int(rows[user]))
+        assert set(pool) <= band
+        assert int(store.band_size[user]) == len(band)
+        if pool_epochs == 1000:
+            assert set(pool) == band
+
+
+def test_nns_draws_are_fresh_every_epoch_and_stay_in_the_band():
     rng = np.random.default_rng(0)
     users = np.repeat(np.arange(1, 30), 20)
-    t = TrainingItems.from_pairs(users, rng.integers(1, 300, size=len(users)), 30, 300)
-    table, prefs = fake_preferences(30, 300)
-    store = compute_preference_store(prefs, t, m=5, omega_m=0.5)
-    batch = torch.arange(1, 30).repeat(40)
+    t = TrainingItems.from_pairs(users, rng.integers(1, 3000, size=len(users)), 30, 3000)
+    rows = torch.full((30,), 20)
+    table, prefs = fake_preferences(30, 3000)
+    store = compute_preference_store(prefs, t, m=5, omega_m=0.5, rows=rows, pool_epochs=5)
+    cursor = torch.zeros(30, dtype=torch.long)
+    epoch = torch.arange(1, 30).repeat(20)  # every user's 20 rows, in a shuffled order
     torch.manual_seed(0)
-    epoch1, epoch2 = draw_band(store, batch, store.rounds()), draw_band(store, batch, store.rounds())
-    assert not torch.equal(epoch1, epoch2)  # drawn afresh, not a fixed pool
+    orders = [epoch[torch.randperm(len(epoch))] for _ in range(5)]
+    drawn = [draw_pool(store, order, cursor) for order in orders]
+    assert cursor[1:].tolist() == [100] * 29
     for user in range(1, 30):
-        own = set(t.items[t.offsets[user] : t.offsets[user + 1]].tolist())
+        own = own_items(t, user)
         _, band = dense_band(table, user, own, 0.5)
-        drawn = set(epoch1[batch == user].tolist()) | set(epoch2[batch == user].tolist())
-        assert drawn <= band and not drawn & own
-        assert len(drawn) > 40  # 80 draws from ~140 band items: the whole band, not a handful
-    # with no proposal landing in the band, a draw falls back to the user's reserve band item
-    store.band.zero_()
-    assert torch.equal(draw_band(store, torch.arange(1, 30), 3), store.reserve[1:30])
+        seen = [item for d, order in zip(drawn, orders) for item in d[order == user].tolist()]
+        assert set(seen) <= band and not set(seen) & own
+        assert len(set(seen)) == len(seen) == 100  # five epochs of new items: no draw repeats within the pool
+    # the sixth epoch walks the pool again
+    again = draw_pool(store, epoch, cursor)
+    assert set(again[epoch == 1].tolist()) <= set(store.pool_items(1).tolist())
 
 
-def test_nns_draws_are_uniform_over_the_band():
-    t = TrainingItems.from_pairs([1], [1], 2, 41)
-    store = compute_preference_store(lambda u: torch.arange(41.0).expand(len(u), 41), t, m=1, omega_m=0.5)
-    band = store.band_items(1)
-    torch.manual_seed(1)
-    draws = draw_band(store, torch.ones(40000, dtype=torch.long), store.rounds())
-    counts = torch.bincount(draws, minlength=41)[band].float()
-    assert counts.sum() == 40000
-    assert (counts / counts.mean() - 1).abs().max() < 0.1  # 2000 expected per item: a 4.5-sigma band
+def test_draws_of_one_batch_take_consecutive_pool_entries():
+    t = TrainingItems.from_pairs([1, 1, 2], [1, 2, 3], 3, 50)
+    store = compute_preference_store(fake_preferences(3, 50)[1], t, m=1, omega_m=0.5, rows=torch.tensor([0, 4, 2]))
+    cursor = torch.zeros(3, dtype=torch.long)
+    picks = draw_pool(store, torch.tensor([2, 1, 1, 2, 1]), cursor)
+    pool1, pool2 = store.pool_items(1), store.pool_items(2)
+    assert picks.tolist() == [int(pool2[0]), int(pool1[0]), int(pool1[1]), int(pool2[1]), int(pool1[2])]
+    assert cursor.tolist() == [0, 3, 2]
 
 
-def test_rounds_cover_the_smallest_band():
-    t = small_training()
-    store = compute_preference_store(fake_preferences(3, 12)[1], t, m=2, omega_m=0.5)
-    share = int(store.band_size.min()) / 11
-    assert (1 - share) ** store.rounds() <= 1e-6 < (1 - share) ** (store.rounds() - 1)
+def test_pools_are_uniform_samples_of_the_band():
+    """Users with one band (the same preferences) get pools that cover its items evenly: a uniform sample."""
+    t = TrainingItems.from_pairs(np.arange(1, 4001), np.ones(4000, dtype=int), 4001, 42)
+    store = compute_preference_store(
+        lambda u: torch.arange(42.0).expand(len(u), 42),
+        t,
+        m=1,
+        omega_m=0.5,
+        rows=torch.ones(4001, dtype=torch.long),
+        pool_epochs=5,
+    )
+    band = set(range(2, 22))  # preferences 41..2 best first among items 2..41; ranks [20, 40) are items 21..2
+    picks = store.pool[int(store.pool_offsets[1]) :]
+    assert set(picks.tolist()) == band and len(picks) == 4000 * 5
+    counts = torch.bincount(picks.long(), minlength=42)[sorted(band)].float()
+    assert (counts / counts.mean() - 1).abs().max() < 0.1  # 1000 expected per item: a 3-sigma band is 0.095
+    firsts = torch.bincount(store.pool[store.pool_offsets[1:-1]].long(), minlength=42)[sorted(band)].float()
+    assert (firsts / firsts.mean() - 1).abs().max() < 0.35  # the first draw too (200 per item expected)
 
 
 def test_batched_and_one_user_at_a_time_give_the_same_store():
@@ -154,12 +179,13 @@ def test_band_is_never_empty():
     assert lo.tolist() == [0, 1, 5, 500] and hi.tolist() == [1, 2, 10, 990]
 
 
-def test_store_memory_is_per_user_not_dense():
+def test_store_memory_is_per_row_not_dense():
     t = TrainingItems.from_pairs(np.repeat(np.arange(1, 201), 3), np.arange(600) % 5000 + 1, 201, 5001)
     _, prefs = fake_preferences(201, 5001)
-    store = compute_preference_store(prefs, t, m=10, omega_m=0.5)
-    # per interaction key, preference, rank; per user m candidates, band size, reserve, and one bit per item
-    assert store.nbytes() == 600 * (8 + 4 + 4) + 201 * (10 * 8 + 8 + 8) + 201 * 626
+    store = compute_preference_store(prefs, t, m=10, omega_m=0.5, pool_epochs=20)
+    # per interaction key, preference, rank; per user m candidates, band size, pool offset; 20 epochs x 3 rows
+    assert store.pool_sizes[1:].tolist() == [60] * 200 and int(store.pool_sizes[0]) == 1
+    assert store.nbytes() == 600 * (8 + 4 + 4) + 201 * (10 * 8 + 8) + 202 * 8 + (200 * 60 + 1) * 4
     assert store.nbytes() < 201 * 5001 * 4 / 20
 
 
@@ -175,6 +201,30 @@ def test_store_saves_and_loads_exactly(tmp_path):
     assert back.meta == store.meta
 
 
+@pytest.mark.parametrize("n_items", [40000, 70000])
+def test_item_ids_past_16_bits_survive_the_file(tmp_path, n_items):
+    """Ids are stored in 16 bits when they fit (40,000 items: ids past 32,767 use the sign bit), else in 32."""
+    t = TrainingItems.from_pairs([1, 2], [n_items - 1, 5], 3, n_items)
+    store = compute_preference_store(
+        fake_preferences(3, n_items)[1], t, m=30, omega_m=0.0, pool_epochs=3000, meta=store_meta("x", t, 30, 0.0, "a")
+    )
+    assert int(store.pool.max()) >= 1 << 15 and int(store.topm.max()) >= 1 << 15
+    store.save(str(tmp_path / "s.pt"))
+    back = PreferenceStore.load(str(tmp_path / "s.pt"))
+    assert torch.equal(back.pool, store.pool) and torch.equal(back.topm, store.topm)
+    width = torch.load(str(tmp_path / "s.pt"), weights_only=False)["pool"].dtype
+    assert width == (torch.int16 if n_items <= 1 << 16 else torch.int32)
+
+
+def test_store_of_an_older_layout_is_refused(tmp_path):
+    t = small_training()
+    store = compute_preference_store(fake_preferences(3, 12)[1], t, m=4, omega_m=0.5)
+    store.meta["version"] = 2
+    store.save(str(tmp_path / "s.pt"))
+    with pytest.raises(ValueError, match="older layout"):
+        PreferenceStore.load(str(tmp_path / "s.pt"))
+
+
 def test_mismatched_store_is_refused_naming_what_differs():
     t = small_training()
     mine = store_meta("ml-100k", t, 4, 0.5, "abc")
@@ -186,6 +236,10 @@ def test_mismatched_store_is_refused_naming_what_differs():
     other = TrainingItems.from_pairs([1, 1, 2], [5, 2, 3], n_users=3, n_items=12)
     with pytest.raises(ValueError, match="training split"):
         check_store_meta(store_meta("ml-100k", other, 4, 0.5, "abc"), mine, "s.pt")
+    with pytest.raises(ValueError, match="training rows per user"):
+        check_store_meta(store_meta("ml-100k", t, 4, 0.5, "abc", rows=t.counts * 2), mine, "s.pt")
+    with pytest.raises(ValueError, match=r"nns_pool_epochs \(pool_epochs: stored 5, this run 20\)"):
+        check_store_meta(store_meta("ml-100k", t, 4, 0.5, "abc", pool_epochs=5), mine, "s.pt")
 
 
 def test_too_many_candidates_is_a_clear_error():
@@ -271,8 +325,8 @@ def test_all_off_skips_stages_1_and_2(tmp_path):
 def with_store(model, train, seed=0):
     users, items = training_interactions(train.dataset)
     t = TrainingItems.from_pairs(users, items, train.dataset.user_num, train.dataset.item_num)
-    _, prefs = fake_preferences(t.n_users, t.n_items, seed)
-    model.set_store(compute_preference_store(prefs, t, 20, 0.5))
+    model.fake_table, prefs = fake_preferences(t.n_users, t.n_items, seed)
+    model.set_store(compute_preference_store(prefs, t, 20, 0.5, rows=model._training_rows(train)))
     return t
 
 
@@ -309,12 +363,15 @@ def test_nns_negatives_of_training_batches_stay_in_the_band_and_change(tmp_path)
     t = with_store(model, train)
     batch = next(iter(train))
     users = batch["user_id"]
+    assert "nns_cursor" in model.state_dict()  # a resume point carries where each user's draws stand
     first, second = model.nns_negatives(users), model.nns_negatives(users)
     assert first.shape == users.shape and not torch.equal(first, second)
-    assert model.store.in_band(users, first).all() and model.store.in_band(users, second).all()
-    for user, a, b in zip(users.tolist(), first.tolist(), second.tolist()):
-        own = set(t.items[t.offsets[user] : t.offsets[user + 1]].tolist())
-        assert a not in own and b not in own and a != 0
+    assert torch.equal(model.nns_cursor, 2 * torch.bincount(users, minlength=len(model.nns_cursor)))
+    for user in torch.unique(users)[:25].tolist():
+        own = own_items(t, user)
+        _, band = dense_band(model.fake_table, user, own, 0.5)
+        mine = first[users == user].tolist() + second[users == user].tolist()
+        assert set(mine) <= band and not set(mine) & own and len(set(mine)) == len(mine)
 
 
 def test_full_loss_is_the_specs_formula(tmp_path):
@@ -326,12 +383,11 @@ def test_full_loss_is_the_specs_formula(tmp_path):
     model.eval()  # no dropout: the reference reads the same backbone state
     users, pos, neg = batch["user_id"], batch["item_id"], batch["neg_item_id"]
     with torch.no_grad():
-        torch.manual_seed(5)
+        cursor = model.nns_cursor.clone()
         loss = model.calculate_loss(batch)
         h = model.backbone.forward(batch["item_id_list"], batch["item_length"])
         e = model.backbone.item_embedding.weight
-        torch.manual_seed(5)
-        nns = draw_band(model.store, users, model.nns_rounds)
+        nns = draw_pool(model.store, users, cursor)
         w = torch.stack([model.hbr[model.store.lookup(u[None], i[None])][0] for u, i in zip(users, pos)])
         cand = model.store.topm[users]
         s_cand = (h[:, None] * e[cand]).sum(-1)

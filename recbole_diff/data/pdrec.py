@@ -3,9 +3,12 @@
 The authors keep two dense users x items float matrices in GPU memory (one never used) and fill them one user
 at a time. Stage 3 only reads, per user: the preference and rank of each training item (HBR), the top-m
 non-interacted items (DPA) and the low-preference band that NNS draws fresh negatives from every epoch. Those
-are computed chunk by chunk and kept in :class:`PreferenceStore`: O(users x (history + m)) plus the band as one
-bit per (user, item), 1/32 of a dense float matrix (the band's items as int32 would take 16x the bits: the
-band holds about half of all items).
+are computed chunk by chunk and kept in :class:`PreferenceStore`: O(users x (history + m)) plus each user's NNS
+pool, the band's items a run can draw: as many as the user's training rows over ``pool_epochs`` epochs (the
+whole band when that is more), uniform without replacement from the band, in random order. Stage 3 walks each
+pool in order, so no band item is drawn twice for a user before ``pool_epochs`` epochs (drawing from the whole
+band with replacement repeats some), and the store is ~E x rows items instead of one bit per (user, item)
+(sports: 8 MB against the band's 78 MB bitmap; the band holds about half of all items).
 """
 
 import hashlib
@@ -23,7 +26,10 @@ from tqdm import tqdm
 from recbole_diff.device import argsort_descending
 from recbole_diff.io import atomic_write
 
-STORE_VERSION = 2
+STORE_VERSION = 3
+# the pools' random keys are computed from (seed, user, item) by a 31-bit integer hash, not drawn, so they do
+# not depend on how users are chunked or on the device
+_M31 = (1 << 31) - 1
 
 
 @dataclass
@@ -64,24 +70,28 @@ class TrainingItems:
 @dataclass
 class PreferenceStore:
     """Stage 3's view of the preferences. Entry k of ``train_*`` belongs to the k-th (user, item) of
-    :class:`TrainingItems` (sorted by user, then item), so ``train_key`` is sorted for lookups. ``band`` is each
-    user's NNS band as a bitmap (bit ``i % 8`` of byte ``i // 8`` for item i); ``band_size`` counts its items
-    and ``reserve`` is one of them (the best-preferred), the fallback that keeps a draw inside the band."""
+    :class:`TrainingItems` (sorted by user, then item), so ``train_key`` is sorted for lookups. ``pool`` holds
+    user u's NNS pool at ``pool[pool_offsets[u]:pool_offsets[u + 1]]`` (items of u's band, distinct, in random
+    order); ``band_size`` counts u's band."""
 
     train_key: torch.Tensor  # [N] user * n_items + item
     train_pref: torch.Tensor  # [N] TI-DiffRec's preference for the item
     train_rank: torch.Tensor  # [N] ascending rank among the user's items / P_u, in (0, 1]
     topm: torch.Tensor  # [U, m] best non-interacted items, by preference
-    band: torch.Tensor  # [U, ceil(n_items / 8)] uint8 bitmap of the low-preference band
+    pool: torch.Tensor  # [P] int32 NNS pools, user after user
+    pool_offsets: torch.Tensor  # [U + 1]
     band_size: torch.Tensor  # [U] items in the band
-    reserve: torch.Tensor  # [U] one item of the band
     n_items: int
     meta: dict = field(default_factory=dict)
 
-    TENSORS = ("train_key", "train_pref", "train_rank", "topm", "band", "band_size", "reserve")
+    TENSORS = ("train_key", "train_pref", "train_rank", "topm", "pool", "pool_offsets", "band_size")
 
     def nbytes(self):
         return sum(getattr(self, n).element_size() * getattr(self, n).numel() for n in self.TENSORS)
+
+    @property
+    def pool_sizes(self):
+        return self.pool_offsets[1:] - self.pool_offsets[:-1]
 
     def lookup(self, users, items):
         """Index of each (user, item) in ``train_*``; a pair that is not a training interaction is an error
@@ -95,24 +105,9 @@ class PreferenceStore:
             )
         return idx
 
-    def in_band(self, users, items):
-        """Whether each item (shape [B] or [B, k]) is in its user's band (users [B])."""
-        rows = users if items.dim() == 1 else users[:, None]
-        byte = self.band[rows, items >> 3]
-        return ((byte >> (items & 7).to(torch.uint8)) & 1).bool()
-
-    def band_items(self, user):
-        """The band of one user as a sorted item tensor (for checks; stage 3 draws with :func:`draw_band`)."""
-        bits = (self.band[user][:, None] >> torch.arange(8, dtype=torch.uint8, device=self.band.device)) & 1
-        return torch.nonzero(bits.flatten()).flatten()
-
-    def rounds(self, miss=1e-6, most=4096):
-        """Proposals per NNS draw so that a draw falls back to ``reserve`` with probability <= ``miss`` for the
-        user with the smallest band (each proposal is a uniform item; at most ``most``)."""
-        share = float(self.band_size.min()) / max(self.n_items - 1, 1)
-        if share >= 1:
-            return 1
-        return int(min(most, max(1, math.ceil(math.log(miss) / math.log1p(-share)))))
+    def pool_items(self, user):
+        """One user's NNS pool, in draw order."""
+        return self.pool[int(self.pool_offsets[user]) : int(self.pool_offsets[user + 1])]
 
     def to(self, device):
         for name in self.TENSORS:
@@ -121,41 +116,77 @@ class PreferenceStore:
 
     def save(self, path):
         data = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in asdict(self).items()}
-        data["topm"] = data["topm"].int()  # item ids fit int32; halves the file
+        for name in ("topm", "pool"):
+            data[name] = _narrow_items(data[name], self.n_items)
         with atomic_write(path) as tmp:
             torch.save(data, tmp)
 
     @classmethod
     def load(cls, path, device="cpu"):
         data = torch.load(path, map_location=device, weights_only=False)
-        if data.get("meta", {}).get("version") != STORE_VERSION or "band" not in data:
+        if data.get("meta", {}).get("version") != STORE_VERSION or "pool" not in data:
             raise ValueError(
                 f"Preference store '{path}' has an older layout (version "
                 f"{data.get('meta', {}).get('version')}, this code writes {STORE_VERSION}); "
                 "delete it to recompute it."
             )
-        data["topm"] = data["topm"].long()
+        data["topm"] = _widen_items(data["topm"]).long()
+        data["pool"] = _widen_items(data["pool"])
         return cls(**data)
 
 
-def draw_band(store, users, rounds):
-    """One fresh NNS negative per user in ``users``, uniform over the user's band, drawn on the store's device
-    without leaving it: ``rounds`` uniform proposals per user, the first that lands in the band is kept (so
-    it is uniform over the band); when none does (rarely, see :meth:`PreferenceStore.rounds`), the user's
-    ``reserve`` band item."""
-    proposals = torch.randint(1, store.n_items, (len(users), rounds), device=users.device)
-    hit = store.in_band(users, proposals)
-    first = hit.to(torch.uint8).argmax(1, keepdim=True)
-    picks = proposals.gather(1, first).squeeze(1)
-    return torch.where(hit.any(1), picks, store.reserve[users])
+def _narrow_items(items, n_items):
+    """Item ids on disk: 16 bits when every id fits (kept as int16 holding the unsigned value), else int32."""
+    items = items.to(torch.int32)
+    if n_items > 1 << 16:
+        return items
+    return torch.where(items >= 1 << 15, items - (1 << 16), items).to(torch.int16)
 
 
-def pack_bits(mask):
-    """[B, n] bool -> [B, ceil(n / 8)] uint8, item i at bit i % 8 of byte i // 8."""
-    pad = (-mask.shape[1]) % 8
-    mask = torch.nn.functional.pad(mask, (0, pad)).view(mask.shape[0], -1, 8).to(torch.uint8)
-    weights = (2 ** torch.arange(8, device=mask.device)).to(torch.uint8)
-    return (mask * weights).sum(-1, dtype=torch.uint8)
+def _widen_items(items):
+    items = items.to(torch.int32)
+    return torch.where(items < 0, items + (1 << 16), items)
+
+
+def draw_pool(store, users, cursor):
+    """One NNS negative per row of ``users``: the next unused entries of each user's pool. ``cursor`` [U] counts
+    each user's draws so far and is advanced in place; rows of one user in a batch take consecutive entries, so
+    a user gets no item twice before its pool wraps. Everything stays on the store's device."""
+    order = torch.argsort(users, stable=True)
+    grouped = users[order]
+    starts = torch.ones_like(grouped, dtype=torch.bool)
+    starts[1:] = grouped[1:] != grouped[:-1]
+    idx = torch.arange(len(users), device=users.device)
+    first = torch.cummax(torch.where(starts, idx, 0), 0).values
+    occurrence = torch.empty_like(users)
+    occurrence[order] = idx - first
+    begin = store.pool_offsets[users]
+    size = (store.pool_offsets[users + 1] - begin).clamp(min=1)
+    picks = store.pool[begin + (cursor[users] + occurrence) % size]
+    cursor.index_add_(0, users, torch.ones_like(users))
+    return picks.long()
+
+
+def _hash31(x):
+    """A 31-bit integer mix (int64 tensors, no overflow): decorrelates neighbouring inputs."""
+    x = x & _M31
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M31
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M31
+    return x ^ (x >> 16)
+
+
+def pool_keys(users, n_items, seed):
+    """[B, n_items] random-looking keys of (seed, user, item), the same whatever the chunking or device: the
+    pool of a user is its band items with the smallest keys, in key order."""
+    items = torch.arange(n_items, device=users.device)
+    per_user = _hash31(_hash31(users.long() + _hash31(torch.tensor(seed, device=users.device))) + 0x3C6EF372)
+    return _hash31(per_user[:, None] * 0x9E37 + _hash31(items + 0x1B873593)[None, :])
+
+
+def pool_sizes(band_size, rows, pool_epochs):
+    """Items in each user's pool: its draws over ``pool_epochs`` epochs (one per training row), at most the whole
+    band, at least one."""
+    return torch.minimum(band_size, rows.to(band_size.dtype) * int(pool_epochs)).clamp(min=1)
 
 
 def check_store_meta(stored, expected, path):
@@ -168,9 +199,11 @@ def check_store_meta(stored, expected, path):
         "tidiffrec": "TI-DiffRec (its weights)",
         "n_users": "user count",
         "n_items": "item count",
+        "rows": "training rows per user",
+        "pool_epochs": "nns_pool_epochs",
     }
     diff = [k for k in sorted(set(stored) | set(expected)) if stored.get(k) != expected.get(k)]
-    first = sorted(diff, key=lambda k: k not in names)[0]
+    first = min(diff, key=lambda k: list(names).index(k) if k in names else len(names))  # the most telling
     raise ValueError(
         f"Preference store '{path}' was computed for another {names.get(first, first)} "
         f"({first}: stored {stored.get(first)!r}, this run {expected.get(first)!r}); it is not used or "
@@ -188,9 +221,16 @@ def model_fingerprint(model):
     return h.hexdigest()[:16]
 
 
-def store_meta(dataset_name, training, m, omega_m, tidiffrec):
-    """What a store depends on (``tidiffrec``: :func:`model_fingerprint` of stage 1); its hash names the file,
-    so other settings never overwrite it. The store draws nothing at random: no seed."""
+def rows_fingerprint(rows):
+    return hashlib.sha1(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def store_meta(dataset_name, training, m, omega_m, tidiffrec, rows=None, pool_epochs=20):
+    """What a store depends on (``tidiffrec``: :func:`model_fingerprint` of stage 1; ``rows``: each user's
+    training rows, which size the pools); its hash names the file, so other settings never overwrite it. The
+    pools' random order comes from this hash, not from the run's seed: cells of any seed that share a TI-DiffRec
+    share its store."""
+    rows = training.counts if rows is None else rows
     return {
         "version": STORE_VERSION,
         "dataset": str(dataset_name),
@@ -200,6 +240,8 @@ def store_meta(dataset_name, training, m, omega_m, tidiffrec):
         "m": int(m),
         "omega_m": float(omega_m),
         "tidiffrec": str(tidiffrec),
+        "rows": rows_fingerprint(rows),
+        "pool_epochs": int(pool_epochs),
     }
 
 
@@ -233,19 +275,33 @@ def nns_band(n_candidates, omega_m):
 
 @torch.no_grad()
 def compute_preference_store(
-    preferences, training, m, omega_m, batch_size=256, device="cpu", show_progress=False, meta=None
+    preferences,
+    training,
+    m,
+    omega_m,
+    batch_size=256,
+    device="cpu",
+    show_progress=False,
+    meta=None,
+    rows=None,
+    pool_epochs=20,
 ):
     """Run ``preferences(users) -> [B, n_items]`` over all users in chunks of ``batch_size`` and keep the store.
-    ``batch_size=1`` is the authors' one-user-at-a-time loop (the cost benchmark compares the two)."""
+    ``rows`` [U]: each user's training rows per epoch, which sizes its NNS pool (default: its distinct training
+    items). ``batch_size=1`` is the authors' one-user-at-a-time loop (the cost benchmark compares the two)."""
     n_users, n_items = training.n_users, training.n_items
     most = int(training.counts.max()) if n_users else 0
     if m > n_items - 1 - most:
         raise ValueError(
             f"PDRec: dpa_m = {m} exceeds the {n_items - 1 - most} items some user has not interacted with; lower dpa_m."
         )
-    prefs, topm = [], torch.empty(n_users, m, dtype=torch.long)
-    band = torch.empty(n_users, (n_items + 7) // 8, dtype=torch.uint8)
-    band_size, reserve = torch.empty(n_users, dtype=torch.long), torch.empty(n_users, dtype=torch.long)
+    rows = training.counts if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    if len(rows) != n_users:
+        raise ValueError(f"PDRec: rows has {len(rows)} entries for {n_users} users.")
+    meta = dict(meta or {})
+    seed = int(hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:7], 16)
+    prefs, pools, topm = [], [], torch.empty(n_users, m, dtype=torch.long)
+    band_size = torch.empty(n_users, dtype=torch.long)
     starts = range(0, n_users, batch_size)
     if show_progress:
         starts = tqdm(
@@ -255,8 +311,8 @@ def compute_preference_store(
         stop = min(start + batch_size, n_users)
         users = torch.arange(start, stop, device=device)
         scores = preferences(users).float()
-        rows, items = training.chunk(start, stop)
-        rows_d, items_d = rows.to(device), items.to(device)
+        chunk_rows, items = training.chunk(start, stop)
+        rows_d, items_d = chunk_rows.to(device), items.to(device)
         prefs.append(scores[rows_d, items_d].cpu())
         interacted = torch.zeros_like(scores, dtype=torch.bool)
         interacted[rows_d, items_d] = True
@@ -268,22 +324,33 @@ def compute_preference_store(
         lo, hi = nns_band((n_items - 1 - training.counts[start:stop]).to(device), omega_m)
         # interacted items sort last (-inf), at ranks >= N >= hi: the band never holds one
         in_band = (rank >= lo[:, None]) & (rank < hi[:, None])
-        band[start:stop] = pack_bits(in_band).cpu()
         band_size[start:stop] = (hi - lo).cpu()
-        reserve[start:stop] = order.gather(1, lo[:, None]).squeeze(1).cpu()
+        pools.append(_chunk_pools(in_band, users, pool_sizes(hi - lo, rows[start:stop].to(device), pool_epochs), seed))
     pref = torch.cat(prefs) if prefs else torch.empty(0)
     owners = torch.repeat_interleave(torch.arange(n_users), training.counts)
+    sizes = pool_sizes(band_size, rows, pool_epochs)
+    offsets = torch.zeros(n_users + 1, dtype=torch.long)
+    torch.cumsum(sizes, 0, out=offsets[1:])
     return PreferenceStore(
         training.keys(),
         pref,
         ascending_ranks(owners, pref) / training.counts[owners].float(),
         topm,
-        band,
+        torch.cat(pools) if pools else torch.empty(0, dtype=torch.int32),
+        offsets,
         band_size,
-        reserve,
         n_items,
-        dict(meta or {}),
+        meta,
     )
+
+
+def _chunk_pools(in_band, users, sizes, seed):
+    """Each user's pool: its ``sizes`` band items with the smallest :func:`pool_keys`, in key order (a uniform
+    sample without replacement, in random order), concatenated user after user."""
+    keys = pool_keys(users, in_band.shape[1], seed).masked_fill(~in_band, 1 << 32)
+    order = torch.sort(keys, dim=1, stable=True).indices[:, : int(sizes.max())]
+    keep = torch.arange(order.shape[1], device=order.device)[None, :] < sizes[:, None]
+    return order[keep].to(torch.int32).cpu()
 
 
 def hbr_weights(store, omega_r, c_w, omega_f):

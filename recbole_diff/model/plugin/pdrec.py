@@ -7,8 +7,9 @@ trains the backbone with, per training row (user u, target i, state h):
 ``w * BCE(s(h, i), 1) + 1/2 BCE(s(h, j_uniform), 0) + 1/2 BCE(s(h, j_nns), 0) + omega_d * mean_n BCE(s(h, k), 1)``
 
 * HBR: ``w`` from the preferences of u's training items (``omega_r``, ``c_w``, ``omega_f``);
-* NNS: ``j_nns`` drawn afresh in every batch from u's low-preference band of non-interacted items
-  (``omega_m``), as the authors sample;
+* NNS: ``j_nns`` a fresh item of u's low-preference band of non-interacted items (``omega_m``) for every row
+  of every epoch, as the authors sample: each user's pool in the store (``nns_pool_epochs`` epochs of its draws,
+  uniform without replacement from the band) is walked in order;
 * DPA: k runs over the ``dpa_n`` items of u's top-``dpa_m`` non-interacted ones that the current backbone
   scores highest; applied at u's last-behaviour state (``dpa_state: last``, the paper's h_u: the training row
   whose prefix is u's whole training history, once per user and epoch, averaged over those rows of the batch)
@@ -34,7 +35,7 @@ from recbole_diff.data.pdrec import (
     TrainingItems,
     check_store_meta,
     compute_preference_store,
-    draw_band,
+    draw_pool,
     hbr_weights,
     model_fingerprint,
     store_meta,
@@ -83,6 +84,7 @@ class PDRec(PluginRecommender):
         "temperature",
         "tidiffrec_epochs",
         "preference_batch_size",
+        "nns_pool_epochs",
     )
 
     def __init__(self, config, dataset):
@@ -113,7 +115,12 @@ class PDRec(PluginRecommender):
         self.pos_weight = float(config["pos_weight"])
         self.pos_weight_from_hbr = bool(config["pos_weight_from_hbr"])
         self.score_kind, self.temperature = config["score"], float(config["temperature"])
-        self.store, self.hbr, self.nns_rounds = None, None, 1
+        if int(config["nns_pool_epochs"]) < 1:
+            raise ValueError(f"PDRec: nns_pool_epochs must be >= 1, got {config['nns_pool_epochs']}.")
+        self.store, self.hbr = None, None
+        if self.use_nns:
+            # draws per user so far: a buffer, so a resumed run walks on where it stopped
+            self.register_buffer("nns_cursor", torch.zeros(dataset.user_num, dtype=torch.long))
 
     @property
     def needs_preferences(self):
@@ -127,22 +134,34 @@ class PDRec(PluginRecommender):
         return {"mask_history": True}  # TI-DiffRec is validated on the sequential split, which keeps the history
 
     def stage_settings(self, name):
-        return {"version": STORE_VERSION, "dpa_m": int(self.config["dpa_m"]), "omega_m": float(self.config["omega_m"])}
+        c = self.config
+        return {
+            "version": STORE_VERSION,
+            "dpa_m": int(c["dpa_m"]),
+            "omega_m": float(c["omega_m"]),
+            "nns_pool_epochs": int(c["nns_pool_epochs"]),
+        }
 
     def _training_items(self, train_data):
         dataset = train_data.dataset
         users, items = training_interactions(dataset)
         return TrainingItems.from_pairs(users, items, dataset.user_num, dataset.item_num)
 
-    def _store_meta(self, training, fingerprint):
+    @staticmethod
+    def _training_rows(train_data):
+        """Training rows per user in an epoch (one NNS draw each)."""
+        dataset = train_data.dataset
+        return torch.bincount(dataset.inter_feat[dataset.uid_field].long(), minlength=dataset.user_num)
+
+    def _store_meta(self, training, rows, fingerprint):
         c = self.config
-        return store_meta(c["dataset"], training, c["dpa_m"], c["omega_m"], fingerprint)
+        return store_meta(c["dataset"], training, c["dpa_m"], c["omega_m"], fingerprint, rows, c["nns_pool_epochs"])
 
     def compute_stage(self, name, train_data, valid_data, logger):
         """Stage 2: the preference store from TI-DiffRec's preferences over the training split."""
         c, tidiffrec = self.config, self.stage_models["tidiffrec"]
-        training = self._training_items(train_data)
-        meta = self._store_meta(training, model_fingerprint(tidiffrec))
+        training, rows = self._training_items(train_data), self._training_rows(train_data)
+        meta = self._store_meta(training, rows, model_fingerprint(tidiffrec))
         logger.info(
             set_color(f"PDRec stage 2: preferences of {training.n_users} users over {training.n_items} items", "green")
         )
@@ -156,6 +175,8 @@ class PDRec(PluginRecommender):
             self.device,
             bool(c["show_progress"]),
             meta,
+            rows,
+            int(c["nns_pool_epochs"]),
         )
         logger.info(
             f"PDRec stage 2: {training.n_users / seconds:.0f} users/s, store {store.nbytes() / 2**20:.1f} "
@@ -169,7 +190,8 @@ class PDRec(PluginRecommender):
         store = PreferenceStore.load(path)
         tidiffrec = self.stage_models.get("tidiffrec")
         fingerprint = meta["tidiffrec"] if meta else model_fingerprint(tidiffrec)
-        check_store_meta(store.meta, self._store_meta(self._training_items(train_data), fingerprint), path)
+        expected = self._store_meta(self._training_items(train_data), self._training_rows(train_data), fingerprint)
+        check_store_meta(store.meta, expected, path)
         return store
 
     def stage_meta(self, name, product):
@@ -213,7 +235,14 @@ class PDRec(PluginRecommender):
         """Stage 2's store; HBR's weights follow from it and the config's omega_r, c_w, omega_f."""
         self.store = store.to(self.device)
         self.hbr = hbr_weights(store, self.omega_r, self.c_w, self.omega_f).to(self.device)
-        self.nns_rounds = store.rounds()
+        if self.use_nns:
+            sizes = store.pool_sizes
+            whole = int((sizes == store.band_size).sum())
+            getLogger().info(
+                f"PDRec NNS: {len(store.pool)} pooled band items ({store.pool.numel() * 4 / 2**20:.1f} MB): each "
+                f"user draws a new item for {int(self.config['nns_pool_epochs'])} epochs, then its pool repeats "
+                f"({whole} of {len(sizes)} users, whose band is smaller, cycle through their whole band)"
+            )
 
     # ---- scores ----------------------------------------------------------------------------------------
     def score(self, h, items):
@@ -251,8 +280,9 @@ class PDRec(PluginRecommender):
         return candidates.gather(1, best), s_cand.gather(1, best)
 
     def nns_negatives(self, users):
-        """One fresh negative per row from its user's band (new draws at every call, so every epoch)."""
-        return draw_band(self.store, users, self.nns_rounds)
+        """One fresh negative per row from its user's band: the user's next pool entries (new at every call,
+        so every epoch)."""
+        return draw_pool(self.store, users, self.nns_cursor)
 
     def dpa_loss(self, h, users, interaction):
         """Per row: omega_d * mean_n BCE(s_soft, 1) on the rows DPA applies to (all, or each user's last row,
