@@ -179,3 +179,64 @@ def test_trainer_steps_with_a_fused_adamw():
     trainer = get_trainer(config["MODEL_TYPE"], "TIDiffRec")(config, model)
     assert type(trainer.optimizer).__name__.lower() == config["learner"].lower()
     assert trainer.optimizer.defaults["fused"] is True
+
+
+def test_evaluation_scores_users_in_windows_and_forgets_them_when_weights_change(monkeypatch):
+    from recbole.data.interaction import Interaction
+
+    import recbole_diff.model.plugin.tidiffrec as tidiffrec
+
+    monkeypatch.setattr(tidiffrec, "EVAL_WINDOW", 8)
+    _, model, train, _, _ = build(mask_history=True)
+    model.eval()
+    calls = []
+    preferences = model.preferences
+    monkeypatch.setattr(model, "preferences", lambda u: calls.append(u.tolist()) or preferences(u))
+    with torch.no_grad():
+        reference = preferences(torch.arange(1, 20))
+        got = [model.full_sort_predict(Interaction({"user_id": torch.tensor(b)})) for b in ([1, 2], [3, 5], [9, 12])]
+    assert calls == [list(range(1, 9)), list(range(9, 17))]  # two windows serve three batches
+    expected = reference.masked_fill(model.history_mask(torch.arange(1, 20)), float("-inf"))
+    for rows, scores in zip(([0, 1], [2, 4], [8, 11]), got):
+        torch.testing.assert_close(scores, expected[rows], rtol=1e-4, atol=1e-5)
+    # a training step changes the weights: the window is computed again
+    model.train()
+    loss = model.calculate_loss(next(iter(train)))
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=10.0).step()
+    model.eval()
+    with torch.no_grad():
+        after = model.full_sort_predict(Interaction({"user_id": torch.tensor([9, 12])}))
+        fresh = preferences(torch.tensor([9, 12])).masked_fill(model.history_mask(torch.tensor([9, 12])), float("-inf"))
+    assert calls[-1][0] == 9 and not torch.allclose(after, got[2])
+    torch.testing.assert_close(after, fresh, rtol=1e-4, atol=1e-5)  # other batch shapes: other summation order
+    # loading other weights while in evaluation also drops the window
+    calls.clear()
+    state = {k: v + 0.1 for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    with torch.no_grad():
+        model.full_sort_predict(Interaction({"user_id": torch.tensor([9])}))
+    assert calls == [list(range(9, 17))]
+
+
+def test_sampled_validation_is_the_same_with_windows(tmp_path, monkeypatch):
+    """RecBole's sampled (uni100) evaluation of a TI-DiffRec gives the same metrics scored in windows of users
+    as scored a batch at a time (a window of one user covers just the batch's users)."""
+    import recbole_diff.model.plugin.tidiffrec as tidiffrec
+    from recbole_diff import get_trainer
+
+    uni100 = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni100"}
+    config, model, train, valid, _ = build(
+        mask_history=True, eval_args=uni100, eval_batch_size=404, checkpoint_dir=str(tmp_path)
+    )
+    trainer = get_trainer(config["MODEL_TYPE"], "TIDiffRec")(config, model)
+    preferences, calls = model.preferences, []
+    monkeypatch.setattr(model, "preferences", lambda u: calls.append(len(u)) or preferences(u))
+    results, passes = {}, {}
+    for window in (1, 256):
+        monkeypatch.setattr(tidiffrec, "EVAL_WINDOW", window)
+        calls.clear()
+        results[window] = trainer.evaluate(valid, load_best_model=False)
+        passes[window] = len(calls)
+    assert results[1] == results[256] and results[1]["ndcg@10"] > 0
+    assert passes[1] >= len(valid) and passes[256] == -(-model.n_users // 256) < passes[1] / 10
