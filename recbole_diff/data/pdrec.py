@@ -153,13 +153,8 @@ def draw_pool(store, users, cursor):
     each user's draws so far and is advanced in place; rows of one user in a batch take consecutive entries, so
     a user gets no item twice before its pool wraps. Everything stays on the store's device."""
     order = torch.argsort(users, stable=True)
-    grouped = users[order]
-    starts = torch.ones_like(grouped, dtype=torch.bool)
-    starts[1:] = grouped[1:] != grouped[:-1]
-    idx = torch.arange(len(users), device=users.device)
-    first = torch.cummax(torch.where(starts, idx, 0), 0).values
     occurrence = torch.empty_like(users)
-    occurrence[order] = idx - first
+    occurrence[order] = places_in_runs(users[order])
     begin = store.pool_offsets[users]
     size = (store.pool_offsets[users + 1] - begin).clamp(min=1)
     picks = store.pool[begin + (cursor[users] + occurrence) % size]
@@ -251,16 +246,20 @@ def store_path(tidiffrec_checkpoint, meta):
     return f"{stem}.preferences-{digest}.pt"
 
 
+def places_in_runs(sorted_keys):
+    """0, 1, 2, ... within each run of equal values of a sorted 1-d tensor."""
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    idx = torch.arange(len(sorted_keys), device=sorted_keys.device)
+    return idx - torch.cummax(torch.where(starts, idx, 0), 0).values
+
+
 def ascending_ranks(rows, values):
     """1-based rank of each value among the values of its row (ties in input order)."""
     order = torch.argsort(values, stable=True)
     order = order[torch.argsort(rows[order], stable=True)]
-    sorted_rows = rows[order]
-    starts = torch.ones_like(sorted_rows, dtype=torch.bool)
-    starts[1:] = sorted_rows[1:] != sorted_rows[:-1]
-    first = torch.cummax(torch.where(starts, torch.arange(len(rows)), 0), 0).values
     ranks = torch.empty(len(rows), dtype=torch.float32)
-    ranks[order] = (torch.arange(len(rows)) - first + 1).float()
+    ranks[order] = (places_in_runs(rows[order]) + 1).float()
     return ranks
 
 
@@ -301,7 +300,7 @@ def compute_preference_store(
     meta = dict(meta or {})
     seed = int(hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:7], 16)
     prefs, pools, topm = [], [], torch.empty(n_users, m, dtype=torch.long)
-    band_size = torch.empty(n_users, dtype=torch.long)
+    band_size, sizes = torch.empty(n_users, dtype=torch.long), torch.empty(n_users, dtype=torch.long)
     starts = range(0, n_users, batch_size)
     if show_progress:
         starts = tqdm(
@@ -324,11 +323,11 @@ def compute_preference_store(
         lo, hi = nns_band((n_items - 1 - training.counts[start:stop]).to(device), omega_m)
         # interacted items sort last (-inf), at ranks >= N >= hi: the band never holds one
         in_band = (rank >= lo[:, None]) & (rank < hi[:, None])
-        band_size[start:stop] = (hi - lo).cpu()
-        pools.append(_chunk_pools(in_band, users, pool_sizes(hi - lo, rows[start:stop].to(device), pool_epochs), seed))
+        chunk_sizes = pool_sizes(hi - lo, rows[start:stop].to(device), pool_epochs)
+        band_size[start:stop], sizes[start:stop] = (hi - lo).cpu(), chunk_sizes.cpu()
+        pools.append(_chunk_pools(in_band, users, chunk_sizes, seed))
     pref = torch.cat(prefs) if prefs else torch.empty(0)
     owners = torch.repeat_interleave(torch.arange(n_users), training.counts)
-    sizes = pool_sizes(band_size, rows, pool_epochs)
     offsets = torch.zeros(n_users + 1, dtype=torch.long)
     torch.cumsum(sizes, 0, out=offsets[1:])
     return PreferenceStore(
