@@ -2,7 +2,11 @@
 and the largest score difference. RecBole scores each of a user's 101 candidate rows with ``predict``, each row
 carrying the whole sequence; the fast path encodes the sequence once (see recbole_diff/trainer/trainer.py).
 
-    python benchmarks/sampled_eval.py [--dataset sports] [--model SASRec] [--batches 100]
+With ``--whole`` it times whole evaluations instead (``trainer.evaluate`` over every validation user, Hit, NDCG
+and GAUC), the fast path with the metrics collected from the full ``[users x items]`` matrix as RecBole does and
+from each user's candidates only (see ``compact_candidates``), and the data loader alone.
+
+    python benchmarks/sampled_eval.py [--dataset sports] [--model SASRec] [--batches 100] [--whole]
 """
 
 import argparse
@@ -28,6 +32,34 @@ def rate(trainer, batches, fast):
     return users / seconds, scores
 
 
+def whole(trainer, valid, compact):
+    """Seconds and metrics of one whole evaluation, its metrics collected from the candidates or not."""
+    trainer._collector_takes_compact = lambda: compact and type(trainer)._collector_takes_compact(trainer)
+    start = time.perf_counter()
+    result = trainer.evaluate(valid, load_best_model=False)
+    return time.perf_counter() - start, dict(result)
+
+
+def whole_evaluations(args, trainer, valid):
+    start = time.perf_counter()
+    for _ in valid:
+        pass
+    loader = time.perf_counter() - start
+    full_s, full = whole(trainer, valid, False)
+    compact_s, compact = whole(trainer, valid, True)
+    return {
+        "dataset": args.dataset,
+        "model": args.model,
+        "users": valid._dataset.user_num - 1,
+        "metrics": {k: float(v) for k, v in compact.items()},
+        "same_metrics": full == compact,
+        "loader_only_s": round(loader, 1),
+        "evaluate_full_matrix_s": round(full_s, 1),
+        "evaluate_candidates_s": round(compact_s, 1),
+        "speedup": round(full_s / compact_s, 2),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="ml-100k")
@@ -35,6 +67,7 @@ def main():
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--length", type=int, default=20)
     parser.add_argument("--batches", type=int, default=100, help="validation batches timed (~10 users each)")
+    parser.add_argument("--whole", action="store_true", help="time whole evaluations (see above)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -47,11 +80,16 @@ def main():
         hidden_size=args.hidden,
         MAX_ITEM_LIST_LENGTH=args.length,
         eval_batch_size=1024,
+        metrics=["Hit", "NDCG", "GAUC"],
+        topk=[1, 5, 10],
         train_neg_sample_args=None,
         checkpoint_dir="benchmarks/saved",
     )
     trainer = get_trainer(config["MODEL_TYPE"], args.model)(config, model)
     model.eval()
+    if args.whole:
+        report(whole_evaluations(args, trainer, valid), args.out)
+        return
     trainer.tot_item_num = valid._dataset.item_num
     trainer.start_sampled_eval(valid)
     batches = [b for _, b in zip(range(args.batches), valid)]

@@ -180,6 +180,30 @@ def test_source_rows_follow_recboles_sampled_layout():
     assert source_rows(torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 1, 1])) is None  # 3 rows, 2 positives
 
 
+def test_compact_candidates_are_recboles_matrix_without_its_unscored_columns():
+    from recbole_diff.trainer.trainer import compact_candidates
+
+    n_items = 50
+    # user 0: positive 7, negatives 3, 9, 3 (repeated); user 1: positives 2, 40, negatives 11, 30
+    row_idx = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    items = torch.tensor([7, 3, 9, 3, 2, 40, 11, 30])
+    scores = torch.tensor([0.5, 0.1, float("-inf"), 0.1, 0.2, 0.9, 0.3, 0.3])
+    positive_u, positive_i = torch.tensor([0, 1, 1]), torch.tensor([7, 2, 40])
+    full = torch.full((2, n_items), float("-inf"))
+    full[row_idx, items] = scores
+    matrix, columns = compact_candidates(row_idx, items, scores, positive_u, positive_i, n_items)
+    # each row: the user's distinct candidates in item order (3, 7, 9 and 2, 11, 30, 40), then -inf
+    inf = float("-inf")
+    assert torch.equal(matrix, torch.tensor([[0.1, 0.5, inf, inf, inf], [0.2, 0.3, 0.3, 0.9, inf]]))
+    assert columns.tolist() == [1, 0, 3]
+    assert torch.equal(matrix[positive_u, columns], full[positive_u, positive_i])
+    for row in range(2):  # the full row less its -inf columns, same order
+        finite = full[row][torch.isfinite(full[row])]
+        assert torch.equal(matrix[row][torch.isfinite(matrix[row])], finite)
+    # a positive that is not among its user's rows: no compact form
+    assert compact_candidates(row_idx, items, scores, positive_u, torch.tensor([7, 2, 41]), n_items) is None
+
+
 def _sampled_eval_setup(tiny):
     uni100 = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni100"}
     result = run_recbole_diff(
@@ -209,6 +233,25 @@ def test_fast_sampled_eval_gives_predicts_metrics_from_one_encoder_pass_per_user
     # GAUC reads every candidate's rank: a wrong score anywhere would move it
     assert dict(fast) == pytest.approx(dict(slow), abs=1e-6)
     assert trainer._full_sort_agrees and len(rows) == 1 and sum(rows) < slow_rows / 4  # only the check batch
+
+
+@pytest.mark.parametrize(
+    "metrics, compact", [(["Hit", "NDCG", "MRR", "GAUC"], True), (["Hit", "ShannonEntropy"], False)]
+)
+def test_sampled_metrics_are_collected_from_the_candidates_only_where_ranks_are_all_they_read(tiny, metrics, compact):
+    config, model, test_data, _ = _sampled_eval_setup(tiny)
+    config["metrics"] = metrics
+    config["fast_sampled_eval"] = False
+    slow = Trainer(config, model).evaluate(test_data, load_best_model=False)
+    config["fast_sampled_eval"] = True
+    trainer = Trainer(config, model)
+    widths, collect = [], trainer.eval_collector.eval_batch_collect
+    trainer.eval_collector.eval_batch_collect = lambda scores, *a: widths.append(scores.shape[1]) or collect(scores, *a)
+    fast = trainer.evaluate(test_data, load_best_model=False)
+    assert dict(fast) == pytest.approx(dict(slow), abs=1e-6)
+    n_items = test_data._dataset.item_num
+    # compact: at most 101 candidates and one -inf column a user; item ids (coverage) need the whole matrix
+    assert (max(widths) <= 102) if compact else (set(widths) == {n_items})
 
 
 def test_a_model_whose_full_sort_differs_from_predict_is_evaluated_with_predict(tiny, caplog):

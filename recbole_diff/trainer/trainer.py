@@ -15,7 +15,9 @@ What RecBole 1.2.1's Trainer does that every recbole-diff run would hit:
   sequence: ``uni100`` runs the sequence encoder 101 times per user (on ml-100k 95% of a validation's time).
   With ``fast_sampled_eval`` each user's row is encoded once by ``full_sort_predict`` and the candidates'
   scores are read off it; each evaluation's first batch is also scored by ``predict``, and a model whose two
-  scores differ is evaluated RecBole's way (see :func:`source_rows`).
+  scores differ is evaluated RecBole's way (see :func:`source_rows`). RecBole's collector then sorts a
+  ``[users x items]`` matrix that is ``-inf`` but for the ~101 candidates; it gets the candidates only (see
+  :func:`compact_candidates`: same metrics, on sports 2.5x faster a validation).
 * ``mixed_precision: bf16`` runs training and evaluation steps under bfloat16 autocast (see
   :func:`recbole_diff.device.mixed_precision`); RecBole's own ``enable_amp`` would pick float16 and a scaler.
 * A killed run loses its training. With ``resume_dir`` each ``fit`` keeps a point to resume from before every
@@ -72,6 +74,31 @@ def source_rows(row_idx, positive_u):
     return start + (torch.arange(len(row_idx)) - start) % positives[row_idx]
 
 
+def compact_candidates(row_idx, items, scores, positive_u, positive_i, n_items):
+    """A sampled batch's scores as RecBole's ``[users x n_items]`` matrix less the columns of items no user of
+    the batch was scored on, or None where a positive item is not among its user's rows.
+
+    RecBole's collector sorts every row of that matrix (GAUC) and takes its top k; all but each user's ~101
+    candidates are ``-inf``. Here row ``u`` holds user ``u``'s distinct candidates in item-id order (the
+    matrix's column order, a repeated negative once, as in the matrix), then ``-inf``: at least one, since
+    GAUC reads a row's candidate count as the place of its first ``-inf``. Returns (matrix, positive columns)."""
+    key = row_idx.to(items.device) * n_items + items
+    unique, inverse = torch.unique(key, return_inverse=True)
+    user = torch.div(unique, n_items, rounding_mode="floor")
+    column = torch.arange(len(unique), device=unique.device) - torch.searchsorted(unique, user * n_items)
+    # float32 as RecBole's matrix, whatever the autocast; a repeated (user, item) has one score: equal rows
+    values = torch.empty(len(unique), device=scores.device)
+    values[inverse.to(scores.device)] = scores.to(values.dtype)
+    n_users = int(positive_u[-1]) + 1
+    matrix = torch.full((n_users, int(column.max()) + 2), -np.inf, device=scores.device)
+    matrix[user.to(scores.device), column.to(scores.device)] = values
+    positive_key = positive_u.to(unique.device) * n_items + positive_i.to(unique.device)
+    place = torch.searchsorted(unique, positive_key).clamp(max=len(unique) - 1)
+    if not torch.equal(unique[place], positive_key):
+        return None
+    return matrix, column[place]
+
+
 class CompatMixin:
     """Put before a RecBole trainer class in the bases (see :func:`compat_trainer`)."""
 
@@ -79,6 +106,7 @@ class CompatMixin:
         super().__init__(config, model)
         self.saved_model_file = unique_checkpoint_path(config)
         self._item_side, self._full_sort_agrees, self._disagreed = set(), None, set()
+        self._compact = False  # set by evaluate: see compact_candidates
         # a stage shared between runs keeps its point beside the stage instead (see plugin.py)
         self.resume_dir, self.resume_settings = config["resume_dir"], None
         self.point_kind = None  # the resume point's name stem (default: trainer and model class)
@@ -208,8 +236,24 @@ class CompatMixin:
         if load_best_model:
             self.load_model_file(model_file)
         self.start_sampled_eval(eval_data)
-        with seeded_numpy(self.config["seed"]), mixed_precision(self.config, self.device):
-            return super().evaluate(eval_data, load_best_model=False, model_file=None, show_progress=show_progress)
+        self._compact = not isinstance(eval_data, FullSortEvalDataLoader) and self._collector_takes_compact()
+        try:
+            with seeded_numpy(self.config["seed"]), mixed_precision(self.config, self.device):
+                return super().evaluate(eval_data, load_best_model=False, model_file=None, show_progress=show_progress)
+        finally:
+            self._compact = False
+
+    def _collector_takes_compact(self):
+        """Whether the metrics read a sampled batch's scores only through ranks among its users' candidates
+        (Hit, NDCG, MRR, GAUC...), so that :func:`compact_candidates` gives them the same values: not the
+        recommended items' ids (coverage, popularity metrics) nor the raw score matrix."""
+        register = self.eval_collector.register
+        return (
+            self.config["fast_sampled_eval"]
+            and self.config["eval_type"] == EvaluatorType.RANKING
+            and not register.need("rec.items")
+            and not register.need("rec.score")
+        )
 
     def batch_scorer(self, eval_data):
         """The function :meth:`evaluate` scores each batch of ``eval_data`` with, for evaluation code of its own
@@ -234,6 +278,19 @@ class CompatMixin:
     def _neg_sample_batch_eval(self, batched_data):
         interaction, row_idx, positive_u, positive_i = batched_data
         scores = self._scores_once_per_user(interaction, row_idx, positive_u)
+        if self._compact:
+            if scores is None:
+                scores = self._predict_rows(interaction)
+            compact = compact_candidates(
+                row_idx,
+                interaction[self.config["ITEM_ID_FIELD"]].to(self.device),
+                scores,
+                positive_u,
+                positive_i,
+                self.tot_item_num,
+            )
+            if compact is not None:
+                return interaction, compact[0], positive_u, compact[1]
         if scores is None:
             return super()._neg_sample_batch_eval(batched_data)
         matrix = torch.full((int(positive_u[-1]) + 1, self.tot_item_num), -np.inf, device=self.device)
@@ -274,18 +331,16 @@ class CompatMixin:
                 return None
         return scores
 
+    def _predict_rows(self, interaction):
+        """``model.predict`` of every row, in slices of ``eval_batch_size`` rows (as RecBole's evaluation)."""
+        n = interaction.length
+        if n <= self.test_batch_size:
+            return self.model.predict(interaction.to(self.device))
+        return self._spilt_predict(interaction, n)
+
     def _agrees_with_predict(self, interaction, scores):
         """The same items at -inf (a model's masked history) and the same finite scores up to float rounding."""
-        n = interaction.length
-        reference = (
-            (
-                self.model.predict(interaction.to(self.device))
-                if n <= self.test_batch_size
-                else self._spilt_predict(interaction, n)
-            )
-            .view(-1)
-            .double()
-        )
+        reference = self._predict_rows(interaction).view(-1).double()
         scores = scores.double()
         finite = torch.isfinite(reference)
         agrees = torch.equal(finite, torch.isfinite(scores)) and (
