@@ -7,6 +7,8 @@ from recbole.utils import get_model as recbole_get_model
 # Our models: name -> module. Kept explicit so an unknown name can list what exists; the modules are imported
 # when a model is asked for, so that a plugin's module can look up its backbone here.
 _OUR_MODELS = {
+    # RecBole's BERT4Rec, its loss computed at the masked slots that count only (same loss, faster)
+    "BERT4Rec": "recbole_diff.model.sequential_recommender.bert4rec",
     "DiffuRec": "recbole_diff.model.sequential_recommender.diffurec",
     "DiffuRecSys": "recbole_diff.model.sequential_recommender.diffurec",
     "GlobalDiff": "recbole_diff.model.plugin.globaldiff",
