@@ -96,7 +96,7 @@ def compact_candidates(row_idx, items, scores, positive_u, positive_i, n_items):
     place = torch.searchsorted(unique, positive_key).clamp(max=len(unique) - 1)
     if not torch.equal(unique[place], positive_key):
         return None
-    return matrix, column[place]
+    return matrix, column[place].to(positive_u.device)  # on positive_u's device, as RecBole's positive_i
 
 
 class CompatMixin:
@@ -280,7 +280,7 @@ class CompatMixin:
         scores = self._scores_once_per_user(interaction, row_idx, positive_u)
         if self._compact:
             if scores is None:
-                scores = self._predict_rows(interaction)
+                scores = self._predict_rows(interaction).view(-1)
             compact = compact_candidates(
                 row_idx,
                 interaction[self.config["ITEM_ID_FIELD"]].to(self.device),
