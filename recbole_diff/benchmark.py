@@ -208,6 +208,42 @@ def cell_dir(out_dir, cell):
     return os.path.join(out_dir, "cells", cell["dataset"], cell["label"], f"seed{cell['seed']}")
 
 
+# Where a grid's stage cache lies differs between machines and worktrees; it does not change what a cell runs.
+_PLACE_KEYS = ("stage_cache",)
+
+
+def _what_runs(cell):
+    config = {k: v for k, v in cell["config"].items() if k not in _PLACE_KEYS}
+    return {"model": cell["model"], "backbone": cell["backbone"], "config": config}
+
+
+def stale_cells(grid_cells, out_dir):
+    """Cells of ``out_dir`` that were started (finished or not) with another model, backbone or config than the
+    grid now gives them: ``[(directory, differing keys)]``. A rerun would count their results as the grid's, or
+    resume their training points under the new settings."""
+    stale = []
+    for cell in grid_cells:
+        directory = cell_dir(out_dir, cell)
+        path = os.path.join(directory, "cell.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            old, new = _what_runs(json.load(f)), _what_runs(cell)
+        if old != new:
+            flat_old = dict(old["config"], model=old["model"], backbone=old["backbone"])
+            flat_new = dict(new["config"], model=new["model"], backbone=new["backbone"])
+            keys = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
+            stale.append((directory, keys))
+    return stale
+
+
+def describe_stale(stale, limit=5):
+    lines = [f"  {d}: {', '.join(keys)}" for d, keys in stale[:limit]]
+    if len(stale) > limit:
+        lines.append(f"  ... and {len(stale) - limit} more")
+    return "\n".join(lines)
+
+
 # ---- running -----------------------------------------------------------------------------------------
 def run_cell(cell, directory):
     """Run one cell in this process (called by ``python -m recbole_diff.benchmark --cell ...``)."""
@@ -331,6 +367,13 @@ def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print, methods=None, see
     except OSError as e:
         raise BenchmarkError(str(e)) from e
     os.makedirs(out_dir, exist_ok=True)
+    stale = stale_cells(cells(spec), out_dir)
+    if stale:
+        raise BenchmarkError(
+            f"{len(stale)} cell(s) in {out_dir} ran with other settings than {spec_path} gives them now "
+            f"(differing keys after each):\n{describe_stale(stale)}\nUse another --out for the new settings, "
+            "or remove those cell folders to run them again."
+        )
     todo, done = [], 0
     for cell in chosen:
         # cells that would train the same first stage (a plugin's backbone, TI-DiffRec) share one
@@ -674,6 +717,13 @@ def bench_command(argv):
         raise SystemExit(f"recbole-diff bench: {e}") from e
     out = args.out or os.path.join("benchmarks", "runs", spec.get("name", "bench"))
     if args.summarise_only:
+        stale = stale_cells(cells(spec), out)
+        if stale:
+            print(
+                f"recbole-diff bench: warning: {len(stale)} finished cell(s) ran with other settings than "
+                f"{args.config} gives them now; the tables show them as they ran:\n{describe_stale(stale)}",
+                file=sys.stderr,
+            )
         summarise(spec, out)
         print(open(os.path.join(out, "results.md")).read())
         return

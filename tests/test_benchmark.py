@@ -98,6 +98,37 @@ def test_bad_grids_are_refused(tmp_path):
         load_grid(write_grid(tmp_path, methods=[{"model": "SASRec", "versus": 3}]))
 
 
+def test_cells_started_with_other_settings_are_refused_before_any_run(tmp_path):
+    import json
+
+    from recbole_diff.benchmark import cell_dir, cells, stale_cells
+
+    grid, out = write_grid(tmp_path), str(tmp_path / "out")
+    first, second = cells(load_grid(grid))
+    # a finished cell recorded with another epoch count, an unfinished one with another model, and one that
+    # differs only in where its grid's stage cache lay (another machine): only the first two are stale
+    records = [
+        (first, dict(first, config=dict(first["config"], epochs=7)), True),
+        (second, dict(second, model="GRU4Rec"), False),
+    ]
+    for cell, recorded, finished in records:
+        os.makedirs(cell_dir(out, cell))
+        with open(os.path.join(cell_dir(out, cell), "cell.json"), "w") as f:
+            json.dump(recorded, f)
+        if finished:
+            open(os.path.join(cell_dir(out, cell), "result.json"), "w").write("{}")
+    stale = stale_cells([first, second], out)
+    assert [keys for _, keys in stale] == [["epochs"], ["model"]]
+    with pytest.raises(BenchmarkError, match=r"(?s)2 cell\(s\).*seed1: epochs.*seed2: model.*another --out"):
+        run_grid(grid, out, log=lambda m: None)
+    assert not os.path.isfile(os.path.join(cell_dir(out, second), "log.txt"))  # nothing ran
+
+    moved = dict(first, config=dict(first["config"], stage_cache="/elsewhere/stages"))
+    with open(os.path.join(cell_dir(out, first), "cell.json"), "w") as f:
+        json.dump(moved, f)
+    assert stale_cells([first], out) == []
+
+
 def test_cells_locked_by_a_live_process_are_left_alone_and_stale_locks_taken_over(tmp_path):
     from recbole_diff.io import claim_lock
 
