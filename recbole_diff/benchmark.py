@@ -208,12 +208,16 @@ def cell_dir(out_dir, cell):
     return os.path.join(out_dir, "cells", cell["dataset"], cell["label"], f"seed{cell['seed']}")
 
 
-# Where a grid's stage cache lies differs between machines and worktrees; it does not change what a cell runs.
-_PLACE_KEYS = ("stage_cache",)
+# Folders are resolved to absolute paths, which differ between machines and checkouts without changing what a
+# cell runs; a given checkpoint file is known by its name.
+_PLACE_KEYS = ("stage_cache", "data_path", "checkpoint_dir")
 
 
 def _what_runs(cell):
     config = {k: v for k, v in cell["config"].items() if k not in _PLACE_KEYS}
+    for key in PATH_KEYS:
+        if isinstance(config.get(key), str):
+            config[key] = os.path.basename(config[key])
     return {"model": cell["model"], "backbone": cell["backbone"], "config": config}
 
 
@@ -227,8 +231,13 @@ def stale_cells(grid_cells, out_dir):
         path = os.path.join(directory, "cell.json")
         if not os.path.isfile(path):
             continue
-        with open(path) as f:
-            old, new = _what_runs(json.load(f)), _what_runs(cell)
+        try:
+            with open(path) as f:
+                old = _what_runs(json.load(f))
+        except (ValueError, KeyError, TypeError) as e:
+            stale.append((directory, [f"cell.json unreadable ({type(e).__name__})"]))
+            continue
+        new = _what_runs(cell)
         if old != new:
             flat_old = dict(old["config"], model=old["model"], backbone=old["backbone"])
             flat_new = dict(new["config"], model=new["model"], backbone=new["backbone"])
@@ -313,8 +322,8 @@ def _launch(cell, directory, threads, log=print):
         # result stay as they are
         os.remove(lock)
         return cell, "skipped, another bench process finished it", 0.0
-    with open(os.path.join(directory, "cell.json"), "w") as f:
-        json.dump(cell, f, indent=1)
+    # atomically: another bench process sharing the grid reads every cell.json when it starts
+    _write_atomically(os.path.join(directory, "cell.json"), json.dumps(cell, indent=1))
     log(f"[bench] starting {cell['dataset']} {cell['label']} (seed {cell['seed']}); log: {directory}/log.txt")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     # an attempt that started and left no result was killed (or failed): this one goes on from its points
@@ -371,7 +380,7 @@ def run_grid(spec_path, out_dir, jobs=1, threads=1, log=print, methods=None, see
     if stale:
         raise BenchmarkError(
             f"{len(stale)} cell(s) in {out_dir} ran with other settings than {spec_path} gives them now "
-            f"(differing keys after each):\n{describe_stale(stale)}\nUse another --out for the new settings, "
+            f"(the keys that differ after each):\n{describe_stale(stale)}\nUse another --out for the new settings, "
             "or remove those cell folders to run them again."
         )
     todo, done = [], 0
@@ -717,7 +726,7 @@ def bench_command(argv):
         raise SystemExit(f"recbole-diff bench: {e}") from e
     out = args.out or os.path.join("benchmarks", "runs", spec.get("name", "bench"))
     if args.summarise_only:
-        stale = stale_cells(cells(spec), out)
+        stale = [(d, k) for d, k in stale_cells(cells(spec), out) if os.path.isfile(os.path.join(d, "result.json"))]
         if stale:
             print(
                 f"recbole-diff bench: warning: {len(stale)} finished cell(s) ran with other settings than "

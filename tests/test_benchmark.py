@@ -105,8 +105,7 @@ def test_cells_started_with_other_settings_are_refused_before_any_run(tmp_path):
 
     grid, out = write_grid(tmp_path), str(tmp_path / "out")
     first, second = cells(load_grid(grid))
-    # a finished cell recorded with another epoch count, an unfinished one with another model, and one that
-    # differs only in where its grid's stage cache lay (another machine): only the first two are stale
+    # a finished cell recorded with another epoch count and an unfinished one with another model
     records = [
         (first, dict(first, config=dict(first["config"], epochs=7)), True),
         (second, dict(second, model="GRU4Rec"), False),
@@ -123,10 +122,14 @@ def test_cells_started_with_other_settings_are_refused_before_any_run(tmp_path):
         run_grid(grid, out, log=lambda m: None)
     assert not os.path.isfile(os.path.join(cell_dir(out, second), "log.txt"))  # nothing ran
 
-    moved = dict(first, config=dict(first["config"], stage_cache="/elsewhere/stages"))
+    # the same cell run from another checkout: its folders resolved elsewhere
+    moved = dict(first, config=dict(first["config"], stage_cache="/elsewhere/stages", data_path="/elsewhere/data"))
     with open(os.path.join(cell_dir(out, first), "cell.json"), "w") as f:
         json.dump(moved, f)
     assert stale_cells([first], out) == []
+    with open(os.path.join(cell_dir(out, first), "cell.json"), "w") as f:
+        f.write('{"model": "SAS')  # cut short
+    assert stale_cells([first], out) == [(cell_dir(out, first), ["cell.json unreadable (JSONDecodeError)"])]
 
 
 def test_cells_locked_by_a_live_process_are_left_alone_and_stale_locks_taken_over(tmp_path):
