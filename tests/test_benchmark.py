@@ -336,3 +336,15 @@ def test_long_tail_groups_are_metrics_of_the_cell_and_of_its_backbone():
     md = _markdown(spec, _aggregate(spec, [row(1, 0.4), row(2, 0.6)], metrics), metrics)
     assert "| A@SASRec | 2 | 0.5000 +- 0.1414 | 0.2500 +- 0.0707 |" in md
     assert "| A@SASRec (its backbone, same run) | 2 | 0.4000 +- 0.1414 | 0.1250 +- 0.0354 |" in md
+
+
+def test_shipped_presets_load_with_distinct_grid_names():
+    import glob
+
+    from recbole_diff.benchmark import cells
+
+    presets = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "properties", "bench", "*.yaml")))
+    specs = [load_grid(p) for p in presets]
+    assert len(specs) >= 10 and all(cells(s) for s in specs)
+    names = [s["name"] for s in specs]
+    assert len(set(names)) == len(names)  # two presets with one name would share a default --out
