@@ -221,15 +221,15 @@ def _what_runs(cell):
     return {"model": cell["model"], "backbone": cell["backbone"], "config": config}
 
 
-def stale_cells(grid_cells, out_dir):
-    """Cells of ``out_dir`` that were started (finished or not) with another model, backbone or config than the
-    grid now gives them: ``[(directory, differing keys)]``. A rerun would count their results as the grid's, or
-    resume their training points under the new settings."""
+def stale_cells(grid_cells, out_dir, finished_only=False):
+    """Cells of ``out_dir`` that were started (finished or not; only finished with ``finished_only``) with another
+    model, backbone or config than the grid now gives them: ``[(directory, differing keys)]``. A rerun would
+    count their results as the grid's, or resume their training points under the new settings."""
     stale = []
     for cell in grid_cells:
         directory = cell_dir(out_dir, cell)
         path = os.path.join(directory, "cell.json")
-        if not os.path.isfile(path):
+        if not os.path.isfile(path) or (finished_only and not os.path.isfile(os.path.join(directory, "result.json"))):
             continue
         try:
             with open(path) as f:
@@ -726,7 +726,7 @@ def bench_command(argv):
         raise SystemExit(f"recbole-diff bench: {e}") from e
     out = args.out or os.path.join("benchmarks", "runs", spec.get("name", "bench"))
     if args.summarise_only:
-        stale = [(d, k) for d, k in stale_cells(cells(spec), out) if os.path.isfile(os.path.join(d, "result.json"))]
+        stale = stale_cells(cells(spec), out, finished_only=True)
         if stale:
             print(
                 f"recbole-diff bench: warning: {len(stale)} finished cell(s) ran with other settings than "
