@@ -95,6 +95,7 @@ def target_hits_and_gains(scores, positive_u, positive_i, k):
     return (rank < k).float(), gain
 
 
+@torch.no_grad()  # as RecBole's evaluate: scoring builds no autograd graph
 def group_metrics(trainer, eval_data, user_lengths, bounds=(5, 20), k=10):
     """HR@k and NDCG@k per user group by sequence length (the long-tail report): groups ``[3, b1]``,
     ``[b1 + 1, b2]``, ..., ``> b_last`` of ``user_lengths[user]``. Scores come from the trainer's own batch
