@@ -489,13 +489,16 @@ def test_long_tail_groups_score_without_autograd(tmp_path):
     config, model, _, _, test = build(tmp_path)
     trainer = get_trainer(config["MODEL_TYPE"], "DiffuASR")(config, model)
     grad_enabled = []
-    for name in ("predict", "full_sort_predict"):  # whichever the trainer's batch scorer calls
 
-        def spy(interaction, _score=getattr(model, name)):
+    def spy(score):
+        def scored(interaction):
             grad_enabled.append(torch.is_grad_enabled())
-            return _score(interaction)
+            return score(interaction)
 
-        setattr(model, name, spy)
+        return scored
+
+    for name in ("predict", "full_sort_predict"):  # whichever the trainer's batch scorer calls
+        setattr(model, name, spy(getattr(model, name)))
     lengths = 3 + (torch.arange(model.prefix.shape[0]) * 7) % 30
     group_metrics(trainer, test, lengths, (5, 20))
     assert grad_enabled and not any(grad_enabled)
