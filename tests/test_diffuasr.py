@@ -482,7 +482,6 @@ def test_long_tail_groups_follow_the_users_lengths(tmp_path):
     assert hit == pytest.approx(overall["hit@10"], abs=1e-4)  # the same candidates, the same ranks
 
 
-
 def test_long_tail_groups_score_without_autograd(tmp_path):
     from recbole_diff.evaluation import group_metrics
 
@@ -502,6 +501,7 @@ def test_long_tail_groups_score_without_autograd(tmp_path):
     lengths = 3 + (torch.arange(model.prefix.shape[0]) * 7) % 30
     group_metrics(trainer, test, lengths, (5, 20))
     assert grad_enabled and not any(grad_enabled)
+
 
 def test_backbone_on_augmented_data_trains_the_same_whatever_the_stages_before_drew(tmp_path):
     result = run_recbole_diff(
