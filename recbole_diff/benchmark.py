@@ -18,6 +18,8 @@ A preset yaml::
       - {name: DiffuRecSys-V1, model: DiffuRecSys, config: {offset_noise_mode: none},
          versus: [DiffuRec]}            # lifts against these methods too, besides the baseline
       - {name: GlobalDiff, model: GlobalDiff, backbones: [SASRec, GRU4Rec]}
+      - {name: CE, backbones: [SASRec, GRU4Rec]}    # no model: each backbone trained alone, as RecBole
+                                        # trains it (CE@SASRec, ...); a plugin's versus: [CE] pairs by backbone
 
 A finished cell (its ``result.json`` exists) is skipped when the grid is run again, and a cell that another
 live ``bench`` process is running (its ``running.lock``) is left to it, so two invocations can share a grid. Each
@@ -120,13 +122,17 @@ def _check_methods(methods, path):
 
     names = set()
     for m in methods:
-        if not isinstance(m, dict) or "model" not in m:
-            raise BenchmarkError(f"{path}: every method needs 'model' (and optionally name, config, backbones): {m!r}")
-        _check_names(m, METHOD_KEYS, f"{path}: method {m.get('name', m['model'])}")
-        get_model(m["model"])  # unknown names fail here, with the list of known ones
+        if not isinstance(m, dict) or not ("model" in m or ("name" in m and m.get("backbones"))):
+            raise BenchmarkError(
+                f"{path}: every method needs 'model' (and optionally name, config, backbones), or 'name' and "
+                f"'backbones' for the backbones trained alone: {m!r}"
+            )
+        _check_names(m, METHOD_KEYS, f"{path}: method {m.get('name', m.get('model'))}")
+        if "model" in m:
+            get_model(m["model"])  # unknown names fail here, with the list of known ones
         for b in m.get("backbones") or []:
             get_model(b)
-        name = m.setdefault("name", m["model"])
+        name = m.setdefault("name", m.get("model"))
         if name in names:
             raise BenchmarkError(f"{path}: method name '{name}' appears twice; give each a distinct 'name'.")
         names.add(name)
@@ -141,13 +147,16 @@ def cells(spec):
             config = dict(spec["config"], **spec["dataset_config"].get(dataset, {}), **(method.get("config") or {}))
             config["seed"] = int(seed)
             label = method["name"] + (f"@{backbone}" if backbone else "")
+            model, plugged = method.get("model"), backbone
+            if model is None:  # the backbone alone, as RecBole trains it; labelled <name>@<backbone> to pair
+                model, plugged = backbone, None
             out.append(
                 {
                     "dataset": dataset,
                     "method": method["name"],
-                    "model": method["model"],
+                    "model": model,
                     "label": label,
-                    "backbone": backbone,
+                    "backbone": plugged,
                     "seed": int(seed),
                     "config": config,
                 }
@@ -507,7 +516,7 @@ def _write_csv(rows, metrics, path):
         for r in rows:
             c = r["cell"]
             writer.writerow(
-                [c["dataset"], c["method"], c["backbone"] or "", c["seed"], f"{r['seconds']:.1f}"]
+                [c["dataset"], c["method"], c["label"].partition("@")[2], c["seed"], f"{r['seconds']:.1f}"]
                 + [_blank(metric_value(r, m)) for m in metrics]
                 + [_blank(metric_value(r, m, "backbone_test_result")) for m in metrics]
             )

@@ -348,3 +348,40 @@ def test_shipped_presets_load_with_distinct_grid_names():
     assert len(specs) >= 10 and all(cells(s) for s in specs)
     names = [s["name"] for s in specs]
     assert len(set(names)) == len(names)  # two presets with one name would share a default --out
+
+
+def test_backbones_without_a_model_are_trained_alone_and_paired_by_backbone(tmp_path):
+    from recbole_diff.benchmark import _aggregate, _lifts, cells
+
+    methods = [
+        {"name": "CE", "backbones": ["SASRec", "GRU4Rec"]},
+        {"name": "P", "model": "GlobalDiff", "backbones": ["SASRec"], "versus": ["CE"]},
+    ]
+    grid = load_grid(write_grid(tmp_path, seeds=[1], baseline=None, metrics=["ndcg@10"], methods=methods))
+    alone = {c["label"]: (c["model"], c["backbone"]) for c in cells(grid) if c["method"] == "CE"}
+    assert alone == {"CE@SASRec": ("SASRec", None), "CE@GRU4Rec": ("GRU4Rec", None)}
+    with pytest.raises(BenchmarkError, match="or 'name' and 'backbones'"):
+        load_grid(write_grid(tmp_path, methods=[{"backbones": ["SASRec"]}]))
+
+    # the cell runs the plain RecBole model, and the csv names its backbone
+    one = write_grid(tmp_path, seeds=[1], baseline=None, metrics=["ndcg@10"], methods=methods[:1])
+    out = str(tmp_path / "out")
+    _, failed = run_grid(one, out, jobs=1, log=lambda m: None, methods=["CE@GRU4Rec"])
+    assert not failed
+    with open(os.path.join(out, "cells", SLICE, "CE@GRU4Rec", "seed1", "result.json")) as f:
+        result = yaml.safe_load(f)
+    assert result["model"] == "GRU4Rec" and "backbone_test_result" not in result
+    with open(os.path.join(out, "results.csv")) as f:
+        assert [(r["method"], r["backbone"]) for r in csv.DictReader(f)] == [("CE", "GRU4Rec")]
+
+    def row(method, backbone, model, seed, ndcg):
+        label = f"{method}@{backbone}"
+        plugged = None if model == backbone else backbone
+        cell = {"dataset": "d", "label": label, "method": method, "seed": seed, "backbone": plugged, "config": {}}
+        return {"cell": cell, "seconds": 1.0, "test_result": {"ndcg@10": ndcg}}
+
+    rows = [row("CE", b, b, s, v) for b, s, v in [("SASRec", 1, 0.30), ("SASRec", 2, 0.32), ("GRU4Rec", 1, 0.1)]]
+    rows += [row("P", "SASRec", "GlobalDiff", 1, 0.33), row("P", "SASRec", "GlobalDiff", 2, 0.32)]
+    spec = {"name": "g", "datasets": ["d"], "baseline": None}
+    lifts = _lifts(_aggregate(spec, rows, ["ndcg@10"]), "d", None, ["ndcg@10"], {"P": ["CE"]})
+    assert lifts == ["| P@SASRec | CE@SASRec | +4.8% (p=0.500) |"]
