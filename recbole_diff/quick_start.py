@@ -12,6 +12,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed, set_color
 
 from recbole_diff.config import Config
+from recbole_diff.data.loaders import fast_eval_loaders
 from recbole_diff.evaluation import hold_out_last, long_term_evaluate
 from recbole_diff.io import load_checkpoint
 from recbole_diff.model.registry import get_model
@@ -49,6 +50,7 @@ def prepare_data(config, logger=None, held_out=None):
     logger.info(dataset)
     with _loader_model_name(config):
         train_data, valid_data, test_data = data_preparation(config, dataset)
+    valid_data, test_data = fast_eval_loaders(config, valid_data, test_data)
     return dataset, train_data, valid_data, test_data
 
 

@@ -16,6 +16,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import ModelType, init_seed, set_color
 
 from recbole_diff.data.augment import augmented_name, write_augmented_dataset
+from recbole_diff.data.loaders import fast_eval_loaders
 from recbole_diff.evaluation import group_metrics
 from recbole_diff.model.registry import get_model
 from recbole_diff.trainer.plugin import PluginTrainer
@@ -121,6 +122,7 @@ class DiffuASRTrainer(PluginTrainer):
         config = self.augmented_config(name, root)
         dataset = create_dataset(config)
         train, valid, _ = data_preparation(config, dataset)
+        (valid,) = fast_eval_loaders(config, valid)
         iid = train_dataset.iid_field
         if dataset.item_num != train_dataset.item_num:
             raise ValueError(
