@@ -56,7 +56,7 @@ class CandidateEvalDataLoader(NegSampleEvalDataLoader):
         items[is_negative] = np.concatenate(negatives)
         data.interaction[iid] = torch.from_numpy(items)
         data = self._dataset.join(data)
-        data.update(Interaction({self.label_field: torch.from_numpy((~is_negative).astype(np.float32))}))
+        data.update(Interaction({self.label_field: torch.from_numpy(~is_negative).to(torch.get_default_dtype())}))
         row_idx = torch.from_numpy(user_of)
         positive_u = torch.from_numpy(np.repeat(np.arange(len(users)), counts))
         return data, row_idx, positive_u, positives[iid]
