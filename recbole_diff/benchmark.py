@@ -95,6 +95,7 @@ def load_grid(path):
 
 
 def _check_versus(methods, names, path):
+    backbones = {m["name"]: m.get("backbones") or [] for m in methods}
     for m in methods:
         versus = m.setdefault("versus", [])
         if isinstance(versus, str):
@@ -106,6 +107,13 @@ def _check_versus(methods, names, path):
                 raise BenchmarkError(
                     f"{path}: method '{m['name']}' has versus '{other}', which is not another "
                     f"method of this grid ({', '.join(names)})."
+                )
+            # a method with backbones is compared on the same backbone: each of this one's needs a cell
+            missing = [b for b in backbones[m["name"]] or ["(none)"] if backbones[other] and b not in backbones[other]]
+            if missing:
+                raise BenchmarkError(
+                    f"{path}: method '{m['name']}' has versus '{other}', which has no cell on backbone "
+                    f"{missing[0]}; give '{other}' that backbone or compare with another method."
                 )
 
 
@@ -133,6 +141,8 @@ def _check_methods(methods, path):
         for b in m.get("backbones") or []:
             get_model(b)
         name = m.setdefault("name", m.get("model"))
+        if "@" in name:
+            raise BenchmarkError(f"{path}: method name '{name}' has an '@', which joins a method to its backbone.")
         if name in names:
             raise BenchmarkError(f"{path}: method name '{name}' appears twice; give each a distinct 'name'.")
         names.add(name)

@@ -96,6 +96,15 @@ def test_bad_grids_are_refused(tmp_path):
         load_grid(write_grid(tmp_path, methods=[{"model": "SASRec", "versus": "DiffuRec"}]))
     with pytest.raises(BenchmarkError, match="give a list of method names"):
         load_grid(write_grid(tmp_path, methods=[{"model": "SASRec", "versus": 3}]))
+    with pytest.raises(BenchmarkError, match="has an '@'"):
+        load_grid(write_grid(tmp_path, methods=[{"name": "A@B", "model": "SASRec"}]))
+    # a lift against a method on backbones needs that method on this one's backbones, or there is no pair
+    alone = {"name": "CE", "backbones": ["SASRec"]}
+    with pytest.raises(BenchmarkError, match="versus 'CE', which has no cell on backbone GRU4Rec"):
+        plugin = {"name": "G", "model": "GlobalDiff", "backbones": ["SASRec", "GRU4Rec"], "versus": ["CE"]}
+        load_grid(write_grid(tmp_path, baseline=None, methods=[alone, plugin]))
+    with pytest.raises(BenchmarkError, match=r"no cell on backbone \(none\)"):
+        load_grid(write_grid(tmp_path, baseline=None, methods=[alone, {"model": "SASRec", "versus": ["CE"]}]))
 
 
 def test_cells_started_with_other_settings_are_refused_before_any_run(tmp_path):

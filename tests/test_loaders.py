@@ -1,11 +1,12 @@
 """Sampled evaluation batches built at once (``CandidateEvalDataLoader``) are RecBole's, draw for draw."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import SLICE, TINY
+from helpers import DATA_PATH, SLICE, TINY
 from recbole.data import create_dataset, data_preparation
 from recbole.data.dataloader import NegSampleEvalDataLoader
 from recbole.sampler import RepeatableSampler, Sampler
@@ -19,8 +20,8 @@ LS = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mod
 RS = {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "group_by": "user", "mode": "pop20"}
 
 
-def loaders(model, eval_args, **extra):
-    config = Config(model=model, dataset=SLICE, cmd_line=False, config_dict=dict(TINY, eval_args=eval_args, **extra))
+def loaders(model, eval_args, dataset=SLICE, **extra):
+    config = Config(model=model, dataset=dataset, cmd_line=False, config_dict=dict(TINY, eval_args=eval_args, **extra))
     _, valid, test = data_preparation(config, create_dataset(config))
     return config, valid, test
 
@@ -91,3 +92,32 @@ def test_a_run_gives_the_same_results_as_with_recboles_loader(tiny, monkeypatch)
     monkeypatch.setattr(quick_start, "fast_eval_loaders", lambda config, *loaders: loaders)
     theirs = quick_start.run_recbole_diff("SASRec", SLICE, config_dict=config, cmd_line=False)
     assert ours["best_valid_result"] == theirs["best_valid_result"] and ours["test_result"] == theirs["test_result"]
+
+
+def test_user_and_item_features_are_joined_as_recbole_joins_them(tmp_path):
+    # the slice with a user table and an item table (a sequence and a float per item, some items without a row)
+    folder = tmp_path / "featured"
+    folder.mkdir()
+    inter = (Path(DATA_PATH) / SLICE / f"{SLICE}.inter").read_text()
+    (folder / "featured.inter").write_text(inter)
+    rows = [line.split("\t") for line in inter.splitlines()[1:]]
+    users, items = sorted({r[0] for r in rows}), sorted({r[1] for r in rows})
+    (folder / "featured.user").write_text(
+        "user_id:token\tage:float\n" + "".join(f"{u}\t{int(u) % 50}\n" for u in users)
+    )
+    (folder / "featured.item").write_text(
+        "item_id:token\tgenres:token_seq\tprice:float\n"
+        + "".join(f"{i}\tg{int(i) % 5} g{int(i) % 7}\t{int(i) / 10}\n" for i in items[::2])
+    )
+    load = {
+        "inter": ["user_id", "item_id", "timestamp"],
+        "user": ["user_id", "age"],
+        "item": ["item_id", "genres", "price"],
+    }
+    config, valid, _ = loaders("SASRec", RS, dataset="featured", data_path=str(tmp_path), load_col=load)
+    assert valid._dataset.item_feat is not None and valid._dataset.user_feat is not None
+    ours = CandidateEvalDataLoader(config, valid._dataset, valid._sampler, shuffle=False)
+    assert ours._at_once()
+    mine, theirs = batches(ours, 5)[0], batches(valid, 5)[0]
+    assert {"genres", "price", "age"} <= set(mine[0][0].columns)
+    assert_same_batches(mine, theirs)
