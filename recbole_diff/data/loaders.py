@@ -39,18 +39,18 @@ class CandidateEvalDataLoader(NegSampleEvalDataLoader):
         users = self.uid_list[np.array(index)]
         counts = self.uid2items_num[users]
         starts = np.fromiter((self.uid2index[u].start for u in users), dtype=np.int64, count=len(users))
-        # every user's rows in the dataset, users in batch order (RecBole slices them user by user)
+        # every user's items in the dataset, users in batch order (RecBole slices them user by user)
         offsets = np.cumsum(counts) - counts
-        positives = _gather(self._dataset.inter_feat, np.repeat(starts - offsets, counts) + np.arange(counts.sum()))
         iid = self.iid_field
-        own = positives[iid].numpy()
+        positive_i = self._dataset.inter_feat[iid][np.repeat(starts - offsets, counts) + np.arange(counts.sum())]
+        own = positive_i.numpy()
         negatives = [self._draw(int(u), own[o : o + n]) for u, o, n in zip(users, offsets, counts)]
         # a user's block: its n rows, then the same n rows once per negative (RecBole's ``repeat``), the
         # negatives in place of the item
         sizes = counts * self.times
         user_of = np.repeat(np.arange(len(users)), sizes)
         place = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        data = _gather(positives, offsets[user_of] + place % counts[user_of])
+        data = _gather(self._dataset.inter_feat, starts[user_of] + place % counts[user_of])
         is_negative = place >= counts[user_of]
         items = data[iid].numpy().copy()
         items[is_negative] = np.concatenate(negatives)
@@ -59,7 +59,7 @@ class CandidateEvalDataLoader(NegSampleEvalDataLoader):
         data.update(Interaction({self.label_field: torch.from_numpy(~is_negative).to(torch.get_default_dtype())}))
         row_idx = torch.from_numpy(user_of)
         positive_u = torch.from_numpy(np.repeat(np.arange(len(users)), counts))
-        return data, row_idx, positive_u, positives[iid]
+        return data, row_idx, positive_u, positive_i
 
     def _draw(self, user, items):
         """The negatives of a user with positive ``items``, exactly as RecBole's ``sample_by_user_ids`` draws them:
