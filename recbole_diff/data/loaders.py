@@ -2,8 +2,8 @@
 
 RecBole's ``NegSampleEvalDataLoader`` builds each batch user by user: it slices the user's rows out of the
 dataset, draws the user's negatives, repeats the rows once per candidate and concatenates the users'
-interactions. On sports (35.6k users) that takes about 24 s a validation, about as long as a GRU4Rec training
-epoch, nearly all of it in building small interactions, not in drawing.
+interactions. On sports (35.6k users) that takes 15-24 s a validation (idle or busy cores), about as long as a
+GRU4Rec training epoch, nearly all of it in building small interactions, not in drawing.
 
 :class:`CandidateEvalDataLoader` gives the same batches (rows, candidates, labels, indices) from one gather and
 one join per batch, 6x faster on sports (``benchmarks/sampled_eval.py --loader``). The candidates stay RecBole's:
