@@ -173,10 +173,12 @@ def claimed_lift(claim):
 
 def verdict(claimed, lift, p, pairs, rule):
     """reproduced: at least ``min_seeds`` paired seeds, our lift has the claim's sign, is at least
-    ``min_fraction`` of its size and has paired p < ``alpha``; else not reproduced. Fewer seeds, or no grid:
-    not yet measured."""
-    if lift is None or pairs < rule["min_seeds"]:
+    ``min_fraction`` of its size and has paired p < ``alpha``; else not reproduced. No grid: not yet measured;
+    fewer seeds: too few seeds, saying how many (a measured lift is not reported as unmeasured)."""
+    if lift is None:
         return "not yet measured"
+    if pairs < rule["min_seeds"]:
+        return f"too few seeds ({pairs} of {rule['min_seeds']})"
     if claimed is None:
         return "no claimed figure"
     if lift * claimed > 0 and abs(lift) >= rule["min_fraction"] * abs(claimed) and p is not None and p < rule["alpha"]:
@@ -301,9 +303,9 @@ def markdown(spec, grids, source=DEFAULT_SPEC):
         "the paired t-test p-value across seeds (the grids' own `results.md` figures).",
         f"- **Verdict**: *reproduced* when at least {rule['min_seeds']} seeds were paired, our lift has the "
         f"paper's sign, is at least {rule['min_fraction']:.0%} of the paper's lift and has p < {rule['alpha']}; "
-        "*not reproduced* otherwise; *not yet measured* without a current grid or with fewer seeds. The "
-        "papers' datasets are not ours: a claim is tested as the same comparison (method vs the paper's "
-        "reference, the paper's metric and ranking protocol where the grid used it) on our data.",
+        "*not reproduced* otherwise; *too few seeds* with fewer paired seeds; *not yet measured* without a "
+        "current grid. The papers' datasets are not ours: a claim is tested as the same comparison (method vs "
+        "the paper's reference, the paper's metric and ranking protocol where the grid used it) on our data.",
         "- **CPU-hours**: the recorded wall seconds of the row's cells (one process with one thread each) "
         "summed over seeds; *x ref* is the mean per seed over that of the reference row in the same grid "
         "(a plugin's backbone trained alone; blank when the grid has no such row). A cell that loaded a "

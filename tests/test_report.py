@@ -136,7 +136,7 @@ def test_claim_rows_match_hand_computed_lifts_p_values_costs_and_verdicts(spec_p
     assert p["verdict"] == "not reproduced"
 
     two = rows["M two seeds", "d"]
-    assert two["pairs"] == 2 and two["protocol"] == "uni100" and two["verdict"] == "not yet measured"
+    assert two["pairs"] == 2 and two["protocol"] == "uni100" and two["verdict"] == "too few seeds (2 of 3)"
     assert rows["M two seeds", "e"]["verdict"] == "not yet measured" and rows["M two seeds", "e"]["note"] == "later"
     assert rows["M", "e"]["verdict"] == "not yet measured" and rows["M", "e"]["grid"] is None
     assert rows["M no figure", "d"]["verdict"] == "no claimed figure"
@@ -152,7 +152,9 @@ def test_verdict_rule_needs_the_claims_sign_half_its_size_and_significance(spec_
     assert verdict(10.0, 12.0, 0.06, 3, rule) == "not reproduced"
     assert verdict(10.0, 12.0, None, 3, rule) == "not reproduced"
     assert verdict(-10.0, -6.0, 0.01, 3, rule) == "reproduced"
-    assert verdict(10.0, 12.0, 0.01, 2, rule) == "not yet measured"
+    assert verdict(10.0, 12.0, 0.01, 2, rule) == "too few seeds (2 of 3)"
+    assert verdict(None, 12.0, None, 1, rule) == "too few seeds (1 of 3)"
+    assert verdict(10.0, None, None, 0, rule) == "not yet measured"
 
 
 def test_baseline_rows_compare_with_default_and_tuned_and_add_the_search_cost(spec_path):
