@@ -125,6 +125,33 @@ class Grids:
             raise ReportError(f"Grid '{grid}' has no row '{label}' on {dataset}; its rows: {', '.join(known)}.")
         return table[dataset, label]
 
+    def backbone(self, grid, dataset, label):
+        """A plugin row's backbone, as its cells record it; None for a model trained alone."""
+        return next(
+            (
+                r["cell"].get("backbone")
+                for r in self.rows(grid)
+                if r["cell"]["dataset"] == dataset and r["cell"]["label"] == label
+            ),
+            None,
+        )
+
+    def alone(self, grid, dataset, model):
+        """The label of the grid's row that trains ``model`` alone on ``dataset``: the row named after it, else
+        the one row of cells with that model and no backbone (bench labels it ``<method>@<model>``, as
+        ``CE@SASRec``); None when there is no such row or several."""
+        if model is None:
+            return None
+        labels = {r["cell"]["label"] for r in self.rows(grid) if r["cell"]["dataset"] == dataset}
+        if model in labels:
+            return model
+        alone = {
+            r["cell"]["label"]
+            for r in self.rows(grid)
+            if r["cell"]["dataset"] == dataset and r["cell"]["model"] == model and not r["cell"].get("backbone")
+        }
+        return alone.pop() if len(alone) == 1 else None
+
     def protocol(self, grid, metric):
         """The ranking protocol of a grid's metric: ``mode:metric`` names it, else the cells' eval mode
         (full ranking unless a cell's config sets ``eval_args.mode``, as in properties/overall.yaml)."""
@@ -143,14 +170,9 @@ def reference(grids, grid, dataset, label, versus, metric):
         return other, other, versus
     if not entry["backbone"]:
         raise ReportError(f"Grid '{grid}': '{label}' has no backbone result; versus: backbone needs a plugin row.")
-    backbone = _backbone_name(label)
+    backbone = grids.alone(grid, dataset, grids.backbone(grid, dataset, label))
     cost = grids.table(grid, metric).get((dataset, backbone)) if backbone else None
     return {"seeds": entry["seeds"], **entry["backbone"]}, cost, backbone if cost else None
-
-
-def _backbone_name(label):
-    """A plugin row's backbone, from bench's ``<method>@<backbone>`` label; None for a model alone."""
-    return label.partition("@")[2] or None
 
 
 # ---- figures ------------------------------------------------------------------------------------------
@@ -246,8 +268,9 @@ def baseline_rows(spec, grids):
         entry = table[dataset, label]
         if not entry["seconds"]:
             continue  # a stage row (another method's first stage) costs nothing of its own
-        backbone = _backbone_name(label)
-        cost_other = table.get((dataset, backbone)) if backbone else table[dataset, b["cost_reference"]]
+        backbone = grids.backbone(grid, dataset, label)
+        cost_label = (grids.alone(grid, dataset, backbone) or backbone) if backbone else b["cost_reference"]
+        cost_other = table.get((dataset, cost_label))
         versus = {}
         for name in b["versus"]:
             versus[name] = lift_and_p(entry, table[dataset, name], metric) if name != label else None
@@ -260,7 +283,7 @@ def baseline_rows(spec, grids):
                 "cpu_hours": cpu_hours(entry),
                 "tuning_hours": tuning.get(label),
                 "relative": relative_cost(entry, cost_other),
-                "cost_label": backbone if backbone else b["cost_reference"],
+                "cost_label": cost_label,
                 "note": (b.get("notes") or {}).get(label, ""),
             }
         )

@@ -30,17 +30,20 @@ def t2_p(diffs):
 
 
 def write_grid(results, name, grid, seeds=(2020, 2021, 2022), mode=None):
+    """Cells as bench writes them; a label ``<method>@<model>`` without a backbone result (``CE@Base``) is the
+    model trained alone, as a method's plain-model rows are labelled."""
     for label, (values, seconds, backbone) in grid.items():
         method, _, bb = label.partition("@")
+        alone = bb and not backbone
         for k, seed in enumerate(seeds):
             folder = results / name / "cells" / "d" / label / f"seed{seed}"
             folder.mkdir(parents=True)
             cell = {
                 "dataset": "d",
                 "method": method,
-                "model": method,
+                "model": bb if alone else method,
                 "label": label,
-                "backbone": bb or None,
+                "backbone": None if alone else bb or None,
                 "seed": seed,
             }
             result = {"test_result": {"ndcg@10": values[k]}, "seconds": seconds[k], "cell": cell}
@@ -184,6 +187,35 @@ def test_the_page_shows_the_figures(spec_path, tmp_path):
     pending = next(line for line in text.splitlines() if line.startswith("| Other-tuned |"))
     assert pending.endswith("| not yet measured: its search ran out of time |")
     assert pending.count("|") == tuned.count("|")  # as many columns as a measured row
+
+
+def test_a_plugin_row_is_costed_against_its_backbone_trained_alone_under_a_method_label(tmp_path):
+    results = tmp_path / "results"
+    # the backbone alone is the row CE@Base (model Base, no plugin), as in the PDRec grids
+    write_grid(results, "g", {"CE@Base": GRID["Base"], "P@Base": GRID["P@Base"], "Base-tuned": GRID["Base-tuned"]})
+    spec = {
+        "results_dir": "results",
+        "datasets": ["d"],
+        "claims": [
+            {"method": "P", "metric": "ndcg@10", "ours": {"d": {"grid": "g", "label": "P@Base", "versus": "backbone"}}}
+        ],
+        "baselines": {
+            "grid": "g",
+            "dataset": "d",
+            "metric": "ndcg@10",
+            "versus": ["Base-tuned"],
+            "cost_reference": "Base-tuned",
+        },
+    }
+    path = tmp_path / "report.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    spec = load_spec(str(path))
+    grids = Grids(spec["results_dir"])
+    (p,) = claim_rows(spec, grids)
+    assert p["cost_label"] == "CE@Base" and p["relative"] == pytest.approx(0.5)
+    rows = {r["label"]: r for r in baseline_rows(spec, grids)}
+    assert rows["P@Base"]["cost_label"] == "CE@Base" and rows["P@Base"]["relative"] == pytest.approx(0.5)
+    assert rows["CE@Base"]["cost_label"] == "Base-tuned" and rows["CE@Base"]["relative"] == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize(
