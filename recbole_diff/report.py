@@ -125,31 +125,21 @@ class Grids:
             raise ReportError(f"Grid '{grid}' has no row '{label}' on {dataset}; its rows: {', '.join(known)}.")
         return table[dataset, label]
 
+    def _cells(self, grid, dataset):
+        return [r["cell"] for r in self.rows(grid) if r["cell"]["dataset"] == dataset]
+
     def backbone(self, grid, dataset, label):
         """A plugin row's backbone, as its cells record it; None for a model trained alone."""
-        return next(
-            (
-                r["cell"].get("backbone")
-                for r in self.rows(grid)
-                if r["cell"]["dataset"] == dataset and r["cell"]["label"] == label
-            ),
-            None,
-        )
+        return next((c.get("backbone") for c in self._cells(grid, dataset) if c["label"] == label), None)
 
     def alone(self, grid, dataset, model):
         """The label of the grid's row that trains ``model`` alone on ``dataset``: the row named after it, else
         the one row of cells with that model and no backbone (bench labels it ``<method>@<model>``, as
         ``CE@SASRec``); None when there is no such row or several."""
-        if model is None:
-            return None
-        labels = {r["cell"]["label"] for r in self.rows(grid) if r["cell"]["dataset"] == dataset}
-        if model in labels:
+        cells = self._cells(grid, dataset)
+        if model is None or any(c["label"] == model for c in cells):
             return model
-        alone = {
-            r["cell"]["label"]
-            for r in self.rows(grid)
-            if r["cell"]["dataset"] == dataset and r["cell"]["model"] == model and not r["cell"].get("backbone")
-        }
+        alone = {c["label"] for c in cells if c["model"] == model and not c.get("backbone")}
         return alone.pop() if len(alone) == 1 else None
 
     def protocol(self, grid, metric):
